@@ -1,0 +1,157 @@
+"""The bundle: a directory with manifest.json, ONNX components and a tokenizer.
+
+This module is the one contract between the exporter (workstation, torch) and the runtime (device, no
+torch). It must stay importable without torch and without onnx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "focalrt-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FAMILIES = ("qwen2_5_vl", "face_llava")
+REQUIRED_COMPONENTS = ("vision", "embed", "decoder")
+REQUIRED_KEYS = ("format", "format_version", "family", "components", "tokenizer", "prompt",
+                 "preprocess", "text", "generation", "provenance")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, corrupt or from another format version. The message names file and fix."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    def component(self, name: str) -> dict[str, Any]:
+        try:
+            return self.manifest["components"][name]
+        except KeyError:
+            raise BundleError(f"{self.path / MANIFEST}: no component {name!r}; "
+                              f"has {sorted(self.manifest['components'])}") from None
+
+    def component_path(self, name: str) -> Path:
+        return self.path / self.component(name)["file"]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(bundle_dir: Path, relative: str) -> dict[str, Any]:
+    """Size and hash of a bundle file (and of its external-data file, if any)."""
+    p = bundle_dir / relative
+    rec = {"file": relative, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    data = p.with_name(p.name + ".data")
+    if data.exists():
+        rec["external_data"] = {"file": str(Path(relative).with_name(data.name)),
+                                "bytes": data.stat().st_size, "sha256": sha256_file(data)}
+    return rec
+
+
+def _listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    recs: list[dict[str, Any]] = []
+    for comp in manifest.get("components", {}).values():
+        recs.append(comp)
+        if "external_data" in comp:
+            recs.append(comp["external_data"])
+    for extra in (manifest.get("tokenizer", {}),):
+        if "file" in extra:
+            recs.append(extra)
+    for comp in manifest.get("face_models", {}).values():
+        if isinstance(comp, dict) and "file" in comp:
+            recs.append(comp)
+    return recs
+
+
+def load(path: str | os.PathLike, verify_hashes: bool = False) -> Bundle:
+    """Read and check a bundle. Sizes are always checked; sha256 only when asked (it reads every byte)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist; create one with "
+                          f"`focalrt export --preset tiny-random --out {root}`")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath} is missing; {root} is not a focalrt bundle (re-run `focalrt export`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath} is not a focalrt manifest (format != {FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{mpath} has format_version {version!r}, this focalrt expects {FORMAT_VERSION}; "
+                          f"re-export the bundle with this focalrt version")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{mpath} lacks keys {missing}; re-export the bundle")
+    if manifest["family"] not in FAMILIES:
+        raise BundleError(f"{mpath}: unknown family {manifest['family']!r}; known: {list(FAMILIES)}")
+    for name in REQUIRED_COMPONENTS:
+        if name not in manifest["components"]:
+            raise BundleError(f"{mpath}: component {name!r} is missing; re-export the bundle")
+    for rec in _listed_files(manifest):
+        f = root / rec["file"]
+        if not f.is_file():
+            raise BundleError(f"bundle file {f} is missing; the bundle is incomplete, re-export it")
+        if "bytes" in rec and f.stat().st_size != rec["bytes"]:
+            raise BundleError(f"bundle file {f} has {f.stat().st_size} bytes, the manifest says "
+                              f"{rec['bytes']}: it is truncated or was replaced; re-export the bundle")
+        if verify_hashes and "sha256" in rec and sha256_file(f) != rec["sha256"]:
+            raise BundleError(f"bundle file {f} does not match its sha256 in {mpath}; it is corrupt")
+    return Bundle(root, manifest)
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, bundle_dir / MANIFEST)
+
+
+@contextmanager
+def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory beside `target`; rename it to `target` only if the block succeeds.
+
+    An interrupted or failed export leaves `target` as it was (absent, or the previous bundle).
+    """
+    target = Path(target).resolve()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""`focalrt export`: one model (preset, local checkpoint or hub id) -> one validated bundle directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from focalrt import __version__
+from focalrt.bundle import atomic_output_dir, file_record, write_manifest
+
+log = logging.getLogger(__name__)
+
+QWEN_PROMPT: dict[str, Any] = {
+    "profile": "qwen2_5_vl_chat",
+    "system": "You are a helpful assistant.",
+    "template": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|>{image}<|vision_end|>{region}{instruction}<|im_end|>\n"
+                 "<|im_start|>assistant\n"),
+    "image_token": "<|image_pad|>",
+    "region_mode": "text",
+    "region_template": "Focus on the face region [{x1}, {y1}, {x2}, {y2}]. ",
+    "default_instruction": ("Describe this face region: its facial action units, the emotion it shows "
+                            "and cues to the person's age."),
+    "stop_tokens": ["<|im_end|>", "<|endoftext|>"],
+}
+PROFILE_KEYS = ("system", "region_template", "default_instruction", "region_mode")
+REGION_MODES = ("text", "draw", "crop")
+
+
+def load_profile_overrides(path: str | None, **flags: str | None) -> dict[str, Any]:
+    """Prompt wording set at export: a small JSON profile file, then individual flags on top."""
+    overrides: dict[str, Any] = {}
+    if path:
+        try:
+            overrides = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--profile {path}: cannot read it as JSON ({e})") from None
+        unknown = set(overrides) - set(PROFILE_KEYS)
+        if unknown:
+            raise ValueError(f"--profile {path}: unknown keys {sorted(unknown)}; allowed: {list(PROFILE_KEYS)}")
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if overrides.get("region_mode", "text") not in REGION_MODES:
+        raise ValueError(f"region_mode {overrides['region_mode']!r} is not one of {list(REGION_MODES)}")
+    if "region_template" in overrides:
+        try:
+            overrides["region_template"].format(x1=0, y1=0, x2=1, y2=1)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"region_template {overrides['region_template']!r} must use only "
+                             f"{{x1}} {{y1}} {{x2}} {{y2}} ({e})") from None
+    return overrides
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import torch
+    import transformers
+
+    return {"focalrt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "python": platform.python_version()}
+
+
+def _weights_fingerprint(model) -> str:
+    """A cheap fingerprint of the exported weights: names, shapes and each tensor's first 4 KiB."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes()[:4096])
+        h.update(str(tuple(tensor.shape)).encode())
+    return h.hexdigest()
+
+
+def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
+                      image_size: int | None = None, max_context: int | None = None,
+                      profile: dict[str, Any] | None = None, face_models: bool = True,
+                      overwrite: bool = False, seed: int = 0) -> Path:
+    from focalrt.export import qwen2_5_vl as q
+    from focalrt.export.onnx_io import OPSET
+    from focalrt.export.tokenizer import write_tokenizer
+
+    if (model_id is None) == (preset is None):
+        raise ValueError("give exactly one of --model (checkpoint dir or hub id) or --preset")
+    image_size = image_size or q.DEFAULT_IMAGE_SIZE
+    t0 = time.perf_counter()
+    model = q.build_random_model(preset, seed) if preset else q.load_model(model_id)
+    cfg, tcfg, vcfg = model.config, model.config.text_config, model.config.vision_config
+    q.grid_for(image_size, vcfg.patch_size, vcfg.spatial_merge_size)
+    max_context = min(max_context or q.DEFAULT_MAX_CONTEXT, tcfg.max_position_embeddings)
+    prompt = {**QWEN_PROMPT, **(profile or {})}
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        log.info("exporting vision encoder at %dx%d", image_size, image_size)
+        vision = q.export_vision(model, tmp, image_size)
+        log.info("exporting token embedding")
+        embed = q.export_embed(model, tmp)
+        log.info("exporting decoder (%d layers)", tcfg.num_hidden_layers)
+        decoder = q.export_decoder(model, tmp)
+        source_dir = Path(model_id) if model_id and Path(model_id).is_dir() else None
+        tok = write_tokenizer(tmp, source_dir)
+        if model_id and source_dir is None:
+            tok = _hub_tokenizer(model_id, tmp)
+        manifest: dict[str, Any] = {
+            "family": "qwen2_5_vl",
+            "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
+                       "architecture": "Qwen2_5_VLForConditionalGeneration",
+                       "weights_fingerprint": _weights_fingerprint(model)},
+            "components": {
+                "vision": {**file_record(tmp, "vision.onnx"), **vision, "precision": "fp32"},
+                "embed": {**file_record(tmp, "embed.onnx"), **embed, "precision": "fp32"},
+                "decoder": {**file_record(tmp, "decoder.onnx"), **decoder, "precision": "fp32",
+                            "attention": "GroupQueryAttention", "kv_cache": "shared_buffer",
+                            "logits": "last_token"},
+            },
+            "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
+            "prompt": prompt,
+            "preprocess": {"image_size": image_size, "mean": q.IMAGE_MEAN, "std": q.IMAGE_STD,
+                           "rescale": 1 / 255, "patch_size": vcfg.patch_size,
+                           "merge_size": vcfg.spatial_merge_size,
+                           "temporal_patch_size": vcfg.temporal_patch_size,
+                           "image_tokens": (image_size // vcfg.patch_size // vcfg.spatial_merge_size) ** 2,
+                           "color": "RGB"},
+            "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
+                     "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
+                     "head_dim": tcfg.hidden_size // tcfg.num_attention_heads,
+                     "vocab_size": tcfg.vocab_size, "max_context": max_context, "rope_type": "mrope",
+                     "rope_theta": tcfg.rope_parameters["rope_theta"],
+                     "mrope_section": list(tcfg.rope_parameters["mrope_section"]),
+                     "image_token_id": cfg.image_token_id, "vision_start_token_id": cfg.vision_start_token_id},
+            "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
+            "provenance": {**_versions(), "opset": OPSET, "created_unix": int(time.time()),
+                           "export_seconds": None},
+        }
+        if face_models:
+            manifest["face_models"] = _export_faces(tmp)
+        manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
+        write_manifest(tmp, manifest)
+    log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
+    return Path(out)
+
+
+def _hub_tokenizer(model_id: str, out: Path) -> dict[str, Any]:
+    """A hub checkpoint's own tokenizer, through transformers' cache (needs the hub)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_id)
+    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    from focalrt.export.tokenizer import QWEN2_SPECIAL_TOKENS
+
+    return {"file": "tokenizer.json", "special_tokens": QWEN2_SPECIAL_TOKENS, "source": f"hub:{model_id}"}
+
+
+def _export_faces(tmp: Path) -> dict[str, Any]:
+    from focalrt.export.face_models import export_face_models
+
+    faces_dir = tmp / "faces"
+    faces_dir.mkdir()
+    entry = export_face_models(faces_dir)
+    for value in entry.values():
+        if isinstance(value, dict) and "file" in value:
+            value.update(file_record(tmp, f"faces/{value['file']}"))
+    return entry

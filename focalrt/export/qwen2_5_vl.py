@@ -1,0 +1,275 @@
+"""Qwen2.5-VL (Focal-RegionFace) export: vision encoder, token embedding and KV-cached decoder.
+
+Each component is a small wrapper module that declares its ONNX inputs, outputs and dynamic axes in
+one place (the Optimum habit) and is checked against the transformers model right after export.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+from focalrt.export.gqa import GroupQueryAttention, last_token_hidden, mask_to_seqlens
+from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+DEFAULT_IMAGE_SIZE = 336
+DEFAULT_MAX_CONTEXT = 4096
+
+# Random-weight models of the real architecture. `tiny-random` is the demo and test default;
+# `tiny-random-b` is a second, differently shaped config for parity tests; `small` has the decoder
+# dimensions of Qwen2.5-0.5B (the benchmark model) with a reduced vision tower.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-random": {
+        "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, mrope_section=[4, 2, 2], tie_word_embeddings=True),
+        "initializer_range": 0.2,
+    },
+    "tiny-random-b": {
+        "vision": dict(depth=4, hidden_size=48, intermediate_size=96, num_heads=3, fullatt_block_indexes=[1, 3]),
+        "text": dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+                     num_key_value_heads=3, mrope_section=[2, 3, 3], tie_word_embeddings=False),
+        "initializer_range": 0.2,
+    },
+    "small": {
+        "vision": dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1, 3]),
+        "text": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, mrope_section=[8, 12, 12], tie_word_embeddings=True),
+        "initializer_range": 0.02,
+    },
+}
+
+
+def preset_config(name: str):
+    from transformers import Qwen2_5_VLConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    text = dict(p["text"])
+    mrope = text.pop("mrope_section")
+    tie = text.pop("tie_word_embeddings")
+    return Qwen2_5_VLConfig(
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           out_hidden_size=text["hidden_size"], initializer_range=p["initializer_range"],
+                           **p["vision"]),
+        text_config=dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": mrope},
+                         initializer_range=p["initializer_range"], tie_word_embeddings=tie, **text),
+        tie_word_embeddings=tie,
+    )
+
+
+def build_random_model(name: str, seed: int = 0):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(preset_config(name))
+    return model.float().eval()
+
+
+def load_model(model_id: str):
+    """A local checkpoint directory or a hub id, in fp32 on the CPU (export precision)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=torch.float32)
+    return model.eval()
+
+
+def grid_for(image_size: int, patch: int = 14, merge: int = 2) -> tuple[int, int, int]:
+    if image_size % (patch * merge):
+        raise ValueError(f"--image-size {image_size} must be a multiple of {patch * merge} "
+                         f"(patch {patch} x merge {merge}); try {round(image_size / 28) * 28}")
+    return 1, image_size // patch, image_size // patch
+
+
+class VisionEncoder(nn.Module):
+    """pixel patches [N, C*T*P*P] at a fixed grid -> merged image embeddings [N/merge^2, hidden]."""
+
+    def __init__(self, visual: nn.Module, grid: tuple[int, int, int]):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("grid_thw", torch.tensor([grid], dtype=torch.long), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixel_values, grid_thw=self.grid_thw).pooler_output
+
+
+class TokenEmbedding(nn.Module):
+    """input_ids -> embeddings, with image embeddings placed at the image-pad positions in order."""
+
+    def __init__(self, embed_tokens: nn.Embedding, image_token_id: int):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        index = (is_image.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
+        placed = image_embeds.index_select(0, index).view(embeds.shape)
+        return torch.where(is_image.unsqueeze(-1), placed, embeds)
+
+
+class Decoder(nn.Module):
+    """The text decoder with an in-place KV cache (GroupQueryAttention) and last-token logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        lm = model.model.language_model
+        cfg = lm.config
+        self.layers = lm.layers
+        self.norm = lm.norm
+        self.rotary_emb = lm.rotary_emb
+        self.lm_head = model.lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.scale = float(self.head_dim ** -0.5)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        hidden = inputs_embeds
+        bsz, seq, _ = hidden.shape
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        seqlens_k, total_len = mask_to_seqlens(attention_mask)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = q.transpose(1, 2).reshape(bsz, seq, -1)
+            k = k.transpose(1, 2).reshape(bsz, seq, -1)
+            out, pk, pv = GroupQueryAttention.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k,
+                                                    total_len, self.num_heads, self.kv_heads, self.scale)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            presents += [pk, pv]
+        hidden = self.norm(last_token_hidden(hidden, attention_mask))
+        return (self.lm_head(hidden), *presents)
+
+
+def _sample_pixels(n_patches: int, dim: int, seed: int = 1) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n_patches, dim)).astype(np.float32))
+
+
+def export_vision(model, out: Path, image_size: int) -> dict[str, Any]:
+    vcfg = model.config.vision_config
+    grid = grid_for(image_size, vcfg.patch_size, vcfg.spatial_merge_size)
+    n_patches = grid[0] * grid[1] * grid[2]
+    dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    module = VisionEncoder(model.model.visual, grid).eval()
+    pixels = _sample_pixels(n_patches, dim)
+    path = out / "vision.onnx"
+    export_module(module, (pixels,), path, ["pixel_values"], ["image_embeds"], {})
+    with torch.no_grad():
+        ref = module(pixels).numpy()
+    got = cpu_session(path).run(None, {"pixel_values": pixels.numpy()})[0]
+    err = compare("vision encoder", got, ref, atol=1e-4)
+    log.info("vision.onnx matches PyTorch (max abs diff %.2e)", err)
+    return {"validation_max_abs_diff": err, "grid_thw": list(grid), **describe_io(path)}
+
+
+def export_embed(model, out: Path) -> dict[str, Any]:
+    cfg = model.config
+    module = TokenEmbedding(model.model.language_model.embed_tokens, cfg.image_token_id).eval()
+    hidden = cfg.text_config.hidden_size
+    ids = torch.tensor([[151644, 9707, cfg.image_token_id, cfg.image_token_id, cfg.image_token_id, 1879]])
+    image_embeds = torch.randn(3, hidden)
+    path = out / "embed.onnx"
+    export_module(module, (ids, image_embeds), path, ["input_ids", "image_embeds"], ["inputs_embeds"],
+                  {"input_ids": {0: "batch", 1: "sequence"}, "image_embeds": {0: "image_tokens"},
+                   "inputs_embeds": {0: "batch", 1: "sequence"}})
+    sess = cpu_session(path)
+    with torch.no_grad():
+        ref = model.model.language_model.embed_tokens(ids)
+        ref[ids == cfg.image_token_id] = image_embeds
+    got = sess.run(None, {"input_ids": ids.numpy(), "image_embeds": image_embeds.numpy()})[0]
+    err = compare("token embedding", got, ref.numpy(), atol=1e-6)
+    return {"validation_max_abs_diff": err, **describe_io(path)}
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_decoder(model, out: Path) -> dict[str, Any]:
+    tcfg = model.config.text_config
+    module = Decoder(model).eval()
+    n_layers, kv, hd = tcfg.num_hidden_layers, tcfg.num_key_value_heads, module.head_dim
+    in_names, out_names = decoder_io_names(n_layers)
+    axes: dict[str, dict[int, str]] = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {1: "batch", 2: "sequence"},
+        "logits": {0: "batch"},
+    }
+    for name in in_names[3:]:
+        axes[name] = {0: "batch", 2: "max_context"}
+    for name in out_names[1:]:
+        axes[name] = {0: "batch", 2: "max_context"}
+    bsz, seq, past_len, buf = 1, 5, 3, 16
+    embeds = torch.randn(bsz, seq, tcfg.hidden_size)
+    mask = torch.ones(bsz, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).view(1, 1, -1).expand(3, bsz, -1).contiguous()
+    past = [torch.zeros(bsz, kv, buf, hd) for _ in range(2 * n_layers)]
+    path = out / "decoder.onnx"
+    export_module(module, (embeds, mask, pos, *past), path, in_names, out_names, axes)
+    err = validate_decoder(model, path)
+    log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
+    return {"validation_max_abs_diff": err, **describe_io(path)}
+
+
+def validate_decoder(model, path: Path, prompt_len: int = 7, steps: int = 3, buf: int = 32) -> float:
+    """Prefill then cached single-token steps through ONNX, against transformers with a DynamicCache."""
+    from transformers import DynamicCache
+
+    tcfg = model.config.text_config
+    n_layers, kv = tcfg.num_hidden_layers, tcfg.num_key_value_heads
+    hd = tcfg.hidden_size // tcfg.num_attention_heads
+    gen = torch.Generator().manual_seed(3)
+    total = prompt_len + steps
+    embeds = torch.randn(1, total, tcfg.hidden_size, generator=gen)
+    # 3D positions as an image prompt has them: the middle tokens take distinct h/w positions.
+    pos = torch.arange(total).view(1, 1, -1).repeat(3, 1, 1)
+    pos[1, 0, 2:5] = torch.tensor([2, 2, 3])
+    pos[2, 0, 2:5] = torch.tensor([2, 3, 2])
+    sess = cpu_session(path)
+    cache = [np.zeros((1, kv, buf, hd), np.float32) for _ in range(2 * n_layers)]
+    lm = model.model.language_model
+    ref_cache = DynamicCache(config=model.config.text_config)
+    worst = 0.0
+    start = 0
+    for end in [prompt_len] + list(range(prompt_len + 1, total + 1)):
+        feeds = {"inputs_embeds": embeds[:, start:end].numpy(),
+                 "attention_mask": np.ones((1, end), np.int64),
+                 "position_ids": pos[:, :, start:end].numpy()}
+        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": c
+                      for i, c in enumerate(cache)})
+        outs = sess.run(None, feeds)
+        cache = outs[1:]
+        with torch.no_grad():
+            h = lm(inputs_embeds=embeds[:, start:end], position_ids=pos[:, :, start:end],
+                   attention_mask=torch.ones(1, end, dtype=torch.long), past_key_values=ref_cache,
+                   use_cache=True).last_hidden_state
+            ref = model.lm_head(h[:, -1:]).numpy()
+        worst = max(worst, compare(f"decoder logits at length {end}", outs[0], ref, atol=1e-4))
+        ref_k = ref_cache.layers[0].keys.numpy()
+        worst = max(worst, compare(f"decoder KV cache at length {end}", cache[0][:, :, :end], ref_k, atol=1e-4))
+        start = end
+    return worst

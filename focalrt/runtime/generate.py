@@ -1,0 +1,181 @@
+"""The decode loop: prefill, decode one token, decode n tokens. Read it top to bottom.
+
+The KV cache is one buffer per layer and per key/value, [batch, kv_heads, max_context, head_dim],
+allocated once. The same buffer is bound as the decoder's `past_key_values.*` input and `present.*`
+output; the exported GroupQueryAttention writes the new positions in place. Tensors stay on the
+session's device (IO binding) and only the last-token logits come back to the host for sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+
+@dataclass
+class KVCache:
+    buffers: list[ort.OrtValue]
+    input_names: list[str]
+    output_names: list[str]
+    max_context: int
+    lengths: np.ndarray  # valid tokens per row
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int,
+                 device: str = "cpu", dtype=np.float32) -> KVCache:
+        shape = [batch, kv_heads, max_context, head_dim]
+        buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                   for _ in range(2 * num_layers)]
+        ins = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        outs = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        return cls(buffers, ins, outs, max_context, np.zeros(batch, np.int64))
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def bind(self, io: ort.IOBinding) -> None:
+        for name_in, name_out, buf in zip(self.input_names, self.output_names, self.buffers):
+            io.bind_ortvalue_input(name_in, buf)
+            io.bind_ortvalue_output(name_out, buf)
+
+    def attention_mask(self, new_tokens: int) -> np.ndarray:
+        """Right-padded mask over valid past plus `new_tokens` per row."""
+        total = self.lengths + new_tokens
+        mask = np.zeros((self.batch, int(total.max())), np.int64)
+        for row, n in enumerate(total):
+            mask[row, :n] = 1
+        return mask
+
+
+@dataclass
+class Sessions:
+    embed: ort.InferenceSession
+    decoder: ort.InferenceSession
+    device: str = "cpu"
+    _empty_image: dict[int, ort.OrtValue] = field(default_factory=dict)
+
+    def embed_tokens(self, input_ids: np.ndarray, image_embeds: ort.OrtValue | None = None) -> ort.OrtValue:
+        """Token embeddings [B, S, H] on the device, with image embeddings at the image-pad positions."""
+        if image_embeds is None:
+            # The graph gathers from image_embeds even where no image token is present: feed one zero row.
+            hidden = self.embed.get_inputs()[1].shape[1]
+            if not isinstance(hidden, int):
+                hidden = self.decoder.get_inputs()[0].shape[2]
+            if hidden not in self._empty_image:
+                self._empty_image[hidden] = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((1, hidden), np.float32), self.device, 0)
+            image_embeds = self._empty_image[hidden]
+        io = self.embed.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        io.bind_ortvalue_input("image_embeds", image_embeds)
+        io.bind_output("inputs_embeds", self.device)
+        self.embed.run_with_iobinding(io)
+        return io.get_outputs()[0]
+
+    def run_decoder(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, cache: KVCache,
+                    new_tokens: int) -> np.ndarray:
+        """One decoder call over `new_tokens` per row; returns last-token logits [B, V] on the host."""
+        io = self.decoder.io_binding()
+        io.bind_ortvalue_input("inputs_embeds", inputs_embeds)
+        io.bind_cpu_input("attention_mask", cache.attention_mask(new_tokens))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+        cache.bind(io)
+        self.decoder.run_with_iobinding(io)
+        cache.lengths += new_tokens
+        return io.get_outputs()[0].numpy()[:, -1, :]
+
+
+def prefill(sessions: Sessions, cache: KVCache, input_ids: np.ndarray, position_ids: np.ndarray,
+            image_embeds: ort.OrtValue | None = None) -> np.ndarray:
+    """Run the whole prompt [B, S] (rows of equal length) through the decoder; logits of its last token."""
+    if int(cache.lengths.max()) + input_ids.shape[1] > cache.max_context:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit the remaining context "
+                         f"({cache.max_context - int(cache.lengths.max())} tokens)")
+    embeds = sessions.embed_tokens(input_ids, image_embeds)
+    return sessions.run_decoder(embeds, position_ids, cache, input_ids.shape[1])
+
+
+def decode_one_token(sessions: Sessions, cache: KVCache, token_ids: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Feed one token per row at that row's next position; logits for the token after it, [B, V]."""
+    positions = np.broadcast_to((cache.lengths + delta)[None, :, None], (3, cache.batch, 1))
+    embeds = sessions.embed_tokens(token_ids.reshape(-1, 1))
+    return sessions.run_decoder(embeds, positions, cache, 1)
+
+
+@dataclass
+class Sampler:
+    """Greedy when temperature is 0; otherwise temperature / top-k / top-p with a seeded generator."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling settings temperature={self.temperature} top_k={self.top_k} "
+                             f"top_p={self.top_p}: need temperature>=0, top_k>=0, 0<top_p<=1")
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """[B, V] logits -> [B] token ids."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return np.array([self._sample_row(row) for row in logits], np.int64)
+
+    def _sample_row(self, logits: np.ndarray) -> int:
+        z = logits.astype(np.float64) / self.temperature
+        if self.top_k:
+            kth = np.partition(z, -self.top_k)[-self.top_k]
+            z = np.where(z < kth, -np.inf, z)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if self.top_p < 1:
+            order = np.argsort(-p)
+            keep = np.cumsum(p[order]) - p[order] < self.top_p
+            mask = np.zeros_like(p, bool)
+            mask[order[keep]] = True
+            p = np.where(mask, p, 0)
+            p /= p.sum()
+        return int(self.rng.choice(p.size, p=p))
+
+
+def decode_n_tokens(sessions: Sessions, cache: KVCache, first_logits: np.ndarray, delta: np.ndarray,
+                    max_new_tokens: int, stop_ids: set[int], sampler: Sampler,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (tokens [B], logits [B, V]) per step until every row stopped or hit its limit.
+
+    A row that produced a stop token or reached the end of the context stops; finished rows keep being
+    fed (their output ignored) so the batch stays rectangular. `cache.lengths` tells each row's length.
+    """
+    logits = first_logits
+    done = np.zeros(cache.batch, bool)
+    for step in range(max_new_tokens):
+        tokens = sampler(logits)
+        yield tokens, logits
+        done |= np.isin(tokens, list(stop_ids))
+        if done.all() or step == max_new_tokens - 1 or int(cache.lengths.max()) >= cache.max_context:
+            return
+        logits = decode_one_token(sessions, cache, tokens, delta)
+
+
+class TextStream:
+    """Incremental detokenizer: emits only complete characters as new tokens arrive."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta

@@ -1,0 +1,177 @@
+"""`Pipeline`: a bundle loaded once, then `describe(image, box, prompt)` per request."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from focalrt.bundle import Bundle, BundleError, load
+from focalrt.runtime import prompt as prompts
+from focalrt.runtime.generate import KVCache, Sampler, Sessions, TextStream, decode_n_tokens, prefill
+from focalrt.runtime.preprocess import check_frame, patchify, read_image, to_model_image
+from focalrt.runtime.rope import mrope_positions
+from focalrt.runtime.sessions import create_session, resolve_providers
+
+
+@dataclass
+class Description:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    box: tuple[int, int, int, int] | None  # in the input image's pixels, after clipping
+    model_box: tuple[int, int, int, int] | None  # in the encoder image's pixels (what the prompt says)
+    timings_ms: dict[str, Any] = field(default_factory=dict)
+    logits: list[np.ndarray] | None = None  # per generated token, when asked for
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+                "finish_reason": self.finish_reason, "box": self.box, "model_box": self.model_box,
+                "timings_ms": self.timings_ms}
+
+
+class Pipeline:
+    """Holds the sessions, tokenizer and one preallocated KV cache; not thread-safe."""
+
+    def __init__(self, bundle: Bundle, provider: str | None = None, max_context: int | None = None,
+                 threads: int | None = None):
+        self.bundle = bundle
+        m = bundle.manifest
+        self.providers = resolve_providers(provider)
+        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        cache_dir = bundle.path / "engines"
+        self.vision = create_session(bundle.component_path("vision"), self.providers, threads, cache_dir)
+        self.sessions = Sessions(
+            embed=create_session(bundle.component_path("embed"), self.providers, threads, cache_dir),
+            decoder=create_session(bundle.component_path("decoder"), self.providers, threads, cache_dir),
+            device=self.device)
+        tok_path = bundle.path / m["tokenizer"]["file"]
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:
+            raise BundleError(f"tokenizer {tok_path} could not be loaded ({e}); re-export the bundle") from None
+        self.profile = m["prompt"]
+        self.pre = m["preprocess"]
+        self.text_cfg = m["text"]
+        self.generation = m["generation"]
+        self.stop_ids = {self._token_id(t) for t in self.profile["stop_tokens"]}
+        self.image_token_id = self.text_cfg["image_token_id"]
+        self.max_context = min(max_context or self.text_cfg["max_context"], self.text_cfg["max_context"])
+        self.cache = KVCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
+                                      self.text_cfg["head_dim"], self.max_context, self.device)
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, provider: str | None = None,
+                    max_context: int | None = None, threads: int | None = None) -> Pipeline:
+        return cls(load(path), provider=provider, max_context=max_context, threads=threads)
+
+    def _token_id(self, token: str) -> int:
+        tid = self.tokenizer.token_to_id(token)
+        if tid is None:
+            raise BundleError(f"{self.bundle.path}: stop token {token!r} is not in the tokenizer")
+        return tid
+
+    @property
+    def image_size(self) -> int:
+        return int(self.pre["image_size"])
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        g = self.image_size // self.pre["patch_size"] // self.pre["merge_size"]
+        return g, g
+
+    def pixel_values(self, image_bgr: np.ndarray) -> np.ndarray:
+        rgb = to_model_image(image_bgr, self.image_size)
+        p = self.pre
+        return patchify(rgb, p["mean"], p["std"], p["rescale"], p["patch_size"], p["merge_size"],
+                        p["temporal_patch_size"])
+
+    def encode_image(self, image_bgr: np.ndarray) -> ort.OrtValue:
+        """Vision encoder output, kept on the device for the embedding step."""
+        io = self.vision.io_binding()
+        io.bind_cpu_input("pixel_values", self.pixel_values(image_bgr))
+        io.bind_output("image_embeds", self.device)
+        self.vision.run_with_iobinding(io)
+        return io.get_outputs()[0]
+
+    def build_prompt(self, image_wh: tuple[int, int], box: tuple[int, int, int, int] | None,
+                     instruction: str | None) -> tuple[prompts.Prompt, tuple | None, tuple | None]:
+        model_box = None
+        if box is not None:
+            box = prompts.clip_box(tuple(int(v) for v in box), *image_wh)
+            model_box = prompts.box_to_model(box, image_wh, self.image_size)
+        n_image = self.grid_hw[0] * self.grid_hw[1]
+        prompt = prompts.encode(self.tokenizer, self.profile, n_image, instruction, model_box)
+        return prompt, box, model_box
+
+    def describe(self, image: np.ndarray | str | os.PathLike, box: tuple[int, int, int, int] | None = None,
+                 prompt: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 on_text: Callable[[str], None] | None = None, return_logits: bool = False) -> Description:
+        """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box."""
+        t_start = time.perf_counter()
+        image = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
+        h, w = image.shape[:2]
+        gen = self.generation
+        max_new_tokens = int(gen["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampler = Sampler(gen.get("temperature", 0.0) if temperature is None else temperature,
+                          gen.get("top_k", 0) if top_k is None else top_k,
+                          gen.get("top_p", 1.0) if top_p is None else top_p, seed)
+        p, box, model_box = self.build_prompt((w, h), box, prompt)
+        if p.token_ids.size + 1 > self.max_context:
+            raise ValueError(f"the prompt has {p.token_ids.size} tokens but the context holds "
+                             f"{self.max_context}; shorten --prompt or export with a larger --max-context")
+
+        t0 = time.perf_counter()
+        image_embeds = self.encode_image(image)
+        t1 = time.perf_counter()
+        positions, delta = mrope_positions(p.token_ids, self.image_token_id, self.grid_hw)
+        self.cache.lengths[:] = 0
+        logits = prefill(self.sessions, self.cache, p.token_ids[None], positions[:, None, :], image_embeds)
+        t2 = time.perf_counter()
+
+        stream = TextStream(self.tokenizer)
+        tokens: list[int] = []
+        kept_logits: list[np.ndarray] = []
+        step_ms: list[float] = []
+        finish = "length"
+        t_step = time.perf_counter()
+        for tok, step_logits in decode_n_tokens(self.sessions, self.cache, logits, np.array([delta]),
+                                                max_new_tokens, self.stop_ids, sampler):
+            token = int(tok[0])
+            if return_logits:
+                kept_logits.append(step_logits[0].copy())
+            now = time.perf_counter()
+            if tokens:
+                step_ms.append((now - t_step) * 1e3)
+            t_step = now
+            if token in self.stop_ids:
+                finish = "stop"
+                break
+            tokens.append(token)
+            delta_text = stream.push(token)
+            if on_text and delta_text:
+                on_text(delta_text)
+        t3 = time.perf_counter()
+        timings = {"preprocess_and_vision": round((t1 - t0) * 1e3, 3), "prefill": round((t2 - t1) * 1e3, 3),
+                   "decode": round((t3 - t2) * 1e3, 3), "decode_steps": [round(s, 3) for s in step_ms],
+                   "ttft": round((t2 - t_start) * 1e3, 3), "total": round((t3 - t_start) * 1e3, 3)}
+        return Description(text=self.tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
+                           prompt_token_ids=p.token_ids.tolist(), finish_reason=finish, box=box,
+                           model_box=model_box, timings_ms=timings,
+                           logits=kept_logits if return_logits else None)
+
+
+def describe_file(bundle: str | Path, image: str | Path, **kwargs) -> Description:
+    """One-shot convenience for scripts."""
+    return Pipeline.from_bundle(bundle).describe(image, **kwargs)

@@ -1,0 +1,75 @@
+"""Prompt rendering from the manifest's profile, and box coordinates in the model image's pixels."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: np.ndarray  # [S] int64, image pad tokens expanded
+    text: str
+    prefix_len: int  # tokens up to and including the image: shared by every region of one image
+
+
+def parse_box(spec: str) -> Box:
+    parts = [p.strip() for p in str(spec).split(",")]
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        x1, y1, x2, y2 = (int(round(float(p))) for p in parts)
+    except ValueError:
+        raise ValueError(f"box {spec!r} must be four numbers x1,y1,x2,y2 in pixels, e.g. 120,80,260,190") from None
+    return x1, y1, x2, y2
+
+
+def clip_box(box: Box, width: int, height: int) -> Box:
+    """Clip to the image, warning when it had to; a box with no area left is an error."""
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"box {box} has zero or negative area; give x1<x2 and y1<y2")
+    clipped = (max(0, min(x1, width)), max(0, min(y1, height)), max(0, min(x2, width)), max(0, min(y2, height)))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise ValueError(f"box {box} lies outside the {width}x{height} image; nothing is left after clipping")
+    if clipped != tuple(box):
+        warnings.warn(f"box {box} extends outside the {width}x{height} image; clipped to {clipped}",
+                      stacklevel=3)
+    return clipped
+
+
+def box_to_model(box: Box, image_wh: tuple[int, int], model_size: int) -> Box:
+    """Frame pixels -> pixels of the size x size image the encoder sees (Qwen2.5-VL grounds absolutely)."""
+    w, h = image_wh
+    sx, sy = model_size / w, model_size / h
+    x1, y1, x2, y2 = box
+    return (int(round(x1 * sx)), int(round(y1 * sy)), int(round(x2 * sx)), int(round(y2 * sy)))
+
+
+def render(profile: dict[str, Any], image_tokens: int, instruction: str | None,
+           model_box: Box | None) -> tuple[str, str]:
+    """The prompt text, split into the image prefix and the per-region suffix."""
+    region = ""
+    if model_box is not None and profile.get("region_mode", "text") == "text":
+        x1, y1, x2, y2 = model_box
+        region = profile["region_template"].format(x1=x1, y1=y1, x2=x2, y2=y2)
+    image = profile["image_token"] * image_tokens
+    text = profile["template"].format(system=profile.get("system", ""), image=image, region=region,
+                                      instruction=instruction or profile["default_instruction"])
+    cut = text.index(image) + len(image)
+    return text[:cut], text[cut:]
+
+
+def encode(tokenizer: Tokenizer, profile: dict[str, Any], image_tokens: int, instruction: str | None,
+           model_box: Box | None) -> Prompt:
+    prefix, suffix = render(profile, image_tokens, instruction, model_box)
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
+    suffix_ids = tokenizer.encode(suffix, add_special_tokens=False).ids
+    ids = np.asarray(prefix_ids + suffix_ids, np.int64)
+    return Prompt(ids, prefix + suffix, len(prefix_ids))
