@@ -1,0 +1,249 @@
+"""Where events and frames go: a JSONL file, an annotated video, a live window or a Python callback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import unicodedata
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+PALETTE = [(80, 200, 255), (120, 220, 80), (255, 160, 60), (200, 110, 255), (60, 120, 255),
+           (255, 220, 90), (160, 160, 255), (90, 255, 200)]
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Hershey fonts only draw ASCII and show anything else as '?'.
+ASCII_FALLBACK = {"·": "-", "–": "-", "—": "-", "‘": "'", "’": "'", "“": '"', "”": '"', "…": "...",
+                  "×": "x", "°": " deg"}
+
+
+def json_default(value: Any) -> Any:
+    """numpy scalars and arrays (boxes, scores) are written as plain JSON numbers and lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"event field of type {type(value).__name__} is not JSON serialisable; "
+                    f"convert it to str, number, list or dict first")
+
+
+class JsonlSink:
+    """One JSON object per line. Each line goes to the OS in one unbuffered write, so a process killed
+    mid-run leaves only whole lines behind."""
+
+    def __init__(self, path: str | os.PathLike, append: bool = False, fsync: bool = False):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.lines_written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab" if append else "wb", buffering=0)  # noqa: SIM115
+
+    def write(self, event: dict[str, Any]) -> None:
+        if self._file.closed:
+            raise ValueError(f"JsonlSink for {self.path} is closed")
+        line = json.dumps(event, ensure_ascii=False, default=json_default) + "\n"
+        data = memoryview(line.encode("utf-8"))
+        while data:  # a raw write may be short (full disk, signal); never leave half a line by choice
+            written = self._file.write(data)
+            data = data[written:]
+        if self.fsync:
+            os.fsync(self._file.fileno())
+        self.lines_written += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CallbackSink:
+    """Hands each event to a Python function, for embedding focalrt in another program."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any]):
+        if not callable(fn):
+            raise TypeError(f"CallbackSink needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def write(self, event: dict[str, Any]) -> None:
+        self.fn(event)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> CallbackSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VideoSink:
+    """Annotated frames into a video file via cv2.VideoWriter."""
+
+    def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int]):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in FOURCC_BY_SUFFIX:
+            raise ValueError(f"unsupported video extension {suffix or '(none)'!r} for {self.path}; "
+                             f"use one of {', '.join(FOURCC_BY_SUFFIX)}")
+        if not fps or fps <= 0:
+            raise ValueError(f"video fps must be > 0, got {fps!r}")
+        self.size = (int(size[0]), int(size[1]))
+        if self.size[0] <= 0 or self.size[1] <= 0:
+            raise ValueError(f"video size must be (width, height) > 0, got {size!r}")
+        self.codec = FOURCC_BY_SUFFIX[suffix]
+        self.frames_written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.codec), float(fps),
+                                       self.size)
+        if not self._writer.isOpened():
+            raise RuntimeError(f"could not open video writer for {self.path} with codec {self.codec} at "
+                               f"{self.size[0]}x{self.size[1]}; this OpenCV build may lack the encoder. "
+                               f"Try a .avi path (MJPG) or check the directory is writable")
+
+    def write(self, frame_bgr: np.ndarray, annotations: Sequence[dict[str, Any]] = ()) -> None:
+        if self._writer is None:
+            raise ValueError(f"VideoSink for {self.path} is closed")
+        height, width = frame_bgr.shape[:2]
+        if (width, height) != self.size:  # VideoWriter would silently drop the frame
+            raise ValueError(f"frame is {width}x{height} but {self.path} was opened for "
+                             f"{self.size[0]}x{self.size[1]}; open the VideoSink with the source size")
+        self._writer.write(annotate(frame_bgr, annotations))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+    def __enter__(self) -> VideoSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also on KeyboardInterrupt, so the mp4 gets its index and stays playable
+
+
+def gui_problems() -> list[str]:
+    """Why cv2.imshow would not work here; empty when it should."""
+    problems = []
+    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if sys.platform.startswith("linux") and not has_display:
+        problems.append("DISPLAY and WAYLAND_DISPLAY are unset")
+    framework = cv2.currentUIFramework() if hasattr(cv2, "currentUIFramework") else None
+    gui_line = next((line for line in cv2.getBuildInformation().splitlines()
+                     if line.strip().startswith("GUI:")), "")
+    if framework == "" or "NONE" in gui_line:
+        problems.append(f"OpenCV {cv2.__version__} was built without GUI support (GUI: NONE)")
+    return problems
+
+
+class ShowSink:
+    """A live window; write() returns False once the user presses q or Esc or closes the window."""
+
+    def __init__(self, window_name: str = "focalrt"):
+        problems = gui_problems()
+        if problems:
+            raise RuntimeError("--show needs a display and an OpenCV build with GUI support (opencv-python, "
+                               "not -headless); none found: " + "; ".join(problems))
+        self.window_name = window_name
+        cv2.namedWindow(window_name, cv2.WINDOW_NORMAL)
+
+    def write(self, frame_bgr: np.ndarray, annotations: Sequence[dict[str, Any]] = ()) -> bool:
+        cv2.imshow(self.window_name, annotate(frame_bgr, annotations))
+        key = cv2.waitKey(1) & 0xFF
+        if key in (ord("q"), 27):
+            return False
+        return cv2.getWindowProperty(self.window_name, cv2.WND_PROP_VISIBLE) >= 1
+
+    def close(self) -> None:
+        cv2.destroyWindow(self.window_name)
+
+    def __enter__(self) -> ShowSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def drawable(text: str) -> str:
+    text = "".join(ASCII_FALLBACK.get(ch, ch) for ch in text)
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
+def color_for(annotation: dict[str, Any]) -> tuple[int, int, int]:
+    """Stable colour per face: the same face id keeps its colour across frames."""
+    key = annotation.get("face_id", annotation.get("label", ""))
+    if isinstance(key, str):
+        key = key.split("-")[0].split("·")[0].strip()
+        return PALETTE[zlib.crc32(key.encode("utf-8")) % len(PALETTE)]
+    return PALETTE[int(key) % len(PALETTE)]
+
+
+def clamp_box(box: Any, width: int, height: int) -> tuple[int, int, int, int]:
+    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    if values.size != 4 or not np.all(np.isfinite(values)):
+        raise ValueError(f"annotation box must be 4 finite numbers (x1, y1, x2, y2), got {box!r}")
+    x1, y1, x2, y2 = values
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"annotation box {box!r} is empty; expected x1 < x2 and y1 < y2")
+    return (int(np.clip(round(x1), 0, width - 1)), int(np.clip(round(y1), 0, height - 1)),
+            int(np.clip(round(x2), 0, width - 1)), int(np.clip(round(y2), 0, height - 1)))
+
+
+def draw_text_block(image: np.ndarray, lines: list[str], x: int, y: int, scale: float, thickness: int,
+                    color: tuple[int, int, int], background: tuple[int, int, int]) -> None:
+    """Lines of text on a filled rectangle whose top-left corner is (x, y), kept inside the image."""
+    if not lines:
+        return
+    height, width = image.shape[:2]
+    sizes = [cv2.getTextSize(line, FONT, scale, thickness) for line in lines]
+    text_h = max(size[0][1] for size in sizes)
+    descent = max(size[1] for size in sizes)
+    line_h = text_h + descent + 2
+    block_w = max(size[0][0] for size in sizes) + 6
+    block_h = line_h * len(lines) + 2
+    x = int(np.clip(x, 0, max(0, width - block_w)))
+    y = int(np.clip(y, 0, max(0, height - block_h)))
+    cv2.rectangle(image, (x, y), (x + block_w, y + block_h), background, cv2.FILLED)
+    for i, line in enumerate(lines):
+        baseline_y = y + 2 + i * line_h + text_h
+        cv2.putText(image, line, (x + 3, baseline_y), FONT, scale, color, thickness, cv2.LINE_AA)
+
+
+def annotate(frame: np.ndarray, annotations: Sequence[dict[str, Any]]) -> np.ndarray:
+    """A copy of the frame with each box, its label above and its description wrapped below."""
+    image = frame.copy()
+    height, width = image.shape[:2]
+    scale = float(np.clip(height / 900.0, 0.35, 1.0))
+    thickness = 1 if scale < 0.7 else 2
+    char_w = cv2.getTextSize("abcdefghijklmnopqrstuvwxyz", FONT, scale, thickness)[0][0] / 26.0
+    for annotation in annotations:
+        if "box" not in annotation:
+            raise ValueError(f"annotation needs a 'box' (x1, y1, x2, y2); got keys {sorted(annotation)}")
+        x1, y1, x2, y2 = clamp_box(annotation["box"], width, height)
+        color = color_for(annotation)
+        cv2.rectangle(image, (x1, y1), (x2, y2), color, max(1, thickness))
+        label = drawable(str(annotation.get("label", "")))
+        if label:
+            (_, label_h), descent = cv2.getTextSize(label, FONT, scale, thickness)
+            label_h += descent + 4
+            draw_text_block(image, [label], x1, y1 - label_h, scale, thickness, (0, 0, 0), color)
+        text = drawable(str(annotation.get("text", "")))
+        if text:
+            wrap_px = min(width - 8, max(x2 - x1, width // 3))
+            lines = textwrap.wrap(text, width=max(8, int(wrap_px / char_w)))
+            draw_text_block(image, lines, x1, y2 + 2, scale, thickness, (255, 255, 255), (20, 20, 20))
+    return image
