@@ -79,7 +79,7 @@ def test_preprocessing_equals_hf_image_processor(case, astronaut_bgr):
     rgb = to_model_image(astronaut_bgr, pipe.image_size)
     ref = _hf_processor()(images=[rgb], return_tensors="np")
     assert ref["image_grid_thw"].tolist() == [[1, pipe.image_size // 14, pipe.image_size // 14]]
-    np.testing.assert_allclose(pipe.pixel_values(astronaut_bgr), ref["pixel_values"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pipe.adapter.vision_inputs(astronaut_bgr)["pixel_values"], ref["pixel_values"], atol=1e-5, rtol=0)
 
 
 def test_vision_embeddings_equal_reference(case, astronaut_bgr):
@@ -102,6 +102,6 @@ def test_position_ids_equal_get_rope_index(case, astronaut_bgr):
     want, want_delta = model.model.get_rope_index(
         ids, mm_token_type_ids=(ids == model.config.image_token_id).int(),
         image_grid_thw=torch.tensor([[1, g, g]]))
-    got, delta = mrope_positions(np.array(d.prompt_token_ids), pipe.image_token_id, pipe.grid_hw)
+    got, delta = mrope_positions(np.array(d.prompt_token_ids), pipe.image_token_id, pipe.adapter.grid_hw)
     np.testing.assert_array_equal(got, want[:, 0].numpy())
     assert delta == int(want_delta[0, 0])

@@ -163,3 +163,28 @@ def _export_faces(tmp: Path) -> dict[str, Any]:
         if isinstance(value, dict) and "file" in value:
             value.update(file_record(tmp, f"faces/{value['file']}"))
     return entry
+
+
+def family_of(model_id: str | None, preset: str | None) -> str:
+    """The family from a preset name or a checkpoint's config.json."""
+    if preset:
+        return "face_llava" if "face-llava" in preset else "qwen2_5_vl"
+    cfg = Path(model_id) / "config.json" if model_id else None
+    if cfg and cfg.is_file():
+        text = cfg.read_text()
+        if "qwen2_5_vl" in text or "Qwen2_5_VL" in text:
+            return "qwen2_5_vl"
+        if "llava" in text.lower():
+            return "face_llava"
+        raise ValueError(f"{cfg}: neither a Qwen2.5-VL nor a LLaVA checkpoint; pass --family if it is one")
+    return "qwen2_5_vl"
+
+
+def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
+                  family: str | None = None, **kwargs: Any) -> Path:
+    family = family or family_of(model_id, preset)
+    if family == "qwen2_5_vl":
+        return export_qwen2_5_vl(out, model_id=model_id, preset=preset, **kwargs)
+    from focalrt.export.face_llava import export_face_llava
+
+    return export_face_llava(out, model_id=model_id, preset=preset, **kwargs)

@@ -56,6 +56,7 @@ class Sessions:
     embed: ort.InferenceSession
     decoder: ort.InferenceSession
     device: str = "cpu"
+    rope_axes: int = 3  # M-RoPE position ids are [3, B, S]; plain RoPE ones [B, S]
     _empty_image: dict[int, ort.OrtValue] = field(default_factory=dict)
 
     def embed_tokens(self, input_ids: np.ndarray, image_embeds: ort.OrtValue | None = None) -> ort.OrtValue:
@@ -100,9 +101,17 @@ def prefill(sessions: Sessions, cache: KVCache, input_ids: np.ndarray, position_
     return sessions.run_decoder(embeds, position_ids, cache, input_ids.shape[1])
 
 
+def batch_positions(positions: np.ndarray, batch: int) -> np.ndarray:
+    """[axes, S] positions of one prompt -> the decoder's [3, B, S] (M-RoPE) or [B, S] (plain RoPE)."""
+    if positions.ndim == 1 or positions.shape[0] == 1:
+        return np.broadcast_to(positions.reshape(1, -1), (batch, positions.size))
+    return np.broadcast_to(positions[:, None, :], (positions.shape[0], batch, positions.shape[1]))
+
+
 def decode_one_token(sessions: Sessions, cache: KVCache, token_ids: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """Feed one token per row at that row's next position; logits for the token after it, [B, V]."""
-    positions = np.broadcast_to((cache.lengths + delta)[None, :, None], (3, cache.batch, 1))
+    index = (cache.lengths + delta)[:, None]  # [B, 1]
+    positions = index if sessions.rope_axes == 1 else np.broadcast_to(index[None], (3, cache.batch, 1))
     embeds = sessions.embed_tokens(token_ids.reshape(-1, 1))
     return sessions.run_decoder(embeds, positions, cache, 1)
 

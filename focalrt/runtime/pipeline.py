@@ -15,9 +15,17 @@ from tokenizers import Tokenizer
 
 from focalrt.bundle import Bundle, BundleError, load
 from focalrt.runtime import prompt as prompts
-from focalrt.runtime.generate import KVCache, Sampler, Sessions, TextStream, decode_n_tokens, prefill
-from focalrt.runtime.preprocess import check_frame, patchify, read_image, to_model_image
-from focalrt.runtime.rope import mrope_positions
+from focalrt.runtime.generate import (
+    KVCache,
+    Sampler,
+    Sessions,
+    TextStream,
+    batch_positions,
+    decode_n_tokens,
+    prefill,
+)
+from focalrt.runtime.families import adapter_for
+from focalrt.runtime.preprocess import check_frame, read_image
 from focalrt.runtime.sessions import create_session, resolve_providers
 
 
@@ -45,6 +53,7 @@ class Pipeline:
                  threads: int | None = None):
         self.bundle = bundle
         m = bundle.manifest
+        self.adapter = adapter_for(m)
         self.providers = resolve_providers(provider)
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         cache_dir = bundle.path / "engines"
@@ -52,18 +61,17 @@ class Pipeline:
         self.sessions = Sessions(
             embed=create_session(bundle.component_path("embed"), self.providers, threads, cache_dir),
             decoder=create_session(bundle.component_path("decoder"), self.providers, threads, cache_dir),
-            device=self.device)
+            device=self.device, rope_axes=self.adapter.rope_axes)
         tok_path = bundle.path / m["tokenizer"]["file"]
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:
             raise BundleError(f"tokenizer {tok_path} could not be loaded ({e}); re-export the bundle") from None
         self.profile = m["prompt"]
-        self.pre = m["preprocess"]
         self.text_cfg = m["text"]
         self.generation = m["generation"]
         self.stop_ids = {self._token_id(t) for t in self.profile["stop_tokens"]}
-        self.image_token_id = self.text_cfg["image_token_id"]
+        self.image_token_id = int(self.text_cfg["image_token_id"])
         self.max_context = min(max_context or self.text_cfg["max_context"], self.text_cfg["max_context"])
         self.cache = KVCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
                                       self.text_cfg["head_dim"], self.max_context, self.device)
@@ -81,23 +89,13 @@ class Pipeline:
 
     @property
     def image_size(self) -> int:
-        return int(self.pre["image_size"])
+        return self.adapter.image_size
 
-    @property
-    def grid_hw(self) -> tuple[int, int]:
-        g = self.image_size // self.pre["patch_size"] // self.pre["merge_size"]
-        return g, g
-
-    def pixel_values(self, image_bgr: np.ndarray) -> np.ndarray:
-        rgb = to_model_image(image_bgr, self.image_size)
-        p = self.pre
-        return patchify(rgb, p["mean"], p["std"], p["rescale"], p["patch_size"], p["merge_size"],
-                        p["temporal_patch_size"])
-
-    def encode_image(self, image_bgr: np.ndarray) -> ort.OrtValue:
+    def encode_image(self, image_bgr: np.ndarray, landmarks68: np.ndarray | None = None) -> ort.OrtValue:
         """Vision encoder output, kept on the device for the embedding step."""
         io = self.vision.io_binding()
-        io.bind_cpu_input("pixel_values", self.pixel_values(image_bgr))
+        for name, value in self.adapter.vision_inputs(image_bgr, landmarks68).items():
+            io.bind_cpu_input(name, value)
         io.bind_output("image_embeds", self.device)
         self.vision.run_with_iobinding(io)
         return io.get_outputs()[0]
@@ -108,14 +106,14 @@ class Pipeline:
         if box is not None:
             box = prompts.clip_box(tuple(int(v) for v in box), *image_wh)
             model_box = prompts.box_to_model(box, image_wh, self.image_size)
-        n_image = self.grid_hw[0] * self.grid_hw[1]
-        prompt = prompts.encode(self.tokenizer, self.profile, n_image, instruction, model_box)
+        prompt = prompts.encode(self.tokenizer, self.profile, self.adapter.image_tokens, instruction, model_box)
         return prompt, box, model_box
 
     def describe(self, image: np.ndarray | str | os.PathLike, box: tuple[int, int, int, int] | None = None,
                  prompt: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 on_text: Callable[[str], None] | None = None, return_logits: bool = False) -> Description:
+                 on_text: Callable[[str], None] | None = None, return_logits: bool = False,
+                 landmarks68: np.ndarray | None = None) -> Description:
         """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box."""
         t_start = time.perf_counter()
         image = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
@@ -133,11 +131,12 @@ class Pipeline:
                              f"{self.max_context}; shorten --prompt or export with a larger --max-context")
 
         t0 = time.perf_counter()
-        image_embeds = self.encode_image(image)
+        image_embeds = self.encode_image(image, landmarks68)
         t1 = time.perf_counter()
-        positions, delta = mrope_positions(p.token_ids, self.image_token_id, self.grid_hw)
+        positions, delta = self.adapter.positions(p.token_ids)
         self.cache.lengths[:] = 0
-        logits = prefill(self.sessions, self.cache, p.token_ids[None], positions[:, None, :], image_embeds)
+        logits = prefill(self.sessions, self.cache, p.token_ids[None], batch_positions(positions, 1),
+                         image_embeds)
         t2 = time.perf_counter()
 
         stream = TextStream(self.tokenizer)
