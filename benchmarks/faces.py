@@ -1,0 +1,99 @@
+"""Per-frame latency of the face front end: detector, FaceMesh, and both together.
+
+    python benchmarks/faces.py                      # converts the face models into a temp dir first
+    python benchmarks/faces.py --bundle DIR         # the face models of an exported bundle
+    python benchmarks/faces.py --runs 500 --json out.json
+
+The frame is scikit-image's astronaut (512x512, one face), optionally resized with --size. Each stage is
+timed on its own after a warm-up, so the table says where the time goes; p99 shows the jitter a real-time
+loop must absorb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.sessions import resolve_providers
+
+
+def timed(fn, runs: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples[i] = time.perf_counter() - start
+    ms = samples * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "runs": runs}
+
+
+def load_analyzer(bundle_dir: Path | None, providers: list[str], full_range: bool) -> FaceAnalyzer:
+    """From a bundle's manifest (file names relative to the bundle), or freshly converted."""
+    if bundle_dir is not None:
+        from focalrt.bundle import load
+
+        bundle = load(bundle_dir)
+        if "face_models" not in bundle.manifest:
+            sys.exit(f"{bundle_dir} was exported without face models; re-export it without --no-face-models")
+        return FaceAnalyzer.from_dir(bundle.path, bundle.manifest["face_models"], providers, full_range)
+    from focalrt.export.face_models import export_face_models  # needs the export extra
+
+    out = Path(tempfile.mkdtemp(prefix="focalrt-faces-"))
+    return FaceAnalyzer.from_dir(out, export_face_models(out), providers, full_range)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: convert anew)")
+    p.add_argument("--provider", default="cpu", help="cpu (default), cuda, tensorrt or auto")
+    p.add_argument("--full-range", action="store_true", help="time the 192 px full-range detector")
+    p.add_argument("--size", type=int, default=512, help="frame side in pixels (astronaut resized)")
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.size < 32:
+        p.error("--runs must be >= 1, --warmup >= 0 and --size >= 32")
+
+    from skimage.data import astronaut
+
+    frame = cv2.resize(cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR), (args.size, args.size))
+    providers = resolve_providers(args.provider)
+    analyzer = load_analyzer(args.bundle, providers, args.full_range)
+    detections = analyzer.detector.detect(frame)
+    if not detections:
+        sys.exit(f"no face found in the {args.size}px astronaut frame; try a larger --size")
+
+    stages = {
+        "detector": lambda: analyzer.detector.detect(frame),
+        "landmarks (1 face)": lambda: analyzer.landmarker.landmarks(frame, detections[0]),
+        "detect + landmarks": lambda: analyzer.analyze(frame),
+    }
+    results = {name: timed(fn, args.runs, args.warmup) for name, fn in stages.items()}
+    report = {"frame": f"astronaut {args.size}x{args.size}", "faces": len(detections),
+              "providers": providers, "full_range": args.full_range, "machine": platform.machine(),
+              "stages": results}
+
+    print(f"{report['frame']}, {len(detections)} face(s), {providers[0]}, {args.runs} runs")
+    print(f"{'stage':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
