@@ -30,7 +30,7 @@ def _export(tmp_path_factory, preset: str, **kwargs) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """The default demo bundle (tiny-random Qwen2.5-VL, 336 px), with the face models."""
-    return _export(tmp_path_factory, "tiny-random", face_models=False)
+    return _export(tmp_path_factory, "tiny-random")
 
 
 @pytest.fixture(scope="session")

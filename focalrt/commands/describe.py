@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.prompt import parse_box
+    from focalrt.runtime.regions import parse_box
 
     box = parse_box(args.box) if args.box else None
     pipe = Pipeline.from_bundle(args.bundle, provider=args.provider)

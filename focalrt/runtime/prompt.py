@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from focalrt.runtime import regions
+
 Box = tuple[int, int, int, int]
 
 
@@ -19,27 +21,11 @@ class Prompt:
     prefix_len: int  # tokens up to and including the image: shared by every region of one image
 
 
-def parse_box(spec: str) -> Box:
-    parts = [p.strip() for p in str(spec).split(",")]
-    try:
-        if len(parts) != 4:
-            raise ValueError
-        x1, y1, x2, y2 = (int(round(float(p))) for p in parts)
-    except ValueError:
-        raise ValueError(f"box {spec!r} must be four numbers x1,y1,x2,y2 in pixels, e.g. 120,80,260,190") from None
-    return x1, y1, x2, y2
-
-
 def clip_box(box: Box, width: int, height: int) -> Box:
-    """Clip to the image, warning when it had to; a box with no area left is an error."""
-    x1, y1, x2, y2 = box
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"box {box} has zero or negative area; give x1<x2 and y1<y2")
-    clipped = (max(0, min(x1, width)), max(0, min(y1, height)), max(0, min(x2, width)), max(0, min(y2, height)))
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        raise ValueError(f"box {box} lies outside the {width}x{height} image; nothing is left after clipping")
-    if clipped != tuple(box):
-        warnings.warn(f"box {box} extends outside the {width}x{height} image; clipped to {clipped}",
+    """Clip to the image and warn when it had to; a box with no area left is an error."""
+    clipped, was_clipped = regions.clip_box(box, width, height)
+    if was_clipped:
+        warnings.warn(f"box {tuple(box)} extends outside the {width}x{height} image; clipped to {clipped}",
                       stacklevel=3)
     return clipped
 
