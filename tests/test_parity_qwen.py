@@ -56,7 +56,7 @@ def test_greedy_tokens_and_logits_match_transformers(case, astronaut_bgr, box, p
     rgb = to_model_image(astronaut_bgr, pipe.image_size)
     ref_tokens, ref_logits, _ = _reference(model, pipe, rgb, ours.prompt_token_ids, NEW_TOKENS)
     assert ours.token_ids == ref_tokens
-    for step, (a, b) in enumerate(zip(ours.logits, ref_logits)):
+    for step, (a, b) in enumerate(zip(ours.logits, ref_logits, strict=True)):
         np.testing.assert_allclose(a, b, atol=LOGIT_ATOL, rtol=0, err_msg=f"logits differ at step {step}")
 
 
@@ -79,7 +79,8 @@ def test_preprocessing_equals_hf_image_processor(case, astronaut_bgr):
     rgb = to_model_image(astronaut_bgr, pipe.image_size)
     ref = _hf_processor()(images=[rgb], return_tensors="np")
     assert ref["image_grid_thw"].tolist() == [[1, pipe.image_size // 14, pipe.image_size // 14]]
-    np.testing.assert_allclose(pipe.adapter.vision_inputs(astronaut_bgr)["pixel_values"], ref["pixel_values"], atol=1e-5, rtol=0)
+    ours = pipe.adapter.vision_inputs(astronaut_bgr)["pixel_values"]
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5, rtol=0)
 
 
 def test_vision_embeddings_equal_reference(case, astronaut_bgr):

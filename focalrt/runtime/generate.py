@@ -38,7 +38,7 @@ class KVCache:
         return len(self.lengths)
 
     def bind(self, io: ort.IOBinding) -> None:
-        for name_in, name_out, buf in zip(self.input_names, self.output_names, self.buffers):
+        for name_in, name_out, buf in zip(self.input_names, self.output_names, self.buffers, strict=True):
             io.bind_ortvalue_input(name_in, buf)
             io.bind_ortvalue_output(name_out, buf)
 

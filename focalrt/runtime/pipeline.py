@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from focalrt.bundle import Bundle, BundleError, load
 from focalrt.runtime import prompt as prompts
+from focalrt.runtime.families import adapter_for
 from focalrt.runtime.generate import (
     KVCache,
     Sampler,
@@ -24,7 +25,6 @@ from focalrt.runtime.generate import (
     decode_n_tokens,
     prefill,
 )
-from focalrt.runtime.families import adapter_for
 from focalrt.runtime.preprocess import check_frame, read_image
 from focalrt.runtime.sessions import create_session, resolve_providers
 
