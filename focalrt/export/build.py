@@ -30,6 +30,8 @@ QWEN_PROMPT: dict[str, Any] = {
 }
 PROFILE_KEYS = ("system", "region_template", "default_instruction", "region_mode")
 REGION_MODES = ("text", "draw", "crop")
+# Wording when the region is shown in the image rather than given as coordinates.
+MODE_REGION_TEMPLATES = {"draw": "Focus on the face region outlined in red. ", "crop": ""}
 
 
 def load_profile_overrides(path: str | None, **flags: str | None) -> dict[str, Any]:
@@ -44,8 +46,11 @@ def load_profile_overrides(path: str | None, **flags: str | None) -> dict[str, A
         if unknown:
             raise ValueError(f"--profile {path}: unknown keys {sorted(unknown)}; allowed: {list(PROFILE_KEYS)}")
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    if overrides.get("region_mode", "text") not in REGION_MODES:
-        raise ValueError(f"region_mode {overrides['region_mode']!r} is not one of {list(REGION_MODES)}")
+    mode = overrides.get("region_mode", "text")
+    if mode not in REGION_MODES:
+        raise ValueError(f"region_mode {mode!r} is not one of {list(REGION_MODES)}")
+    if mode in MODE_REGION_TEMPLATES and "region_template" not in overrides:
+        overrides["region_template"] = MODE_REGION_TEMPLATES[mode]
     if "region_template" in overrides:
         try:
             overrides["region_template"].format(x1=0, y1=0, x2=1, y2=1)

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -42,7 +43,7 @@ def render(profile: dict[str, Any], image_tokens: int, instruction: str | None,
            model_box: Box | None) -> tuple[str, str]:
     """The prompt text, split into the image prefix and the per-region suffix."""
     region = ""
-    if model_box is not None and profile.get("region_mode", "text") == "text":
+    if model_box is not None:  # draw/crop profiles word the region without coordinates
         x1, y1, x2, y2 = model_box
         region = profile["region_template"].format(x1=x1, y1=y1, x2=x2, y2=y2)
     image = profile["image_token"] * image_tokens
@@ -59,3 +60,25 @@ def encode(tokenizer: Tokenizer, profile: dict[str, Any], image_tokens: int, ins
     suffix_ids = tokenizer.encode(suffix, add_special_tokens=False).ids
     ids = np.asarray(prefix_ids + suffix_ids, np.int64)
     return Prompt(ids, prefix + suffix, len(prefix_ids))
+
+
+def draw_box(image: np.ndarray, box: Box, color: tuple[int, int, int] = (0, 0, 255)) -> np.ndarray:
+    """A copy of `image` with `box` outlined (red in BGR): the `draw` region mode."""
+    out = image.copy()
+    thickness = max(2, round(max(image.shape[:2]) / 200))
+    cv2.rectangle(out, box[:2], box[2:], color, thickness)
+    return out
+
+
+def crop_with_context(image: np.ndarray, box: Box, context: float = 1.5) -> tuple[np.ndarray, Box]:
+    """A square crop around `box`, `context` times its longer side, and the box in crop pixels.
+
+    The crop may reach past the frame; that part is black, so the region keeps its place and aspect.
+    """
+    x1, y1, x2, y2 = box
+    side = max(2, int(round(max(x2 - x1, y2 - y1) * context)))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    ox, oy = int(round(cx - side / 2)), int(round(cy - side / 2))
+    m = np.float32([[1, 0, -ox], [0, 1, -oy]])
+    crop = cv2.warpAffine(image, m, (side, side), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
+    return crop, (x1 - ox, y1 - oy, x2 - ox, y2 - oy)
