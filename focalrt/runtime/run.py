@@ -1,0 +1,193 @@
+"""The real-time loop: frames -> faces -> regions -> descriptions -> events.
+
+One frame: detect faces, find their landmarks, keep stable face ids, work out each requested region's
+box from the landmarks, and describe the regions that are due. The model sees a square crop around each
+face (so the face fills the encoder's input); region boxes are mapped frame -> crop -> encoder pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.landmarks68 import to_68
+from focalrt.runtime.pipeline import Pipeline
+from focalrt.runtime.prompt import clip_box
+from focalrt.runtime.regions import parse_regions, region_box
+from focalrt.runtime.sources import Frame
+from focalrt.runtime.tracker import IoUTracker, RegionScheduler, appearance_signature
+
+FACE_CONTEXT = 1.6  # crop side as a multiple of the detector box: keeps brows, chin and jaw inside
+FIXED_BOX_FACE_ID = 0  # events for --box regions, which belong to no tracked face
+
+
+def face_crop_transform(face_box: np.ndarray, size: int, context: float = FACE_CONTEXT) -> np.ndarray:
+    """2x3 affine taking frame pixels to a size x size crop centred on the face."""
+    x1, y1, x2, y2 = (float(v) for v in face_box)
+    side = max(x2 - x1, y2 - y1) * context
+    scale = size / side
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return np.array([[scale, 0, size / 2 - scale * cx], [0, scale, size / 2 - scale * cy]], np.float64)
+
+
+def map_box(box: tuple[float, float, float, float], m: np.ndarray) -> tuple[float, float, float, float]:
+    """Apply an axis-aligned (scale + shift) affine to a box."""
+    x1, y1, x2, y2 = box
+    return (m[0, 0] * x1 + m[0, 2], m[1, 1] * y1 + m[1, 2], m[0, 0] * x2 + m[0, 2], m[1, 1] * y2 + m[1, 2])
+
+
+def map_points(points: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return points[:, :2] @ m[:, :2].T + m[:, 2]
+
+
+@dataclass
+class RunStats:
+    frames: int = 0
+    frames_without_face: int = 0
+    faces: int = 0
+    events: int = 0
+    fresh: int = 0
+    carried: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started
+        return {"frames": self.frames, "frames_without_face": self.frames_without_face, "faces": self.faces,
+                "events": self.events, "fresh_descriptions": self.fresh, "carried_over": self.carried,
+                "seconds": round(elapsed, 3), "fps": round(self.frames / elapsed, 3) if elapsed > 0 else 0.0}
+
+
+class RegionRunner:
+    """Per-run state: the face tracker, the region schedule and the last description of each region."""
+
+    def __init__(self, pipeline: Pipeline, regions: str | list[str] | None = None,
+                 boxes: list[tuple[int, int, int, int]] | None = None, every: int = 1,
+                 min_interval_s: float = 0.0, change_threshold: float | None = None,
+                 prompt: str | None = None, max_new_tokens: int | None = None,
+                 faces: FaceAnalyzer | None = None):
+        self.pipeline = pipeline
+        self.regions = parse_regions(regions) if isinstance(regions, str) else list(regions or [])
+        if isinstance(regions, list):
+            parse_regions(",".join(regions))  # validates the names
+        self.boxes = [tuple(int(v) for v in b) for b in (boxes or [])]
+        if not self.regions and not self.boxes:
+            raise ValueError("nothing to describe: give --regions (e.g. mouth,eyes) and/or --box x1,y1,x2,y2")
+        if self.regions and faces is None:
+            entry = pipeline.bundle.manifest.get("face_models")
+            if not entry:
+                raise ValueError(f"bundle {pipeline.bundle.path} has no face models, so named regions cannot be "
+                                 f"found; re-export it without --no-face-models, or use --box")
+            faces = FaceAnalyzer.from_dir(pipeline.bundle.path, entry, pipeline.providers)
+        self.faces = faces
+        self.tracker = IoUTracker()
+        self.scheduler = RegionScheduler(every=every, min_interval_s=min_interval_s,
+                                         change_threshold=change_threshold)
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.stats = RunStats()
+
+    def process(self, frame: Frame) -> list[dict[str, Any]]:
+        """Events for one frame: one per (face, region), fresh or carried over from an earlier frame."""
+        image = frame.image
+        events: list[dict[str, Any]] = []
+        stage: dict[str, float] = {"capture": frame.capture_ms}
+        self.stats.frames += 1
+        if self.boxes:
+            h, w = image.shape[:2]
+            jobs = []
+            for i, box in enumerate(self.boxes):
+                box = clip_box(box, w, h)
+                jobs.append((f"box{i}" if len(self.boxes) > 1 else "box", box, box))
+            events += self._describe_view(frame, FIXED_BOX_FACE_ID, image, jobs, None, stage)
+        if self.regions:
+            events += self._faces(frame, stage)
+        self.stats.events += len(events)
+        return events
+
+    def _faces(self, frame: Frame, stage: dict[str, float]) -> list[dict[str, Any]]:
+        image = frame.image
+        t0 = time.perf_counter()
+        detections = self.faces.detector.detect(image)
+        t1 = time.perf_counter()
+        found = []
+        for det in detections:
+            points, presence = self.faces.landmarker.landmarks_and_presence(image, det)
+            if presence >= self.faces.presence_threshold:
+                found.append((det, points))
+        t2 = time.perf_counter()
+        stage = {**stage, "detect": round((t1 - t0) * 1e3, 3), "landmarks": round((t2 - t1) * 1e3, 3)}
+        ids = self.tracker.update([det.box for det, _ in found])
+        for gone in self.tracker.retired:
+            self.scheduler.forget_face(gone)
+        if not found:
+            self.stats.frames_without_face += 1
+            return []
+        self.stats.faces += len(found)
+        events = []
+        size = self.pipeline.image_size
+        for face_id, (det, points) in zip(ids, found, strict=True):
+            m = face_crop_transform(det.box, size)
+            crop = cv2.warpAffine(image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
+                                  borderMode=cv2.BORDER_CONSTANT)
+            jobs = []
+            for name in self.regions:
+                frame_box = region_box(name, points, image.shape)
+                crop_box = clip_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
+                jobs.append((name, frame_box, crop_box))
+            landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
+            events += self._describe_view(frame, face_id, crop, jobs, landmarks68, stage)
+        return events
+
+    def _describe_view(self, frame: Frame, face_id: int, view: np.ndarray, jobs: list[tuple[str, tuple, tuple]],
+                       landmarks68: np.ndarray | None, stage: dict[str, float]) -> list[dict[str, Any]]:
+        """Describe the due regions of one view (face crop or whole frame); carry the others over."""
+        due_jobs, events = [], []
+        for name, frame_box, view_box in jobs:
+            key = (face_id, name)
+            signature = appearance_signature(frame.image, frame_box) if self.scheduler.change_threshold else None
+            due, reason = self.scheduler.due(key, frame.index, frame.timestamp, signature)
+            if due:
+                due_jobs.append((name, frame_box, view_box, key, reason, signature))
+            else:
+                last = self.scheduler.last(key)
+                events.append({**self._base(frame, face_id, name, frame_box), "text": last["text"],
+                               "finish_reason": last["finish_reason"], "fresh": False,
+                               "described_frame": last["frame"], "reason": reason, "timings_ms": dict(stage)})
+                self.stats.carried += 1
+        if not due_jobs:
+            return events
+        descriptions = self.pipeline.describe_regions(view, [j[2] for j in due_jobs], self.prompt,
+                                                      self.max_new_tokens, landmarks68=landmarks68)
+        for (name, frame_box, _, key, reason, signature), d in zip(due_jobs, descriptions, strict=True):
+            t = d.timings_ms
+            event = {**self._base(frame, face_id, name, frame_box), "text": d.text,
+                     "finish_reason": d.finish_reason, "fresh": True, "described_frame": frame.index,
+                     "reason": reason, "tokens": len(d.token_ids),
+                     "timings_ms": {**stage, "vision": t["preprocess_and_vision"], "prefill": t["prefill"],
+                                    "decode": t["decode"], "total": t["total"]}}
+            self.scheduler.mark_described(key, frame.index, frame.timestamp, signature)
+            self.scheduler.remember(key, event)
+            self.stats.fresh += 1
+            events.append(event)
+        return events
+
+    @staticmethod
+    def _base(frame: Frame, face_id: int, name: str, frame_box: tuple) -> dict[str, Any]:
+        return {"frame": frame.index, "timestamp": round(frame.timestamp, 4), "face_id": face_id, "region": name,
+                "box": [int(round(v)) for v in frame_box]}
+
+
+def iter_events(runner: RegionRunner, frames: Iterator[Frame],
+                on_frame: Callable[[Frame, list[dict[str, Any]]], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Events as they are produced, for robotics code that wants a plain iterator."""
+    for frame in frames:
+        events = runner.process(frame)
+        if on_frame is not None:
+            on_frame(frame, events)
+        yield from events

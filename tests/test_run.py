@@ -1,0 +1,160 @@
+"""`focalrt run` end to end on a synthetic clip of a real face, plus the coordinate mapping it relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from focalrt.demo import pan_zoom_frames, pan_zoom_transforms, write_clip
+from focalrt.runtime.run import face_crop_transform, map_box
+
+FRAMES = 6
+# The astronaut's face in the 512x512 photo (hand-checked; the detector finds about 178,81,272,175).
+PHOTO_FACE = (170, 70, 280, 185)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, astronaut_bgr):
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    return write_clip(path, pan_zoom_frames(astronaut_bgr, FRAMES))
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "focalrt.cli", "run", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _read_events(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_face_crop_mapping_puts_a_frame_box_on_the_same_pixels():
+    frame = np.zeros((360, 480, 3), np.uint8)
+    box = (200, 150, 260, 190)
+    frame[box[1]:box[3], box[0]:box[2]] = 255
+    m = face_crop_transform(np.array([180, 100, 300, 230]), 336)
+    crop = cv2.warpAffine(frame, m.astype(np.float32), (336, 336), flags=cv2.INTER_NEAREST)
+    x1, y1, x2, y2 = (round(v) for v in map_box(box, m))
+    ys, xs = np.nonzero(crop[..., 0])
+    assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1
+    assert abs(ys.min() - y1) <= 1 and abs(ys.max() + 1 - y2) <= 1
+
+
+def test_run_on_moving_face_gives_events_on_the_face(tiny_bundle, clip, tmp_path, astronaut_bgr):
+    events_path, video_path = tmp_path / "events.jsonl", tmp_path / "out.mp4"
+    out = _run(tiny_bundle, "--source", clip, "--regions", "mouth,left_eye", "--out", events_path,
+               "--write-video", video_path, "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    events = _read_events(events_path)
+    assert len(events) == FRAMES * 2
+    assert {e["face_id"] for e in events} == {1}
+    assert [e["frame"] for e in events] == [i for i in range(FRAMES) for _ in range(2)]
+    transforms = pan_zoom_transforms(astronaut_bgr.shape, FRAMES)
+    for e in events:
+        m = transforms[e["frame"]]
+        fx1, fy1, fx2, fy2 = map_box(PHOTO_FACE, m)
+        x1, y1, x2, y2 = e["box"]
+        assert fx1 <= x1 < x2 <= fx2 and fy1 <= y1 < y2 <= fy2, (e["region"], e["box"], (fx1, fy1, fx2, fy2))
+        assert e["fresh"] and e["finish_reason"] in ("stop", "length") and isinstance(e["text"], str)
+        assert {"capture", "detect", "landmarks", "vision", "prefill", "decode"} <= set(e["timings_ms"])
+    mouths = [e for e in events if e["region"] == "mouth"]
+    eyes = [e for e in events if e["region"] == "left_eye"]
+    for mouth, eye in zip(mouths, eyes, strict=True):
+        assert eye["box"][3] < mouth["box"][1], "the eye is above the mouth"
+        assert eye["box"][0] > mouth["box"][0], "the subject's left eye is on the image's right"
+    cap = cv2.VideoCapture(str(video_path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
+    cap.release()
+    summary = json.loads(out.stderr.split("summary ", 1)[1])
+    assert summary["frames"] == FRAMES and summary["frames_without_face"] == 0
+
+
+def test_every_n_and_carried_over(tiny_bundle, clip, tmp_path):
+    from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.run import RegionRunner, iter_events
+    from focalrt.runtime.sources import open_source
+
+    runner = RegionRunner(Pipeline.from_bundle(tiny_bundle), regions="mouth", every=2, max_new_tokens=2)
+    with open_source(str(clip)) as frames:
+        events = list(iter_events(runner, frames))
+    assert [e["fresh"] for e in events] == [True, False] * (FRAMES // 2)
+    for carried, fresh in zip(events[1::2], events[0::2], strict=True):
+        assert carried["text"] == fresh["text"] and carried["described_frame"] == fresh["frame"]
+    # A file source with --every skips frames at the source: every processed frame is due.
+    out = _run(tiny_bundle, "--source", clip, "--regions", "mouth", "--every", "2", "--out", tmp_path / "e.jsonl",
+               "--max-new-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    assert [e["frame"] for e in _read_events(tmp_path / "e.jsonl")] == list(range(0, FRAMES, 2))
+
+
+def test_fixed_box_needs_no_face(tiny_bundle, tmp_path):
+    blank = write_clip(tmp_path / "blank.mp4", [np.full((120, 160, 3), 90, np.uint8)] * 3)
+    out = _run(tiny_bundle, "--source", blank, "--box", "10,10,200,80", "--regions", "mouth",
+               "--out", tmp_path / "e.jsonl", "--max-new-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    events = _read_events(tmp_path / "e.jsonl")
+    assert [e["region"] for e in events] == ["box"] * 3
+    assert events[0]["box"] == [10, 10, 160, 80]  # clipped to the 160x120 frame
+    assert "clipped" in out.stderr
+    summary = json.loads(out.stderr.split("summary ", 1)[1])
+    assert summary["frames_without_face"] == 3
+
+
+def test_bad_input_is_explained(tiny_bundle, clip, tmp_path):
+    out = _run(tiny_bundle, "--source", clip, "--regions", "mouht")
+    assert out.returncode == 2 and "mouth" in out.stderr and "left_eye" in out.stderr
+    out = _run(tiny_bundle, "--source", tmp_path / "nope.mp4", "--regions", "mouth")
+    assert out.returncode == 2 and "nope.mp4" in out.stderr
+    out = _run(tiny_bundle, "--source", clip)
+    assert out.returncode == 2 and "--regions" in out.stderr
+
+
+def test_lost_source_exits_nonzero_and_keeps_events(tiny_bundle, clip, tmp_path, monkeypatch):
+    from focalrt import cli
+    from focalrt.runtime import sources
+
+    real_open = sources.open_source
+
+    def flaky(spec, every=1):
+        src = real_open(spec, every=every)
+        inner = src._frames
+
+        def frames():
+            yield next(inner)
+            yield next(inner)
+            raise sources.SourceError("camera 0 stopped delivering frames after 5 reconnect attempts")
+
+        src._frames = frames()
+        return src
+
+    monkeypatch.setattr(sources, "open_source", flaky)
+    events_path = tmp_path / "e.jsonl"
+    code = cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth,eyes", "--out",
+                     str(events_path), "--max-new-tokens", "2", "--quiet"])
+    assert code == 3
+    assert len(_read_events(events_path)) == 4
+
+
+def test_killed_run_leaves_whole_lines(tiny_bundle, tmp_path, astronaut_bgr):
+    long_clip = write_clip(tmp_path / "long.mp4", pan_zoom_frames(astronaut_bgr, 40))
+    events_path = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(long_clip),
+                             "--regions", "mouth,eyes,brows,nose", "--out", str(events_path), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not events_path.exists() or events_path.stat().st_size < 2000):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    lines = events_path.read_text().splitlines()
+    assert len(lines) >= 2
+    assert all(json.loads(line)["region"] for line in lines)
+    assert events_path.read_text().endswith("\n")
