@@ -8,6 +8,7 @@ session's device (IO binding) and only the last-token logits come back to the ho
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,38 +18,73 @@ import onnxruntime as ort
 
 @dataclass
 class KVCache:
-    buffers: list[ort.OrtValue]
+    """Rows (slots) of KV cache, each holding one sequence; a view covers a contiguous range of them.
+
+    On the CPU the buffers are numpy arrays wrapped without a copy, so slots can be copied on the host
+    (shared prefixes, compaction); on a GPU they live on the device and only whole views are bound.
+    """
+
+    buffers: list[ort.OrtValue]  # one per layer and key/value, [slots, kv_heads, max_context, head_dim]
+    arrays: list[np.ndarray] | None  # the host memory behind `buffers` (CPU only)
     input_names: list[str]
     output_names: list[str]
     max_context: int
-    lengths: np.ndarray  # valid tokens per row
+    lengths: np.ndarray  # valid tokens per row of this view (a view into the parent's lengths)
+    device: str = "cpu"
+    start: int = 0  # first slot of this view
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int,
                  device: str = "cpu", dtype=np.float32) -> KVCache:
         shape = [batch, kv_heads, max_context, head_dim]
-        buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
-                   for _ in range(2 * num_layers)]
+        if device == "cpu":
+            arrays = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
+            buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        else:
+            arrays = None
+            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                       for _ in range(2 * num_layers)]
         ins = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
         outs = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        return cls(buffers, ins, outs, max_context, np.zeros(batch, np.int64))
+        return cls(buffers, arrays, ins, outs, max_context, np.zeros(batch, np.int64), device)
 
     @property
     def batch(self) -> int:
         return len(self.lengths)
 
+    @property
+    def on_host(self) -> bool:
+        return self.arrays is not None
+
+    def view(self, start: int, stop: int) -> KVCache:
+        """Slots [start, stop) as their own cache; writes through to this one."""
+        return KVCache(self.buffers, self.arrays, self.input_names, self.output_names, self.max_context,
+                       self.lengths[start:stop], self.device, self.start + start)
+
     def bind(self, io: ort.IOBinding) -> None:
+        """Bind each buffer's rows of this view as both past input and present output (in place)."""
+        full = self.buffers[0].shape()
+        dtype = np.float16 if self.buffers[0].data_type() == "tensor(float16)" else np.float32
+        slot_bytes = int(np.prod(full[1:])) * np.dtype(dtype).itemsize
+        shape = [self.batch, *full[1:]]
         for name_in, name_out, buf in zip(self.input_names, self.output_names, self.buffers, strict=True):
-            io.bind_ortvalue_input(name_in, buf)
-            io.bind_ortvalue_output(name_out, buf)
+            ptr = buf.data_ptr() + self.start * slot_bytes
+            io.bind_input(name_in, self.device, 0, dtype, shape, ptr)
+            io.bind_output(name_out, self.device, 0, dtype, shape, ptr)
+
+    def copy_rows(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (host buffers only)."""
+        if self.arrays is None:
+            raise RuntimeError("KV slots can only be copied in host memory")
+        a, b = self.start + src, self.start + dst
+        for arr in self.arrays:
+            arr[b, :, :length] = arr[a, :, :length]
+        self.lengths[dst] = length
 
     def attention_mask(self, new_tokens: int) -> np.ndarray:
         """Right-padded mask over valid past plus `new_tokens` per row."""
         total = self.lengths + new_tokens
-        mask = np.zeros((self.batch, int(total.max())), np.int64)
-        for row, n in enumerate(total):
-            mask[row, :n] = 1
-        return mask
+        return (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
 
 
 @dataclass
@@ -171,6 +207,51 @@ def decode_n_tokens(sessions: Sessions, cache: KVCache, first_logits: np.ndarray
         if done.all() or step == max_new_tokens - 1 or int(cache.lengths.max()) >= cache.max_context:
             return
         logits = decode_one_token(sessions, cache, tokens, delta)
+
+
+def decode_batch(sessions: Sessions, cache: KVCache, first_logits: np.ndarray, delta: np.ndarray,
+                 max_new_tokens: int, stop_ids: set[int], sampler: Sampler,
+                 ) -> tuple[list[list[int]], list[str], list[float]]:
+    """Decode every row of `cache` together, one token per row per step; rows that finish drop out.
+
+    On host buffers the rows still running are compacted into the front slots, so each step binds only
+    live sequences; device buffers keep finished rows in place and ignore their output. Returns per-row
+    tokens (stop token excluded), finish reasons and the wall time of each step.
+    """
+    tokens: list[list[int]] = [[] for _ in range(cache.batch)]
+    finish = ["length"] * cache.batch
+    done = [False] * cache.batch
+    rows = list(range(cache.batch))  # rows[slot] = the sequence held in that slot
+    view, delta, logits = cache, delta.copy(), first_logits
+    step_ms: list[float] = []
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        next_ids = sampler(logits)
+        live = []
+        for slot, row in enumerate(rows):
+            if done[row]:
+                continue
+            token = int(next_ids[slot])
+            if token in stop_ids:
+                finish[row], done[row] = "stop", True
+                continue
+            tokens[row].append(token)
+            # Every bound row is written at its next position, so the longest one bounds the batch.
+            if step == max_new_tokens - 1 or int(view.lengths.max()) >= cache.max_context:
+                done[row] = True
+                continue
+            live.append(slot)
+        if not live:
+            break
+        if cache.on_host and len(live) < len(rows):
+            for new_slot, old_slot in enumerate(live):
+                if new_slot != old_slot:
+                    view.copy_rows(old_slot, new_slot, int(view.lengths[old_slot]))
+            rows, next_ids, delta = [rows[s] for s in live], next_ids[live], delta[live]
+            view = cache.view(0, len(live))
+        logits = decode_one_token(sessions, view, next_ids, delta)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+    return tokens, finish, step_ms
 
 
 class TextStream:

@@ -22,6 +22,7 @@ from focalrt.runtime.generate import (
     Sessions,
     TextStream,
     batch_positions,
+    decode_batch,
     decode_n_tokens,
     prefill,
 )
@@ -50,7 +51,7 @@ class Pipeline:
     """Holds the sessions, tokenizer and one preallocated KV cache; not thread-safe."""
 
     def __init__(self, bundle: Bundle, provider: str | None = None, max_context: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, max_batch: int = 8):
         self.bundle = bundle
         m = bundle.manifest
         self.adapter = adapter_for(m)
@@ -75,11 +76,13 @@ class Pipeline:
         self.max_context = min(max_context or self.text_cfg["max_context"], self.text_cfg["max_context"])
         self.cache = KVCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
                                       self.text_cfg["head_dim"], self.max_context, self.device)
+        self.max_batch = max(1, int(max_batch))
+        self._head_kv: tuple[bytes, list[np.ndarray]] | None = None
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, provider: str | None = None,
-                    max_context: int | None = None, threads: int | None = None) -> Pipeline:
-        return cls(load(path), provider=provider, max_context=max_context, threads=threads)
+    def from_bundle(cls, path: str | os.PathLike, provider: str | None = None, max_context: int | None = None,
+                    threads: int | None = None, max_batch: int = 8) -> Pipeline:
+        return cls(load(path), provider=provider, max_context=max_context, threads=threads, max_batch=max_batch)
 
     def _token_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)
@@ -145,16 +148,28 @@ class Pipeline:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  on_text: Callable[[str], None] | None = None, return_logits: bool = False,
                  landmarks68: np.ndarray | None = None) -> Description:
-        """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box."""
-        return self.describe_regions(image, [box], prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                     on_text, return_logits, landmarks68)[0]
+        """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box.
+
+        This is the plain path: the whole prompt is prefilled in one go and decoded alone, with streaming.
+        """
+        return self._describe(image, [box], prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text,
+                              return_logits, landmarks68, batched=False)[0]
 
     def describe_regions(self, image: np.ndarray | str | os.PathLike, boxes: list[tuple[int, int, int, int] | None],
                          prompt: str | None = None, max_new_tokens: int | None = None,
                          temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                         seed: int | None = None, on_text: Callable[[str], None] | None = None,
-                         return_logits: bool = False, landmarks68: np.ndarray | None = None) -> list[Description]:
-        """Describe several regions of one image; the encoder runs once per distinct view of the image."""
+                         seed: int | None = None, landmarks68: np.ndarray | None = None) -> list[Description]:
+        """Describe several regions of one image at the cost of little more than one.
+
+        The encoder runs once per distinct view of the image; the prompt prefix (system, image) is
+        prefilled once per view and copied to each region's KV slot; each region prefills only its own
+        suffix; then one decode step serves every region still generating.
+        """
+        return self._describe(image, boxes, prompt, max_new_tokens, temperature, top_k, top_p, seed, None, False,
+                              landmarks68, batched=True)
+
+    def _describe(self, image, boxes, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text,
+                  return_logits, landmarks68, batched: bool) -> list[Description]:
         t_start = time.perf_counter()
         image = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
         max_new_tokens = int(self.generation["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
@@ -172,29 +187,105 @@ class Pipeline:
             planned.append((view, p, image_box, model_box))
         t_prep = time.perf_counter()
 
-        results: list[Description] = []
         encoded: dict[int, tuple[ort.OrtValue, float]] = {}
+        for view, *_ in planned:
+            if id(view) not in encoded:
+                t0 = time.perf_counter()
+                encoded[id(view)] = (self.encode_image(view, landmarks68), (time.perf_counter() - t0) * 1e3)
+        prep_ms = (t_prep - t_start) * 1e3
+        if batched:
+            results = []
+            for i in range(0, len(planned), self.max_batch):
+                results += self._generate_batch(planned[i:i + self.max_batch], encoded, max_new_tokens, sampler,
+                                                prep_ms if i == 0 else 0.0)
+            return results
+        results: list[Description] = []
         for view, p, image_box, model_box in planned:
             t0 = time.perf_counter()
-            if id(view) not in encoded:
-                encoded[id(view)] = (self.encode_image(view, landmarks68), (time.perf_counter() - t0) * 1e3)
-                vision_ms = encoded[id(view)][1]
-            else:
-                vision_ms = 0.0  # shared with an earlier region of the same view
-            image_embeds = encoded[id(view)][0]
+            image_embeds, vision_ms = encoded[id(view)]
             tokens, finish, logits, steps = self._generate(p, image_embeds, max_new_tokens, sampler, on_text,
                                                            return_logits)
             t_end = time.perf_counter()
-            # The first region also carries the shared preparation (image checks, prompt encoding).
-            prep_ms = (t_prep - t_start) * 1e3 if not results else 0.0
-            timings = {"preprocess_and_vision": round(vision_ms, 3), "prefill": steps["prefill"],
+            first = not results  # the first region carries the shared preparation and encoding
+            timings = {"preprocess_and_vision": round(vision_ms if first else 0.0, 3), "prefill": steps["prefill"],
                        "decode": steps["decode"], "decode_steps": steps["decode_steps"],
-                       "ttft": round(prep_ms + vision_ms + steps["prefill"], 3),
-                       "total": round(prep_ms + (t_end - t0) * 1e3, 3)}
+                       "ttft": round(prep_ms * first + vision_ms * first + steps["prefill"], 3),
+                       "total": round((prep_ms + vision_ms) * first + (t_end - t0) * 1e3, 3)}
             results.append(Description(text=self.tokenizer.decode(tokens, skip_special_tokens=True),
                                        token_ids=tokens, prompt_token_ids=p.token_ids.tolist(),
                                        finish_reason=finish, box=image_box, model_box=model_box, timings_ms=timings,
                                        logits=logits if return_logits else None))
+        return results
+
+    def _slots(self, n: int) -> KVCache:
+        """The first n KV slots; the cache grows (once, to the largest batch seen) when n exceeds it."""
+        if self.cache.batch < n:
+            t = self.text_cfg
+            self.cache = KVCache.allocate(t["num_layers"], n, t["num_kv_heads"], t["head_dim"], self.max_context,
+                                          self.device)
+        return self.cache.view(0, n)
+
+    def _prefill_prefix(self, slot: KVCache, ids: np.ndarray, positions: np.ndarray,
+                        image_embeds: ort.OrtValue) -> None:
+        """Prefill system + image into one slot. The part before the image is the same on every frame,
+        so on host buffers its KV is computed once per pipeline and copied in afterwards."""
+        head = int(np.argmax(ids == self.image_token_id))
+        cached = self._head_kv
+        if slot.on_host and cached is not None and cached[0] == ids[:head].tobytes():
+            for arr, saved in zip(slot.arrays, cached[1], strict=True):
+                arr[slot.start, :, :head] = saved
+            slot.lengths[0] = head
+            prefill(self.sessions, slot, ids[None, head:], batch_positions(positions[..., head:], 1), image_embeds)
+            return
+        prefill(self.sessions, slot, ids[None], batch_positions(positions, 1), image_embeds)
+        if slot.on_host and head > 0:
+            self._head_kv = (ids[:head].tobytes(), [arr[slot.start, :, :head].copy() for arr in slot.arrays])
+
+    def _generate_batch(self, planned: list, encoded: dict, max_new_tokens: int, sampler: Sampler,
+                        prep_ms: float) -> list[Description]:
+        t0 = time.perf_counter()
+        n = len(planned)
+        cache = self._slots(n)
+        cache.lengths[:] = 0
+        placed: dict[int, int] = {}  # view -> slot that holds its prefix
+        prefill_ms = [0.0] * n
+        positions = [self.adapter.positions(p.token_ids) for _, p, _, _ in planned]
+        for row, (view, p, _, _) in enumerate(planned):
+            t = time.perf_counter()
+            ids, pos = p.token_ids[:p.prefix_len], positions[row][0][..., :p.prefix_len]
+            src = placed.get(id(view))
+            if src is not None and cache.on_host and np.array_equal(planned[src][1].token_ids[:p.prefix_len], ids):
+                cache.copy_rows(src, row, p.prefix_len)
+            else:
+                self._prefill_prefix(cache.view(row, row + 1), ids, pos, encoded[id(view)][0])
+                placed.setdefault(id(view), row)
+            prefill_ms[row] += (time.perf_counter() - t) * 1e3
+        first_logits = []
+        for row, (_, p, _, _) in enumerate(planned):
+            t = time.perf_counter()
+            pos = positions[row][0][..., p.prefix_len:]
+            first_logits.append(prefill(self.sessions, cache.view(row, row + 1), p.token_ids[None, p.prefix_len:],
+                                        batch_positions(pos, 1))[0])
+            prefill_ms[row] += (time.perf_counter() - t) * 1e3
+        t_decode = time.perf_counter()
+        deltas = np.array([d for _, d in positions], np.int64)
+        tokens, finish, step_ms = decode_batch(self.sessions, cache, np.stack(first_logits), deltas, max_new_tokens,
+                                               self.stop_ids, sampler)
+        decode_ms = (time.perf_counter() - t_decode) * 1e3
+        results = []
+        seen_views: set[int] = set()
+        for row, (view, p, image_box, model_box) in enumerate(planned):
+            vision_ms = 0.0 if id(view) in seen_views else encoded[id(view)][1]
+            seen_views.add(id(view))
+            shared = prep_ms if row == 0 else 0.0
+            timings = {"preprocess_and_vision": round(vision_ms, 3), "prefill": round(prefill_ms[row], 3),
+                       "decode": round(decode_ms, 3), "decode_steps": [round(x, 3) for x in step_ms],
+                       "ttft": round(shared + vision_ms + (t_decode - t0) * 1e3, 3),
+                       "total": round(shared + vision_ms + (time.perf_counter() - t0) * 1e3, 3), "batch": n}
+            results.append(Description(text=self.tokenizer.decode(tokens[row], skip_special_tokens=True),
+                                       token_ids=tokens[row], prompt_token_ids=p.token_ids.tolist(),
+                                       finish_reason=finish[row], box=image_box, model_box=model_box,
+                                       timings_ms=timings))
         return results
 
     def _generate(self, p: prompts.Prompt, image_embeds: ort.OrtValue, max_new_tokens: int, sampler: Sampler,
@@ -202,8 +293,9 @@ class Pipeline:
         """Prefill one prompt into the cache, then decode; the plain one-region path."""
         t1 = time.perf_counter()
         positions, delta = self.adapter.positions(p.token_ids)
-        self.cache.lengths[:] = 0
-        logits = prefill(self.sessions, self.cache, p.token_ids[None], batch_positions(positions, 1), image_embeds)
+        cache = self._slots(1)
+        cache.lengths[:] = 0
+        logits = prefill(self.sessions, cache, p.token_ids[None], batch_positions(positions, 1), image_embeds)
         t2 = time.perf_counter()
         stream = TextStream(self.tokenizer)
         tokens: list[int] = []
@@ -211,7 +303,7 @@ class Pipeline:
         step_ms: list[float] = []
         finish = "length"
         t_step = time.perf_counter()
-        for tok, step_logits in decode_n_tokens(self.sessions, self.cache, logits, np.array([delta]),
+        for tok, step_logits in decode_n_tokens(self.sessions, cache, logits, np.array([delta]),
                                                 max_new_tokens, self.stop_ids, sampler):
             token = int(tok[0])
             if return_logits:

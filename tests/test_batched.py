@@ -1,0 +1,66 @@
+"""The batched, prefix-shared path gives every region exactly the tokens of the plain one-region path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from focalrt.runtime.pipeline import Pipeline
+
+BOXES = [(170, 80, 280, 200), (190, 120, 260, 170), (200, 150, 250, 185), (150, 60, 300, 220),
+         (175, 95, 215, 120), (225, 95, 265, 120), (180, 70, 270, 100), (100, 50, 400, 300)]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle) -> Pipeline:
+    return Pipeline.from_bundle(tiny_bundle)
+
+
+def _plain(pipe, image, boxes, new=NEW):
+    return [pipe.describe(image, box=b, max_new_tokens=new) for b in boxes]
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_batched_tokens_equal_plain_path(pipe, astronaut_bgr, n):
+    boxes = BOXES[:n]
+    plain = _plain(pipe, astronaut_bgr, boxes)
+    batched = pipe.describe_regions(astronaut_bgr, boxes, max_new_tokens=NEW)
+    assert [d.token_ids for d in batched] == [d.token_ids for d in plain]
+    assert [d.finish_reason for d in batched] == [d.finish_reason for d in plain]
+    assert [d.prompt_token_ids for d in batched] == [d.prompt_token_ids for d in plain]
+    assert all(d.timings_ms["batch"] == n for d in batched)
+    if n > 1:
+        assert len({tuple(d.token_ids) for d in batched}) > 1, "regions must differ for the test to mean much"
+
+
+def test_regions_that_stop_at_different_steps(pipe, astronaut_bgr, monkeypatch):
+    boxes = BOXES[:5]
+    free = _plain(pipe, astronaut_bgr, boxes, 16)
+    # Make a token that one region emits at step 3 and another at step 9 a stop token: rows then drop
+    # out of the batch at different steps while the others go on.
+    stops = {free[1].token_ids[3], free[3].token_ids[9]}
+    monkeypatch.setattr(pipe, "stop_ids", pipe.stop_ids | stops)
+    plain = _plain(pipe, astronaut_bgr, boxes, 16)
+    batched = pipe.describe_regions(astronaut_bgr, boxes, max_new_tokens=16)
+    assert [d.token_ids for d in batched] == [d.token_ids for d in plain]
+    assert [d.finish_reason for d in batched] == [d.finish_reason for d in plain]
+    lengths = {len(d.token_ids) for d in batched if d.finish_reason == "stop"}
+    assert len(lengths) >= 2 and any(d.finish_reason == "length" for d in batched)
+
+
+def test_prefix_reuse_across_frames(pipe, astronaut_bgr):
+    shifted = np.roll(astronaut_bgr, 25, axis=1)
+    for frame in (astronaut_bgr, shifted, astronaut_bgr):
+        batched = pipe.describe_regions(frame, BOXES[:2], max_new_tokens=8)
+        plain = _plain(pipe, frame, BOXES[:2], 8)
+        assert [d.token_ids for d in batched] == [d.token_ids for d in plain]
+    assert pipe._head_kv is not None
+
+
+def test_more_regions_than_slots_are_chunked(tiny_bundle, astronaut_bgr):
+    small = Pipeline.from_bundle(tiny_bundle, max_batch=3)
+    batched = small.describe_regions(astronaut_bgr, BOXES[:7], max_new_tokens=6)
+    plain = _plain(small, astronaut_bgr, BOXES[:7], 6)
+    assert [d.token_ids for d in batched] == [d.token_ids for d in plain]
+    assert [d.timings_ms["batch"] for d in batched] == [3, 3, 3, 3, 3, 3, 1]
