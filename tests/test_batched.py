@@ -64,3 +64,28 @@ def test_more_regions_than_slots_are_chunked(tiny_bundle, astronaut_bgr):
     plain = _plain(small, astronaut_bgr, BOXES[:7], 6)
     assert [d.token_ids for d in batched] == [d.token_ids for d in plain]
     assert [d.timings_ms["batch"] for d in batched] == [3, 3, 3, 3, 3, 3, 1]
+
+
+def test_views_of_several_faces_share_one_batch(pipe, astronaut_bgr):
+    other = np.ascontiguousarray(astronaut_bgr[:, ::-1])
+    views = [(astronaut_bgr, BOXES[:2], None), (other, BOXES[2:5], None)]
+    out = pipe.describe_views(views, max_new_tokens=8)
+    assert [len(v) for v in out] == [2, 3]
+    for (image, boxes, _), got in zip(views, out, strict=True):
+        assert [d.token_ids for d in got] == [d.token_ids for d in _plain(pipe, image, boxes, 8)]
+        assert all(d.timings_ms["batch"] == 5 for d in got)
+
+
+def test_two_faces_in_one_frame_get_two_ids_and_one_batch(pipe, astronaut_bgr):
+    from focalrt.runtime.run import RegionRunner
+    from focalrt.runtime.sources import Frame
+
+    frame = np.concatenate([astronaut_bgr, astronaut_bgr[:, ::-1]], axis=1)
+    runner = RegionRunner(pipe, regions="mouth,eyes", max_new_tokens=4)
+    events = runner.process(Frame(0, 0.0, frame, 0.0))
+    assert sorted((e["face_id"], e["region"]) for e in events) == [(1, "eyes"), (1, "mouth"), (2, "eyes"),
+                                                                    (2, "mouth")]
+    assert all(e["timings_ms"]["batch"] == 4 for e in events)
+    left = [e for e in events if e["box"][2] <= 512]
+    right = [e for e in events if e["box"][0] >= 512]
+    assert len(left) == 2 and len(right) == 2

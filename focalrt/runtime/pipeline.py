@@ -152,8 +152,8 @@ class Pipeline:
 
         This is the plain path: the whole prompt is prefilled in one go and decoded alone, with streaming.
         """
-        return self._describe(image, [box], prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text,
-                              return_logits, landmarks68, batched=False)[0]
+        return self._describe([(image, box, landmarks68)], prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                              on_text, return_logits, batched=False)[0]
 
     def describe_regions(self, image: np.ndarray | str | os.PathLike, boxes: list[tuple[int, int, int, int] | None],
                          prompt: str | None = None, max_new_tokens: int | None = None,
@@ -165,33 +165,54 @@ class Pipeline:
         prefilled once per view and copied to each region's KV slot; each region prefills only its own
         suffix; then one decode step serves every region still generating.
         """
-        return self._describe(image, boxes, prompt, max_new_tokens, temperature, top_k, top_p, seed, None, False,
-                              landmarks68, batched=True)
+        return self.describe_views([(image, boxes, landmarks68)], prompt, max_new_tokens, temperature, top_k, top_p,
+                                   seed)[0]
 
-    def _describe(self, image, boxes, prompt, max_new_tokens, temperature, top_k, top_p, seed, on_text,
-                  return_logits, landmarks68, batched: bool) -> list[Description]:
+    def describe_views(self, views: list[tuple[Any, list[tuple[int, int, int, int] | None], np.ndarray | None]],
+                       prompt: str | None = None, max_new_tokens: int | None = None,
+                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                       seed: int | None = None) -> list[list[Description]]:
+        """Several images (e.g. one crop per face), each with its regions and landmarks, in one batch.
+
+        Decode is batched across every region of every image, so three faces with three regions each
+        share each decode step. Returns one list of descriptions per image, in order.
+        """
+        requests = [(image, box, lm) for image, boxes, lm in views for box in boxes]
+        flat = self._describe(requests, prompt, max_new_tokens, temperature, top_k, top_p, seed, None, False,
+                              batched=True)
+        out, i = [], 0
+        for _, boxes, _ in views:
+            out.append(flat[i:i + len(boxes)])
+            i += len(boxes)
+        return out
+
+    def _describe(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt, max_new_tokens, temperature,
+                  top_k, top_p, seed, on_text, return_logits, batched: bool) -> list[Description]:
         t_start = time.perf_counter()
-        image = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
         max_new_tokens = int(self.generation["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampler = self._sampler(temperature, top_k, top_p, seed)
-        views = self._region_views(image, list(boxes))
+        images: dict[int, np.ndarray] = {}
         planned = []
-        for view, view_box, image_box in views:
+        for image, box, landmarks68 in requests:
+            if id(image) not in images:  # read or check each distinct input image once
+                images[id(image)] = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
+            view, view_box, image_box = self._region_views(images[id(image)], [box])[0]
             vh, vw = view.shape[:2]
             p, _, model_box = self.build_prompt((vw, vh), view_box, prompt)
             if p.token_ids.size + 1 > self.max_context:
                 raise ValueError(f"the prompt has {p.token_ids.size} tokens but the context holds "
                                  f"{self.max_context}; shorten --prompt or export with a larger --max-context")
-            planned.append((view, p, image_box, model_box))
+            planned.append((view, p, image_box, model_box, landmarks68))
         t_prep = time.perf_counter()
 
         encoded: dict[int, tuple[ort.OrtValue, float]] = {}
-        for view, *_ in planned:
+        for view, _, _, _, landmarks68 in planned:
             if id(view) not in encoded:
                 t0 = time.perf_counter()
                 encoded[id(view)] = (self.encode_image(view, landmarks68), (time.perf_counter() - t0) * 1e3)
+        planned = [entry[:4] for entry in planned]
         prep_ms = (t_prep - t_start) * 1e3
         if batched:
             results = []

@@ -93,24 +93,29 @@ class RegionRunner:
         self.stats = RunStats()
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
-        """Events for one frame: one per (face, region), fresh or carried over from an earlier frame."""
+        """Events for one frame: one per (face, region), fresh or carried over from an earlier frame.
+
+        Every due region of every face goes into one batched call, so they share each decode step.
+        """
         image = frame.image
-        events: list[dict[str, Any]] = []
         stage: dict[str, float] = {"capture": frame.capture_ms}
         self.stats.frames += 1
+        views: list[tuple[int, np.ndarray, list[tuple[str, tuple, tuple]], np.ndarray | None]] = []
         if self.boxes:
             h, w = image.shape[:2]
             jobs = []
             for i, box in enumerate(self.boxes):
                 box = clip_box(box, w, h)
                 jobs.append((f"box{i}" if len(self.boxes) > 1 else "box", box, box))
-            events += self._describe_view(frame, FIXED_BOX_FACE_ID, image, jobs, None, stage)
+            views.append((FIXED_BOX_FACE_ID, image, jobs, None))
         if self.regions:
-            events += self._faces(frame, stage)
+            views += self._face_views(frame, stage)
+        events = self._describe(frame, views, stage)
         self.stats.events += len(events)
         return events
 
-    def _faces(self, frame: Frame, stage: dict[str, float]) -> list[dict[str, Any]]:
+    def _face_views(self, frame: Frame, stage: dict[str, float]) -> list[tuple]:
+        """Detect, landmark and track faces; one square crop per face with its regions' boxes in it."""
         image = frame.image
         t0 = time.perf_counter()
         detections = self.faces.detector.detect(image)
@@ -121,7 +126,8 @@ class RegionRunner:
             if presence >= self.faces.presence_threshold:
                 found.append((det, points))
         t2 = time.perf_counter()
-        stage = {**stage, "detect": round((t1 - t0) * 1e3, 3), "landmarks": round((t2 - t1) * 1e3, 3)}
+        stage["detect"] = round((t1 - t0) * 1e3, 3)
+        stage["landmarks"] = round((t2 - t1) * 1e3, 3)
         ids = self.tracker.update([det.box for det, _ in found])
         for gone in self.tracker.retired:
             self.scheduler.forget_face(gone)
@@ -129,8 +135,8 @@ class RegionRunner:
             self.stats.frames_without_face += 1
             return []
         self.stats.faces += len(found)
-        events = []
         size = self.pipeline.image_size
+        views = []
         for face_id, (det, points) in zip(ids, found, strict=True):
             m = face_crop_transform(det.box, size)
             crop = cv2.warpAffine(image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
@@ -141,40 +147,46 @@ class RegionRunner:
                 crop_box = clip_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
                 jobs.append((name, frame_box, crop_box))
             landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
-            events += self._describe_view(frame, face_id, crop, jobs, landmarks68, stage)
-        return events
+            views.append((face_id, crop, jobs, landmarks68))
+        return views
 
-    def _describe_view(self, frame: Frame, face_id: int, view: np.ndarray, jobs: list[tuple[str, tuple, tuple]],
-                       landmarks68: np.ndarray | None, stage: dict[str, float]) -> list[dict[str, Any]]:
-        """Describe the due regions of one view (face crop or whole frame); carry the others over."""
-        due_jobs, events = [], []
-        for name, frame_box, view_box in jobs:
-            key = (face_id, name)
-            signature = appearance_signature(frame.image, frame_box) if self.scheduler.change_threshold else None
-            due, reason = self.scheduler.due(key, frame.index, frame.timestamp, signature)
-            if due:
-                due_jobs.append((name, frame_box, view_box, key, reason, signature))
-            else:
-                last = self.scheduler.last(key)
-                events.append({**self._base(frame, face_id, name, frame_box), "text": last["text"],
-                               "finish_reason": last["finish_reason"], "fresh": False,
-                               "described_frame": last["frame"], "reason": reason, "timings_ms": dict(stage)})
-                self.stats.carried += 1
-        if not due_jobs:
-            return events
-        descriptions = self.pipeline.describe_regions(view, [j[2] for j in due_jobs], self.prompt,
-                                                      self.max_new_tokens, landmarks68=landmarks68)
-        for (name, frame_box, _, key, reason, signature), d in zip(due_jobs, descriptions, strict=True):
-            t = d.timings_ms
-            event = {**self._base(frame, face_id, name, frame_box), "text": d.text,
-                     "finish_reason": d.finish_reason, "fresh": True, "described_frame": frame.index,
-                     "reason": reason, "tokens": len(d.token_ids),
-                     "timings_ms": {**stage, "vision": t["preprocess_and_vision"], "prefill": t["prefill"],
-                                    "decode": t["decode"], "total": t["total"]}}
-            self.scheduler.mark_described(key, frame.index, frame.timestamp, signature)
-            self.scheduler.remember(key, event)
-            self.stats.fresh += 1
-            events.append(event)
+    def _describe(self, frame: Frame, views: list[tuple], stage: dict[str, float]) -> list[dict[str, Any]]:
+        """Describe the due regions of all views in one batch; carry the others over."""
+        plan = []  # per view: (face_id, view, landmarks, [(job, due, reason, signature)])
+        for face_id, view, jobs, landmarks68 in views:
+            decided = []
+            for name, frame_box, view_box in jobs:
+                signature = (appearance_signature(frame.image, frame_box)
+                             if self.scheduler.change_threshold else None)
+                due, reason = self.scheduler.due((face_id, name), frame.index, frame.timestamp, signature)
+                decided.append(((name, frame_box, view_box), due, reason, signature))
+            plan.append((face_id, view, landmarks68, decided))
+        batch = [(view, [job[2] for job, due, _, _ in decided if due], lm)
+                 for _, view, lm, decided in plan if any(d[1] for d in decided)]
+        described = iter(self.pipeline.describe_views(batch, self.prompt, self.max_new_tokens) if batch else [])
+        events = []
+        for face_id, _, _, decided in plan:
+            fresh = iter(next(described)) if any(d[1] for d in decided) else iter(())
+            for (name, frame_box, _), due, reason, signature in decided:
+                key = (face_id, name)
+                base = self._base(frame, face_id, name, frame_box)
+                if not due:
+                    last = self.scheduler.last(key)
+                    events.append({**base, "text": last["text"], "finish_reason": last["finish_reason"],
+                                   "fresh": False, "described_frame": last["frame"], "reason": reason,
+                                   "timings_ms": dict(stage)})
+                    self.stats.carried += 1
+                    continue
+                d = next(fresh)
+                t = d.timings_ms
+                event = {**base, "text": d.text, "finish_reason": d.finish_reason, "fresh": True,
+                         "described_frame": frame.index, "reason": reason, "tokens": len(d.token_ids),
+                         "timings_ms": {**stage, "vision": t["preprocess_and_vision"], "prefill": t["prefill"],
+                                        "decode": t["decode"], "total": t["total"], "batch": t.get("batch", 1)}}
+                self.scheduler.mark_described(key, frame.index, frame.timestamp, signature)
+                self.scheduler.remember(key, event)
+                self.stats.fresh += 1
+                events.append(event)
         return events
 
     @staticmethod
