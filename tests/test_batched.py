@@ -80,12 +80,13 @@ def test_two_faces_in_one_frame_get_two_ids_and_one_batch(pipe, astronaut_bgr):
     from focalrt.runtime.run import RegionRunner
     from focalrt.runtime.sources import Frame
 
-    frame = np.concatenate([astronaut_bgr, astronaut_bgr[:, ::-1]], axis=1)
+    face = astronaut_bgr[20:300, 90:360]  # 270 px wide around the face
+    frame = np.ascontiguousarray(np.concatenate([face, face[:, ::-1]], axis=1))
     runner = RegionRunner(pipe, regions="mouth,eyes", max_new_tokens=4)
     events = runner.process(Frame(0, 0.0, frame, 0.0))
     assert sorted((e["face_id"], e["region"]) for e in events) == [(1, "eyes"), (1, "mouth"), (2, "eyes"),
                                                                     (2, "mouth")]
     assert all(e["timings_ms"]["batch"] == 4 for e in events)
-    left = [e for e in events if e["box"][2] <= 512]
-    right = [e for e in events if e["box"][0] >= 512]
+    left = [e for e in events if e["box"][2] <= 270]
+    right = [e for e in events if e["box"][0] >= 270]
     assert len(left) == 2 and len(right) == 2
