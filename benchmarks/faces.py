@@ -3,6 +3,7 @@
     python benchmarks/faces.py                      # converts the face models into a temp dir first
     python benchmarks/faces.py --bundle DIR         # the face models of an exported bundle
     python benchmarks/faces.py --runs 500 --json out.json
+    python benchmarks/faces.py --bundle DIR --e2e   # plus end-to-end `focalrt run` fps on a synthetic clip
 
 The frame is scikit-image's astronaut (512x512, one face), optionally resized with --size. Each stage is
 timed on its own after a warm-up, so the table says where the time goes; p99 shows the jitter a real-time
@@ -39,6 +40,33 @@ def timed(fn, runs: int, warmup: int) -> dict[str, float]:
             "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "runs": runs}
 
 
+def end_to_end(bundle_dir: Path, frames: int, regions: str, max_new_tokens: int, provider: str) -> dict:
+    """Frames per second of the run loop on the synthetic clip, and each stage's share of the time."""
+    from focalrt.demo import demo_photo, pan_zoom_frames, write_clip
+    from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.run import RegionRunner
+    from focalrt.runtime.sources import open_source
+
+    clip = write_clip(Path(tempfile.mkdtemp(prefix="focalrt-clip-")) / "clip.mp4",
+                      pan_zoom_frames(demo_photo(), frames))
+    runner = RegionRunner(Pipeline.from_bundle(bundle_dir, provider=provider), regions=regions,
+                          max_new_tokens=max_new_tokens)
+    per_frame: list[dict[str, float]] = []
+    start = time.perf_counter()
+    with open_source(str(clip)) as source:
+        for frame in source:
+            events = runner.process(frame)
+            stage = dict(events[0]["timings_ms"]) if events else {}
+            per_frame.append({k: float(v) for k, v in stage.items() if k != "batch"})
+    seconds = time.perf_counter() - start
+    stages = sorted({k for f in per_frame for k in f} - {"total"})
+    medians = {k: float(np.median([f.get(k, 0.0) for f in per_frame])) for k in stages}
+    frame_ms = seconds / len(per_frame) * 1e3
+    return {"frames": len(per_frame), "regions": regions, "max_new_tokens": max_new_tokens,
+            "fps": len(per_frame) / seconds, "frame_ms": frame_ms, "stage_p50_ms": medians,
+            "stage_share": {k: v / frame_ms for k, v in medians.items()}}
+
+
 def load_analyzer(bundle_dir: Path | None, providers: list[str], full_range: bool) -> FaceAnalyzer:
     """From a bundle's manifest (file names relative to the bundle), or freshly converted."""
     if bundle_dir is not None:
@@ -63,13 +91,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--e2e", action="store_true", help="also time `focalrt run` on a synthetic clip (needs --bundle)")
+    p.add_argument("--frames", type=int, default=20, help="frames in the synthetic clip (--e2e)")
+    p.add_argument("--regions", default="mouth,eyes,brows", help="regions described per frame (--e2e)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per description (--e2e)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.size < 32:
         p.error("--runs must be >= 1, --warmup >= 0 and --size >= 32")
+    if args.e2e and args.bundle is None:
+        p.error("--e2e needs --bundle (a model bundle with face models)")
 
-    from skimage.data import astronaut
+    from focalrt.demo import demo_photo
 
-    frame = cv2.resize(cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR), (args.size, args.size))
+    frame = cv2.resize(demo_photo(), (args.size, args.size))
     providers = resolve_providers(args.provider)
     analyzer = load_analyzer(args.bundle, providers, args.full_range)
     detections = analyzer.detector.detect(frame)
@@ -90,6 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'stage':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
     for name, r in results.items():
         print(f"{name:<22}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}")
+    if args.e2e:
+        e2e = end_to_end(args.bundle, args.frames, args.regions, args.max_new_tokens, args.provider)
+        report["end_to_end"] = e2e
+        print(f"\nfocalrt run on a {e2e['frames']}-frame synthetic clip, regions {e2e['regions']}, "
+              f"{e2e['max_new_tokens']} new tokens: {e2e['fps']:.2f} fps ({e2e['frame_ms']:.0f} ms/frame)")
+        print(f"{'stage':<12}{'p50 ms':>9}{'share':>8}")
+        for name, ms in e2e["stage_p50_ms"].items():
+            print(f"{name:<12}{ms:>9.2f}{e2e['stage_share'][name]:>8.1%}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
