@@ -21,7 +21,7 @@ EXTERNAL_DATA_THRESHOLD = 64 << 20
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
            onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.UINT8: "uint8",
-           onnx.TensorProto.INT8: "int8"}
+           onnx.TensorProto.INT8: "int8", onnx.TensorProto.BOOL: "bool"}
 
 
 class ExportValidationError(RuntimeError):

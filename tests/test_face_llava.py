@@ -1,0 +1,292 @@
+"""Face-LLaVA: our bundle + torch-free runtime against the eager PyTorch reference (transformers' Llava plus
+our landmark pathway), the checkpoint-name mapping, and CLIP preprocessing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+cv2 = pytest.importorskip("cv2")
+
+from focalrt.export.face_llava import (  # noqa: E402
+    IMAGE_TOKEN,
+    LLAVA_V1_SYSTEM,
+    build_random_model,
+    convert_face_llava_state_dict,
+    export_face_llava,
+    export_vision,
+    load_face_llava_checkpoint,
+    to_original_face_llava_state_dict,
+)
+from focalrt.runtime.face_llava import FaceLlavaAdapter, clip_pixels  # noqa: E402
+from focalrt.runtime.pipeline import Pipeline  # noqa: E402
+
+PRESET = "tiny-random-face-llava"
+NEW_TOKENS = 32
+LOGIT_ATOL = 2e-3  # fp32 ONNX vs eager PyTorch; observed differences are ~2e-5
+# Face-LLaVA's crop tool makes 256x256 crops; a 224-px crop needs no resampling, so CLIPImageProcessor gives
+# the reference exactly the pixels our preprocessing gives (resampling is tested on its own below).
+CROP = 224
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_random_model(PRESET)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return export_face_llava(tmp_path_factory.mktemp("face_llava") / "bundle", preset=PRESET, face_models=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return Pipeline.from_bundle(bundle)
+
+
+@pytest.fixture(scope="module")
+def face_crop(astronaut_bgr):
+    """A square crop around the astronaut's face, as Face-LLaVA's crop tool makes them."""
+    return cv2.resize(astronaut_bgr[60:190, 160:290], (CROP, CROP), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def landmarks68():
+    return np.random.default_rng(0).uniform(30, CROP - 30, (68, 2)).astype(np.float32)
+
+
+def _clip_reference(rgb: np.ndarray) -> np.ndarray:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil()(images=[rgb], return_tensors="np")["pixel_values"]
+
+
+@pytest.fixture(scope="module")
+def runs(pipe, model, face_crop, landmarks68):
+    """Ours and the reference's greedy tokens and logits, with and without landmarks."""
+    pixels = torch.from_numpy(_clip_reference(cv2.cvtColor(face_crop, cv2.COLOR_BGR2RGB)))
+    out = {}
+    for name, lm in (("with", landmarks68), ("without", None)):
+        ours = pipe.describe(face_crop, landmarks68=lm, max_new_tokens=NEW_TOKENS, return_logits=True)
+        ref_lm = None if lm is None else torch.from_numpy(lm / CROP)[None]
+        ref_tokens, ref_logits = model.generate(torch.tensor([ours.prompt_token_ids]), pixels, ref_lm, NEW_TOKENS)
+        out[name] = ours, ref_tokens, ref_logits
+    return out
+
+
+@pytest.mark.parametrize("landmarks", ["with", "without"])
+def test_greedy_tokens_and_logits_match_reference(runs, landmarks):
+    ours, ref_tokens, ref_logits = runs[landmarks]
+    # A random model must not stop early, or later steps (and the KV cache) would go untested.
+    assert ours.finish_reason == "length" and len(ours.token_ids) == NEW_TOKENS
+    assert len(set(ours.token_ids)) > 8, "degenerate repetition would hide KV-cache errors"
+    assert ours.token_ids == ref_tokens
+    for step, (a, b) in enumerate(zip(ours.logits, ref_logits, strict=True)):
+        np.testing.assert_allclose(a, b, atol=LOGIT_ATOL, rtol=0, err_msg=f"logits differ at step {step}")
+
+
+def test_landmarks_change_the_answer(runs):
+    assert runs["with"][0].token_ids != runs["without"][0].token_ids
+
+
+def test_vision_embeddings_equal_reference(pipe, model, face_crop, landmarks68):
+    pixels = torch.from_numpy(_clip_reference(cv2.cvtColor(face_crop, cv2.COLOR_BGR2RGB)))
+    with torch.no_grad():
+        want = model.image_features(pixels, torch.from_numpy(landmarks68 / CROP)[None])[0].numpy()
+        want_plain = model.image_features(pixels)[0].numpy()
+    got = pipe.encode_image(face_crop, landmarks68).numpy()
+    assert got.shape == (256, model.config.text_config.hidden_size)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(pipe.encode_image(face_crop).numpy(), want_plain, atol=1e-4, rtol=1e-4)
+    # The same face at twice the size, with its landmarks scaled alike, normalises to the same input.
+    big = cv2.resize(face_crop, (2 * CROP, 2 * CROP), interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_allclose(pipe.adapter.vision_inputs(big, landmarks68 * 2)["landmarks"],
+                               pipe.adapter.vision_inputs(face_crop, landmarks68)["landmarks"], rtol=1e-6)
+
+
+def test_prompt_is_llava_v1_with_256_image_tokens(pipe, face_crop):
+    d = pipe.describe(face_crop, prompt="Which action units are active?", max_new_tokens=1)
+    ids = d.prompt_token_ids
+    assert ids.count(pipe.image_token_id) == 256
+    first = ids.index(pipe.image_token_id)
+    assert ids[first:first + 256] == [pipe.image_token_id] * 256
+    text = pipe.tokenizer.decode(ids, skip_special_tokens=False).replace(IMAGE_TOKEN * 256, "<IMG>")
+    assert text == f"<s>{LLAVA_V1_SYSTEM} USER: <IMG>\nWhich action units are active? ASSISTANT:"
+    assert pipe.adapter.rope_axes == 1 and pipe.adapter.uses_landmarks
+    positions, delta = pipe.adapter.positions(np.array(ids))
+    np.testing.assert_array_equal(positions, np.arange(len(ids))[None])
+    assert delta == 0
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (224, 301), (301, 224)])
+def test_preprocessing_equals_clip_image_processor_without_resampling(pipe, astronaut_bgr, hw):
+    """Shorter side already 224: only the centre crop and normalisation act, and they must be exact."""
+    h, w = hw
+    image = np.ascontiguousarray(astronaut_bgr[100:100 + h, 50:50 + w])
+    got = pipe.adapter.vision_inputs(image)["pixel_values"]
+    np.testing.assert_allclose(got, _clip_reference(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), atol=1e-5, rtol=0)
+
+
+def test_preprocessing_close_to_clip_image_processor_when_resizing(pipe, face_crop, astronaut_bgr):
+    """OpenCV's INTER_AREA vs PIL's antialiased bicubic: about one grey level apart on average."""
+    crop256 = cv2.resize(face_crop, (256, 256), interpolation=cv2.INTER_CUBIC)
+    for image in (crop256, astronaut_bgr, astronaut_bgr[:, :400]):
+        got = pipe.adapter.vision_inputs(image)["pixel_values"]
+        want = _clip_reference(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        assert got.shape == want.shape == (1, 3, 224, 224)
+        assert np.abs(got - want).mean() < 0.02  # ~1.3 grey levels in CLIP-normalised units
+
+
+def test_bad_landmarks_are_rejected_with_the_fix(pipe, face_crop):
+    with pytest.raises(ValueError, match=r"\[68, 2\].*to_68"):
+        pipe.adapter.vision_inputs(face_crop, np.zeros((468, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.adapter.vision_inputs(face_crop, np.full((68, 2), np.nan))
+
+
+# --- checkpoint names ------------------------------------------------------------------------------------
+
+def test_checkpoint_names_round_trip(model):
+    ours = model.state_dict()
+    original = to_original_face_llava_state_dict(ours)
+    hidden = model.config.text_config.hidden_size
+    # Face-LLaVA's own names (LLaVA layout, LanguageBind tower, landmark modules).
+    assert original["model.mm_projector.0.weight"].shape == (hidden, model.config.vision_config.hidden_size)
+    assert "model.mm_projector.2.bias" in original
+    assert "model.image_tower.image_tower.encoder.layers.0.self_attn.q_proj.weight" in original
+    assert "model.layers.1.mlp.down_proj.weight" in original and "lm_head.weight" in original
+    assert original["model.landmarks_projector.region_layers.teeth.weight"].shape == (hidden, 16)
+    assert original["model.landmarks_projector.region_layers.face.weight"].shape == (hidden, 34)
+    assert original["model.global_landmarks_projector.weight"].shape == (hidden, 136)
+    assert original["model.landmarks_cross_attn.cross_attn.attn.in_proj_weight"].shape == (3 * hidden, hidden)
+    assert not any(k.startswith("llava.") or k.startswith("landmarks.") for k in original)
+
+    back = convert_face_llava_state_dict(original)
+    assert set(back) == set(ours)
+    for name, tensor in ours.items():
+        assert torch.equal(back[name], tensor), name
+
+    # LLaVA-1.5's tower spelling is read too; unused checkpoint entries are dropped; unknown ones fail.
+    renamed = {k.replace("model.image_tower.image_tower.", "model.vision_tower.vision_tower.vision_model."): v
+               for k, v in original.items()}
+    renamed["model.landmarks_cross_attn.ln.weight"] = torch.ones(hidden)
+    renamed["model.video_tower.video_tower.embeddings.class_embedding"] = torch.zeros(4)
+    assert set(convert_face_llava_state_dict(renamed)) == set(ours)
+    with pytest.raises(ValueError, match="no place"):
+        convert_face_llava_state_dict({**original, "model.some_new_adapter.weight": torch.zeros(1)})
+
+
+def test_pathway_equals_the_repository_formulation(model):
+    """Our modules, loaded from checkpoint names, compute what Face-LLaVA's code computes: region Linears
+    over iBUG slices plus the global Linear, then nn.MultiheadAttention (packed q/k/v), residual,
+    LayerNorm, linear_proj and the scaled residual."""
+    original = to_original_face_llava_state_dict(model.state_dict())
+    hidden = model.config.text_config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    image = torch.randn(1, 256, hidden, generator=gen)
+    landmarks = torch.rand(1, 68, 2, generator=gen)
+
+    p = "model.landmarks_cross_attn."
+    mha = torch.nn.MultiheadAttention(hidden, 8, batch_first=True).eval()
+    mha.load_state_dict({"in_proj_weight": original[p + "cross_attn.attn.in_proj_weight"],
+                         "in_proj_bias": original[p + "cross_attn.attn.in_proj_bias"],
+                         "out_proj.weight": original[p + "cross_attn.attn.out_proj.weight"],
+                         "out_proj.bias": original[p + "cross_attn.attn.out_proj.bias"]})
+    slices = {"face": (0, 17), "eyebrow1": (17, 22), "eyebrow2": (22, 27), "nose": (27, 31),
+              "nostril": (31, 36), "eye1": (36, 42), "eye2": (42, 48), "lips": (48, 60), "teeth": (60, 68)}
+    lin = torch.nn.functional.linear
+    flat = landmarks.view(1, 136)
+    regions = torch.stack([lin(flat.view(1, 68, 2)[:, a:b].flatten(1),
+                               original[f"model.landmarks_projector.region_layers.{n}.weight"],
+                               original[f"model.landmarks_projector.region_layers.{n}.bias"])
+                           for n, (a, b) in slices.items()], dim=1)
+    tokens = regions + lin(flat, original["model.global_landmarks_projector.weight"],
+                           original["model.global_landmarks_projector.bias"]).unsqueeze(1)
+    with torch.no_grad():
+        attended = mha(image, tokens, tokens, need_weights=False)[0]
+        x = torch.nn.functional.layer_norm(image + attended, (hidden,), original[p + "cross_attn.ln.weight"],
+                                           original[p + "cross_attn.ln.bias"])
+        want = 0.1 * lin(x, original[p + "linear_proj.weight"], original[p + "linear_proj.bias"]) + image
+        got = model.landmarks(image, landmarks)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool) -> None:
+    """A Face-LLaVA-style checkpoint directory: flat Llama config + mm_* keys, original weight names."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    tower_dir.mkdir()
+    t, v = model.config.text_config, model.config.vision_config
+    config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": t.vocab_size,
+              "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+              "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+              "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": 4096,
+              "rms_norm_eps": t.rms_norm_eps, "rope_theta": 10000.0, "hidden_act": "silu",
+              "tie_word_embeddings": False, "mm_image_tower": str(tower_dir), "mm_projector_type": "mlp2x_gelu",
+              "landmarks_projector_type": "landmarks_region_projector", "global_landmarks_projector_type": "linear",
+              "cross_attn_type": "simple", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "use_landmark_tokens": False, "mm_hidden_size": v.hidden_size, "landmarks_branch_scale": 0.1}
+    (directory / "config.json").write_text(json.dumps(config))
+    vision = {k: getattr(v, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "image_size", "patch_size", "hidden_act")}
+    (tower_dir / "config.json").write_text(json.dumps({"vision_config": vision}))
+    original = {k: t.contiguous() for k, t in to_original_face_llava_state_dict(model.state_dict()).items()}
+    tower = {k: original.pop(k) for k in list(original) if k.startswith("model.image_tower.")}
+    if tower_in_checkpoint:
+        original.update(tower)
+    else:  # LanguageBind_Image's own layout: vision_model.*
+        save_file({"vision_model." + k[len("model.image_tower.image_tower."):]: t for k, t in tower.items()},
+                  str(tower_dir / "model.safetensors"))
+    save_file(original, str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("tower_in_checkpoint", [True, False])
+def test_load_checkpoint_directory(tmp_path, model, tower_in_checkpoint):
+    _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", tower_in_checkpoint)
+    loaded = load_face_llava_checkpoint(tmp_path / "ckpt")
+    assert loaded.landmarks is not None and loaded.landmarks.cross_attn.branch_scale == 0.1
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, bundle, pipe, runs, face_crop,
+                                                              landmarks68):
+    """End to end from original names: a checkpoint whose tokenizer lacks <image> gets it added, and the
+    bundle describes the face exactly as the preset bundle with the same weights does."""
+    _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", tower_in_checkpoint=True)
+    tok = json.loads((bundle / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != IMAGE_TOKEN]
+    (tmp_path / "ckpt" / "tokenizer.json").write_text(json.dumps(tok))
+    out = export_face_llava(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), face_models=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    preset_manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["source"]["weights_fingerprint"] == preset_manifest["source"]["weights_fingerprint"]
+    assert manifest["tokenizer"]["special_tokens"][IMAGE_TOKEN] == manifest["text"]["image_token_id"]
+    d = Pipeline.from_bundle(out).describe(face_crop, landmarks68=landmarks68, max_new_tokens=NEW_TOKENS)
+    assert d.token_ids == runs["with"][0].token_ids
+
+
+def test_vision_without_landmark_modules_has_only_pixel_input(tmp_path):
+    """A checkpoint without the landmark pathway exports a pixels-only vision encoder, and the adapter
+    then feeds pixels only."""
+    plain = build_random_model(PRESET, landmarks=False)
+    vision = export_vision(plain, tmp_path)
+    assert [i["name"] for i in vision["inputs"]] == ["pixel_values"]
+    manifest = {"preprocess": {"image_size": 224, "image_tokens": 256, "mean": [0.5] * 3, "std": [0.5] * 3,
+                               "rescale": 1 / 255},
+                "components": {"vision": {"inputs": vision["inputs"]}}}
+    adapter = FaceLlavaAdapter(manifest)
+    assert not adapter.uses_landmarks
+    feeds = adapter.vision_inputs(np.zeros((224, 224, 3), np.uint8), np.zeros((68, 2)))
+    assert list(feeds) == ["pixel_values"]
+    np.testing.assert_allclose(feeds["pixel_values"], -1.0)
+    assert clip_pixels(np.zeros((224, 224, 3), np.uint8), 224, 224, [0.5] * 3, [0.5] * 3, 1 / 255).shape == \
+        (1, 3, 224, 224)
