@@ -182,3 +182,31 @@ def test_ctrl_c_closes_the_video_and_keeps_events(tiny_bundle, tmp_path, astrona
     cap.release()
     assert ok and first.shape == (360, 480, 3)
     assert n >= 2 and n >= len({e["frame"] for e in events}) - 1
+
+
+def test_run_with_face_llava_bundle(tmp_path_factory, clip, tmp_path, monkeypatch):
+    """The second family goes through the same run loop, fed the 68 landmarks of each tracked face."""
+    pytest.importorskip("torch")
+    from focalrt.export.face_llava import export_face_llava
+    from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.run import RegionRunner, iter_events
+    from focalrt.runtime.sources import open_source
+
+    bundle = export_face_llava(tmp_path_factory.mktemp("fl") / "bundle", preset="tiny-random-face-llava")
+    out = _run(bundle, "--source", clip, "--regions", "mouth,brows", "--out", tmp_path / "e.jsonl",
+               "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    events = _read_events(tmp_path / "e.jsonl")
+    assert len(events) == FRAMES * 2 and {e["face_id"] for e in events} == {1}
+    # In process: the landmarks reach the vision encoder, in the face crop's pixels.
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.adapter.uses_landmarks
+    seen = []
+    real = pipe.encode_image
+    monkeypatch.setattr(pipe, "encode_image", lambda view, lm=None: (seen.append(lm), real(view, lm))[1])
+    with open_source(str(clip)) as frames:
+        assert len(list(iter_events(RegionRunner(pipe, regions="mouth", max_new_tokens=2), frames))) == FRAMES
+    assert len(seen) == FRAMES
+    for lm in seen:
+        assert lm.shape == (68, 2) and (lm >= 0).all() and (lm <= pipe.image_size).all()
+        assert lm[36:42, 1].mean() < lm[48:60, 1].mean(), "eyes above the mouth in the crop"

@@ -14,7 +14,7 @@ def register(sub) -> None:
     src.add_argument("--model", help="local checkpoint directory or hub id "
                                      "(Qwen2_5_VLForConditionalGeneration, or a Face-LLaVA checkpoint)")
     src.add_argument("--preset", help="random-weight model of the real architecture: tiny-random, "
-                                      "tiny-random-b, small, tiny-random-face-llava")
+                                      "tiny-random-b, small, tiny-random-face-llava, small-random-face-llava")
     p.add_argument("--out", required=True, help="bundle directory to write (atomically)")
     p.add_argument("--family", choices=["qwen2_5_vl", "face_llava"], default=None,
                    help="model family (default: from the preset or checkpoint)")
