@@ -178,6 +178,10 @@ class ShowSink:
         self.close()
 
 
+# Several regions share a small face: longer descriptions would hide the face (the JSONL has them whole).
+MAX_TEXT_LINES = 3
+
+
 def drawable(text: str) -> str:
     text = "".join(ASCII_FALLBACK.get(ch, ch) for ch in text)
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
@@ -244,6 +248,7 @@ def annotate(frame: np.ndarray, annotations: Sequence[dict[str, Any]]) -> np.nda
         text = drawable(str(annotation.get("text", "")))
         if text:
             wrap_px = min(width - 8, max(x2 - x1, width // 3))
-            lines = textwrap.wrap(text, width=max(8, int(wrap_px / char_w)))
+            lines = textwrap.wrap(text, width=max(8, int(wrap_px / char_w)), max_lines=MAX_TEXT_LINES,
+                                  placeholder=" ...")
             draw_text_block(image, lines, x1, y2 + 2, scale, thickness, (255, 255, 255), (20, 20, 20))
     return image
