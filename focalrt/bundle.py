@@ -143,6 +143,9 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is meant to be shared and copied
     try:
         yield tmp
     except BaseException:
