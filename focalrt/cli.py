@@ -12,7 +12,7 @@ import warnings
 from focalrt import __version__
 
 # Order is the order of `focalrt --help`.
-COMMANDS = ("export", "describe", "run", "regions", "demo")
+COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "calibrate", "convert", "build-engines", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

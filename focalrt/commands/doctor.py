@@ -1,0 +1,19 @@
+"""`focalrt doctor`: what this device can run, and whether a bundle fits in its memory."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="execution providers, GPU, CUDA/TensorRT, precisions, cameras, memory fit")
+    p.add_argument("bundle", nargs="?", help="also check that this bundle fits in memory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-cameras", action="store_true", help="do not probe /dev/video* devices")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from focalrt.runtime.device import format_report, report, to_json
+
+    r = report(args.bundle, probe_cameras=not args.no_cameras)
+    print(to_json(r) if args.json else format_report(r))
+    return 0 if not r.bundle or r.bundle["fits"] is not False else 1
