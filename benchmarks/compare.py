@@ -1,0 +1,324 @@
+"""Our runtime against the baselines, side by side in one invocation, on the same weights and prompt.
+
+    python benchmarks/compare.py --preset small [--json out.json] [--skip-int4]
+
+Rows:
+  1. focalrt, fp32 bundle (and an int4 bundle when `focalrt convert --precision int4` exists);
+  2. transformers generate(), PyTorch eager fp32 on the CPU;
+  3. onnxruntime-genai, fp32 and int4, built by its own model builder from the same weights saved as a
+     local Qwen2_5_VLForConditionalGeneration checkpoint (text decoder `qwen2_5_vl_text`);
+  4. the roofline: measured memory bandwidth / weight bytes read per token.
+
+Every runtime runs in its own subprocess (honest peak RSS, no shared caches), `--rounds` times in
+alternating order, with the same thread count. Prefill = prompt in -> first new token chosen; a decode
+step = one more token. Medians over all timed runs. Built artefacts are cached under
+~/.cache/focalrt (FOCALRT_CACHE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode  # noqa: E402  (benchmarks/decode.py: shared workers and orchestration)
+
+CACHE = decode.CACHE
+GENAI_PRECISIONS = ("fp32", "int4")
+
+
+# ---------------------------------------------------------------- building the baselines
+
+
+def worker_checkpoint(spec: dict[str, Any]) -> None:
+    """Save the preset's random model as a local HF checkpoint, with our tokenizer, for the genai builder."""
+    from transformers import GenerationConfig
+
+    from focalrt.export.qwen2_5_vl import build_random_model
+
+    out = Path(spec["out"])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_random_model(spec["preset"], spec["seed"]).save_pretrained(tmp)
+    shutil.copy(Path(spec["bundle"]) / "tokenizer.json", tmp / "tokenizer.json")
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "model_max_length": 32768}))
+    GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False).save_pretrained(tmp)
+    tmp.rename(out)
+    print(json.dumps({"checkpoint": str(out)}))
+
+
+def ensure_checkpoint(spec: dict[str, Any]) -> Path:
+    out = CACHE / "checkpoints" / f"{spec['preset']}-seed{spec['seed']}"
+    if not (out / "config.json").is_file():
+        print(f"saving the {spec['preset']} checkpoint to {out} (once) ...", file=sys.stderr, flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        decode.run_worker(Path(__file__).resolve(), "checkpoint", {**spec, "out": str(out)})
+    return out
+
+
+def ensure_genai_model(checkpoint: Path, precision: str) -> Path:
+    """onnxruntime-genai's own build of the checkpoint: `python -m onnxruntime_genai.models.builder`."""
+    out = CACHE / "genai" / f"{checkpoint.name}-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    print(f"building the onnxruntime-genai {precision} model in {out} (once) ...", file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log = out.with_name(out.name + ".build.log")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
+           "-p", precision, "-e", "cpu", "-c", str(CACHE / "genai" / "hf-cache")]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
+        raise RuntimeError(f"the onnxruntime-genai builder failed (exit {proc.returncode}); see {log}")
+    tmp.rename(out)
+    return out
+
+
+def calibration_frames() -> Path:
+    """Eight frames of a real face (scikit-image's astronaut, panned) for `focalrt convert --data`."""
+    import cv2
+    from skimage.data import astronaut
+
+    out = CACHE / "bench-frames"
+    if len(list(out.glob("*.png"))) >= 8:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    image = cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR)
+    h, w = image.shape[:2]
+    for i in range(8):
+        shifted = cv2.warpAffine(image, np.float32([[1, 0, 6 * i], [0, 1, 3 * i]]), (w, h),
+                                 borderMode=cv2.BORDER_REFLECT)
+        cv2.imwrite(str(out / f"frame{i}.png"), shifted)
+    return out
+
+
+def int4_bundle(bundle: Path) -> tuple[Path | None, str | None]:
+    """Our int4 bundle, converted once with `focalrt convert --precision int4` when that command exists.
+
+    Random weights make the accuracy gate meaningless, so the bundle is written whatever the gate says
+    (--force) and without float fallback (--no-fallback): a pure int4 decoder, like the genai int4 row.
+    """
+    if importlib.util.find_spec("focalrt.commands.convert") is None:
+        return None, "no int4 row for focalrt: `focalrt convert` (focalrt.commands.convert) does not exist yet"
+    out = bundle.with_name(bundle.name + "-int4")
+    if (out / "manifest.json").is_file():
+        return out, None
+    print(f"converting {bundle} to int4 in {out} (once) ...", file=sys.stderr, flush=True)
+    argv = ["convert", str(bundle), "--precision", "int4", "--out", str(out), "--data", str(calibration_frames()),
+            "--force", "--no-fallback", "--quiet"]
+    log = out.with_name(out.name + ".convert.log")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-c", CONVERT_SCRIPT, *argv], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not (out / "manifest.json").is_file():
+        return None, f"no int4 row for focalrt: `focalrt {' '.join(argv)}` failed (exit {proc.returncode}); see {log}"
+    return out, None
+
+
+# `focalrt convert` through its own parser, whether or not cli.py lists it yet.
+CONVERT_SCRIPT = """
+import argparse, sys
+from focalrt.commands import convert
+parser = argparse.ArgumentParser(prog="focalrt")
+convert.register(parser.add_subparsers(dest="command"))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(int(args.func(args) or 0))
+"""
+
+
+# ---------------------------------------------------------------- the onnxruntime-genai worker
+
+
+def worker_genai(spec: dict[str, Any]) -> None:
+    """Same prompt through og.Generator: append_tokens + the first generate_next_token is the prefill."""
+    import onnxruntime_genai as og
+
+    from focalrt.bench.memory import current_rss_bytes
+
+    t0 = time.perf_counter()
+    config = og.Config(spec["model_dir"])
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    load_s, rss = time.perf_counter() - t0, current_rss_bytes()
+    ids = np.asarray(spec["ids"], np.int32)
+    n = spec["new_tokens"]
+    runs, tokens = [], []
+    for i in range(spec["warmup"] + spec["runs"]):
+        params = og.GeneratorParams(model)
+        # max_length bounds the shared KV buffer, as our runtime's max_context does; min_length keeps
+        # an end-of-text token from cutting the run short.
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        s0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        prefill_ms = (time.perf_counter() - s0) * 1e3
+        tokens, steps = [int(gen.get_next_tokens()[0])], []
+        for _ in range(n - 1):
+            s0 = time.perf_counter()
+            gen.generate_next_token()
+            steps.append((time.perf_counter() - s0) * 1e3)
+            tokens.append(int(gen.get_next_tokens()[0]))
+        del gen
+        if i >= spec["warmup"]:
+            runs.append(decode.one_run(prefill_ms, steps))
+    decode.finish_worker(runs, tokens, load_s, rss, {"onnxruntime_genai": og.__version__})
+
+
+decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint})
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def onnx_weight_bytes_per_token(path: Path) -> int:
+    """Initializer bytes one decode step reads from an ONNX model: all of them, except that a table only
+    ever gathered from (a token embedding) counts one row. Read from the graph, so int4 packing counts
+    as stored."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in graph.initializer:
+        dims = list(init.dims)
+        if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            nbytes = (int(np.prod(dims)) + 1) // 2
+        else:
+            nbytes = int(np.prod(dims)) * np.dtype(tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        if consumers.get(init.name) and consumers[init.name] <= {"Gather", "GatherBlockQuantized"} and dims:
+            nbytes //= max(dims[0], 1)
+        total += nbytes
+    return total
+
+
+def focalrt_weight_bytes(bundle: Path) -> int:
+    """Decoder initializers plus one embedding row, counted from the graphs like the genai model's."""
+    from focalrt.bundle import load
+
+    m = load(bundle).manifest
+    decoder = onnx_weight_bytes_per_token(bundle / m["components"]["decoder"]["file"])
+    row_bytes = 2 if m["components"]["embed"].get("precision") in ("fp16", "bf16") else 4
+    return decoder + int(m["text"]["hidden_size"]) * row_bytes
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    decode.common_args(p)
+    p.add_argument("--skip-int4", action="store_true", help="only the fp32 rows")
+    p.add_argument("--skip-genai", action="store_true", help="leave out onnxruntime-genai")
+    args = p.parse_args(argv)
+    if args.worker:
+        decode.WORKERS[args.worker](json.loads(args.spec))
+        return {}
+    from focalrt.bench.environment import describe, environment
+    from focalrt.bench.report import markdown_table, mib
+    from focalrt.bench.roofline import measure_bandwidth
+
+    spec, bundle = decode.base_spec(args)
+    script = Path(__file__).resolve()
+    notes: list[str] = []
+    sides: dict[str, dict[str, Any]] = {"focalrt fp32": {**spec, "worker": "ours"},
+                                        "transformers fp32": {**spec, "worker": "transformers"}}
+    weight_bytes = {"focalrt fp32": focalrt_weight_bytes(bundle)}
+    weight_bytes["transformers fp32"] = weight_bytes["focalrt fp32"]
+    if not args.skip_int4:
+        q4, note = int4_bundle(bundle)
+        if q4 is None:
+            notes.append(note)
+        else:
+            sides["focalrt int4"] = {**spec, "worker": "ours", "bundle": str(q4)}
+            weight_bytes["focalrt int4"] = focalrt_weight_bytes(q4)
+    if not args.skip_genai:
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            notes.append("onnxruntime-genai is not installed: pip install 'focalrt[bench]'")
+        else:
+            checkpoint = ensure_checkpoint(spec)
+            for precision in GENAI_PRECISIONS[:1 if args.skip_int4 else 2]:
+                model_dir = ensure_genai_model(checkpoint, precision)
+                name = f"onnxruntime-genai {precision}"
+                sides[name] = {**spec, "worker": "genai", "model_dir": str(model_dir)}
+                weight_bytes[name] = onnx_weight_bytes_per_token(model_dir / "model.onnx")
+
+    # Other load on the machine lowers a bandwidth sample; measuring before the first and after every
+    # round and keeping the best gives the bound the runtimes had when the machine was quietest.
+    print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
+    bandwidth_runs = [measure_bandwidth()]
+    results = decode.measure_sides(script, sides, args.rounds,
+                                   after_round=lambda: bandwidth_runs.append(measure_bandwidth()))
+    bandwidth = max(bandwidth_runs, key=lambda b: b["best_gb_s"])
+    env = environment(["CPUExecutionProvider"], spec["threads"])
+
+    ours, hf = results["focalrt fp32"], results["transformers fp32"]
+    rows, table = [], {}
+    for name, r in results.items():
+        bound = bandwidth["best_gb_s"] * 1e9 / weight_bytes[name]
+        ref = ours if "fp32" in name else results.get("focalrt int4")  # ours at the same precision
+        mine = ref is r
+        compared = ref is not None and not mine
+        entry = {**{k: v for k, v in r.items() if k != "tokens"},
+                 "weight_bytes_per_token": weight_bytes[name], "roofline_tokens_per_s": bound,
+                 "fraction_of_roofline": r["quiet_decode_tokens_per_s"] / bound,
+                 "greedy_tokens_agreeing_with_focalrt_fp32": decode.agreement(r["tokens"], ours["tokens"]),
+                 "ours_decode_speedup": (ref["quiet_decode_tokens_per_s"] / r["quiet_decode_tokens_per_s"]
+                                         if compared else None),
+                 "ours_prefill_speedup": r["quiet_prefill_ms"] / ref["quiet_prefill_ms"] if compared else None}
+        table[name] = entry
+        rows.append([name, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
+                     r["decode_tokens_per_s_best"], f"{entry['fraction_of_roofline']:.0%}", mib(r["peak_rss_bytes"]),
+                     f"{entry['ours_prefill_speedup']:.2f}x" if entry["ours_prefill_speedup"] else "-",
+                     f"{entry['ours_decode_speedup']:.2f}x" if entry["ours_decode_speedup"] else "-",
+                     f"{entry['greedy_tokens_agreeing_with_focalrt_fp32']}/{args.new_tokens}"])
+    bound32 = bandwidth["best_gb_s"] * 1e9 / weight_bytes["focalrt fp32"]
+    rows.append(["roofline fp32 (bandwidth / weight bytes)", "-", bound32, "-", "-", "100%", "-", "-",
+                 f"{ours['quiet_decode_tokens_per_s'] / bound32:.0%} of it", "-"])
+    targets = {"decode_vs_transformers_fp32": ours["quiet_decode_tokens_per_s"] / hf["quiet_decode_tokens_per_s"],
+               "prefill_vs_transformers_fp32": hf["quiet_prefill_ms"] / ours["quiet_prefill_ms"],
+               "decode_fraction_of_roofline_fp32": ours["quiet_decode_tokens_per_s"] / bound32}
+    for precision in GENAI_PRECISIONS:
+        g, o = results.get(f"onnxruntime-genai {precision}"), results.get(f"focalrt {precision}")
+        if g and o:
+            targets[f"decode_vs_genai_{precision}"] = o["quiet_decode_tokens_per_s"] / g["quiet_decode_tokens_per_s"]
+            targets[f"prefill_vs_genai_{precision}"] = g["quiet_prefill_ms"] / o["quiet_prefill_ms"]
+    result = {"preset": args.preset, "bundle": str(bundle), "prompt_tokens": len(spec["ids"]),
+              "new_tokens": args.new_tokens, "runs_per_round": args.runs, "warmup": args.warmup,
+              "rounds": args.rounds, "threads": spec["threads"], "bandwidth": bandwidth,
+              "bandwidth_runs": bandwidth_runs, "environment": env, "rows": table, "targets": targets,
+              "notes": notes}
+
+    print(f"\n{args.preset}: prompt {len(spec['ids'])} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
+          f"{args.rounds} rounds x {args.runs} runs per row after {args.warmup} warm-up; {spec['threads']} threads; "
+          f"bandwidth {bandwidth['best_gb_s']:.1f} GB/s ({bandwidth['best_kernel']}); "
+          f"'quiet' = median of the least disturbed round")
+    print(describe(env) + "\n")
+    print(markdown_table(["runtime", "prefill ms (quiet)", "decode tok/s (quiet)", "decode tok/s (all runs)",
+                          "best run tok/s", "of roofline", "peak RSS", "ours: prefill speedup",
+                          "ours: decode speedup", "same greedy tokens"], rows))
+    print("\ntargets (ours / baseline, quiet medians): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in targets.items()))
+    for note in notes:
+        print(f"- {note}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
