@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from focalrt.export.face_llava_modules import (
     CROP_SIZE,
@@ -32,7 +31,7 @@ from focalrt.export.face_llava_modules import (
     REPOSITORY_BRANCH_SCALE,
     FaceLandmarkPathway,
 )
-from focalrt.export.gqa import GroupQueryAttention, last_token_hidden, mask_to_seqlens
+from focalrt.export.gqa import KVCachedDecoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
 log = logging.getLogger(__name__)
@@ -473,46 +472,6 @@ class TokenEmbedding(nn.Module):
         return torch.where(is_image.unsqueeze(-1), placed, embeds)
 
 
-class Decoder(nn.Module):
-    """The Llama decoder with an in-place KV cache (GroupQueryAttention), plain RoPE and last-token logits."""
-
-    def __init__(self, model: FaceLlava):
-        super().__init__()
-        lm = model.llava.model.language_model
-        cfg = lm.config
-        self.layers = lm.layers
-        self.norm = lm.norm
-        self.rotary_emb = lm.rotary_emb
-        self.lm_head = model.llava.lm_head
-        self.num_heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = float(self.head_dim ** -0.5)
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        hidden = inputs_embeds
-        bsz, seq, _ = hidden.shape
-        cos, sin = self.rotary_emb(hidden, position_ids)
-        seqlens_k, total_len = mask_to_seqlens(attention_mask)
-        presents = []
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            q = q.transpose(1, 2).reshape(bsz, seq, -1)
-            k = k.transpose(1, 2).reshape(bsz, seq, -1)
-            out, pk, pv = GroupQueryAttention.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k,
-                                                    total_len, self.num_heads, self.kv_heads, self.scale)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            presents += [pk, pv]
-        hidden = self.norm(last_token_hidden(hidden, attention_mask))
-        return (self.lm_head(hidden), *presents)
-
-
 def image_token_count(model: FaceLlava) -> int:
     v = model.config.vision_config
     return (v.image_size // v.patch_size) ** 2 + (0 if model.config.vision_feature_select_strategy == "default" else 1)
@@ -574,7 +533,7 @@ def export_decoder(model: FaceLlava, out: Path) -> dict[str, Any]:
     from focalrt.export.qwen2_5_vl import decoder_io_names
 
     tcfg = model.config.text_config
-    module = Decoder(model).eval()
+    module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head).eval()
     n_layers, kv, hd = tcfg.num_hidden_layers, tcfg.num_key_value_heads, module.head_dim
     in_names, out_names = decoder_io_names(n_layers)
     axes: dict[str, dict[int, str]] = {

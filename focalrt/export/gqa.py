@@ -74,3 +74,49 @@ def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tor
     idx = (valid - attention_mask.shape[1] + seq - 1).clamp(min=0)
     idx = idx.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, idx)
+
+
+class KVCachedDecoder(torch.nn.Module):
+    """A transformers decoder-only LM (Qwen2 / Llama layers) as one graph with an in-place KV cache.
+
+    Reuses the model's projections, norms, MLPs and rotary embedding; replaces attention with
+    GroupQueryAttention and computes logits for each row's last token only. Position ids are whatever
+    the model's rotary embedding takes: [3, B, S] for Qwen2.5-VL's M-RoPE, [B, S] for Llama.
+    """
+
+    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module):
+        super().__init__()
+        cfg = language_model.config
+        self.layers = language_model.layers
+        self.norm = language_model.norm
+        self.rotary_emb = language_model.rotary_emb
+        self.lm_head = lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = float(self.head_dim ** -0.5)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        hidden = inputs_embeds
+        bsz, seq, _ = hidden.shape
+        cos, sin = self.rotary_emb(hidden, position_ids)  # M-RoPE sections are already merged here
+        seqlens_k, total_len = mask_to_seqlens(attention_mask)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = q.transpose(1, 2).reshape(bsz, seq, -1)
+            k = k.transpose(1, 2).reshape(bsz, seq, -1)
+            out, pk, pv = GroupQueryAttention.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k,
+                                                    total_len, self.num_heads, self.kv_heads, self.scale)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            presents += [pk, pv]
+        hidden = self.norm(last_token_hidden(hidden, attention_mask))
+        return (self.lm_head(hidden), *presents)
