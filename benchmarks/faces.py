@@ -23,21 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from focalrt.bench.stats import time_runs
 from focalrt.runtime.faces import FaceAnalyzer
 from focalrt.runtime.sessions import resolve_providers
-
-
-def timed(fn, runs: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    samples = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples[i] = time.perf_counter() - start
-    ms = samples * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "runs": runs}
 
 
 def end_to_end(bundle_dir: Path, frames: int, regions: str, max_new_tokens: int, provider: str) -> dict:
@@ -115,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "landmarks (1 face)": lambda: analyzer.landmarker.landmarks(frame, detections[0]),
         "detect + landmarks": lambda: analyzer.analyze(frame),
     }
-    results = {name: timed(fn, args.runs, args.warmup) for name, fn in stages.items()}
+    results = {name: time_runs(fn, args.runs, args.warmup)[0] for name, fn in stages.items()}
     report = {"frame": f"astronaut {args.size}x{args.size}", "faces": len(detections),
               "providers": providers, "full_range": args.full_range, "machine": platform.machine(),
               "stages": results}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import ensure_bundle  # noqa: E402
 
+from focalrt.bench.stats import time_runs  # noqa: E402
 from focalrt.demo import demo_photo  # noqa: E402
 from focalrt.runtime.faces import FaceAnalyzer  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
@@ -61,13 +61,7 @@ def face_views(pipe: Pipeline, faces: int) -> list[tuple[np.ndarray, list[tuple[
 
 
 def median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(samples))
+    return time_runs(fn, runs, warmup=1)[0]["p50_ms"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,7 +31,7 @@ from focalrt.export.face_llava_modules import (
     REPOSITORY_BRANCH_SCALE,
     FaceLandmarkPathway,
 )
-from focalrt.export.gqa import KVCachedDecoder
+from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
 log = logging.getLogger(__name__)
@@ -530,27 +530,10 @@ def export_embed(model: FaceLlava, out: Path) -> dict[str, Any]:
 
 
 def export_decoder(model: FaceLlava, out: Path) -> dict[str, Any]:
-    from focalrt.export.qwen2_5_vl import decoder_io_names
-
-    tcfg = model.config.text_config
     module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head).eval()
-    n_layers, kv, hd = tcfg.num_hidden_layers, tcfg.num_key_value_heads, module.head_dim
-    in_names, out_names = decoder_io_names(n_layers)
-    axes: dict[str, dict[int, str]] = {
-        "inputs_embeds": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
-    }
-    for name in in_names[3:] + out_names[1:]:
-        axes[name] = {0: "batch", 2: "max_context"}
-    bsz, seq, past_len, buf = 1, 5, 3, 16
-    embeds = torch.randn(bsz, seq, tcfg.hidden_size)
-    mask = torch.ones(bsz, past_len + seq, dtype=torch.long)
-    pos = torch.arange(past_len, past_len + seq).view(1, -1).expand(bsz, -1).contiguous()
-    past = [torch.zeros(bsz, kv, buf, hd) for _ in range(2 * n_layers)]
     path = out / "decoder.onnx"
-    export_module(module, (embeds, mask, pos, *past), path, in_names, out_names, axes)
+    export_kv_decoder(module, path, rope_axes=1)
+    hd = module.head_dim
     err = validate_decoder(model, path, hd)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **describe_io(path)}

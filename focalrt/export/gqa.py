@@ -120,3 +120,34 @@ class KVCachedDecoder(torch.nn.Module):
             presents += [pk, pv]
         hidden = self.norm(last_token_hidden(hidden, attention_mask))
         return (self.lm_head(hidden), *presents)
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> None:
+    """Trace a KVCachedDecoder with its IO declared in one place; position ids are [3, B, S] or [B, S]."""
+    from focalrt.export.onnx_io import export_module
+
+    n_layers = len(module.layers)
+    in_names, out_names = decoder_io_names(n_layers)
+    axes: dict[str, dict[int, str]] = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {1: "batch", 2: "sequence"} if rope_axes == 3 else {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+    }
+    for name in in_names[3:] + out_names[1:]:
+        axes[name] = {0: "batch", 2: "max_context"}
+    bsz, seq, past_len, buf = 1, 5, 3, 16
+    hidden = module.lm_head.in_features
+    embeds = torch.randn(bsz, seq, hidden)
+    mask = torch.ones(bsz, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).view(1, -1).expand(bsz, -1)
+    if rope_axes == 3:
+        pos = pos.unsqueeze(0).expand(3, -1, -1)
+    past = [torch.zeros(bsz, module.kv_heads, buf, module.head_dim) for _ in range(2 * n_layers)]
+    export_module(module, (embeds, mask, pos.contiguous(), *past), path, in_names, out_names, axes)

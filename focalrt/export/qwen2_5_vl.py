@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from focalrt.export.gqa import KVCachedDecoder
+from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
 log = logging.getLogger(__name__)
@@ -161,34 +161,10 @@ def export_embed(model, out: Path) -> dict[str, Any]:
     return {"validation_max_abs_diff": err, **describe_io(path)}
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
-
-
 def export_decoder(model, out: Path) -> dict[str, Any]:
-    tcfg = model.config.text_config
     module = KVCachedDecoder(model.model.language_model, model.lm_head).eval()
-    n_layers, kv, hd = tcfg.num_hidden_layers, tcfg.num_key_value_heads, module.head_dim
-    in_names, out_names = decoder_io_names(n_layers)
-    axes: dict[str, dict[int, str]] = {
-        "inputs_embeds": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {1: "batch", 2: "sequence"},
-        "logits": {0: "batch"},
-    }
-    for name in in_names[3:]:
-        axes[name] = {0: "batch", 2: "max_context"}
-    for name in out_names[1:]:
-        axes[name] = {0: "batch", 2: "max_context"}
-    bsz, seq, past_len, buf = 1, 5, 3, 16
-    embeds = torch.randn(bsz, seq, tcfg.hidden_size)
-    mask = torch.ones(bsz, past_len + seq, dtype=torch.long)
-    pos = torch.arange(past_len, past_len + seq).view(1, 1, -1).expand(3, bsz, -1).contiguous()
-    past = [torch.zeros(bsz, kv, buf, hd) for _ in range(2 * n_layers)]
     path = out / "decoder.onnx"
-    export_module(module, (embeds, mask, pos, *past), path, in_names, out_names, axes)
+    export_kv_decoder(module, path, rope_axes=3)
     err = validate_decoder(model, path)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **describe_io(path)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -93,19 +93,16 @@ class Sessions:
     decoder: ort.InferenceSession
     device: str = "cpu"
     rope_axes: int = 3  # M-RoPE position ids are [3, B, S]; plain RoPE ones [B, S]
-    _empty_image: dict[int, ort.OrtValue] = field(default_factory=dict)
+    _empty_image: ort.OrtValue | None = None
 
     def embed_tokens(self, input_ids: np.ndarray, image_embeds: ort.OrtValue | None = None) -> ort.OrtValue:
         """Token embeddings [B, S, H] on the device, with image embeddings at the image-pad positions."""
         if image_embeds is None:
             # The graph gathers from image_embeds even where no image token is present: feed one zero row.
-            hidden = self.embed.get_inputs()[1].shape[1]
-            if not isinstance(hidden, int):
+            if self._empty_image is None:
                 hidden = self.decoder.get_inputs()[0].shape[2]
-            if hidden not in self._empty_image:
-                self._empty_image[hidden] = ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros((1, hidden), np.float32), self.device, 0)
-            image_embeds = self._empty_image[hidden]
+                self._empty_image = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, hidden), np.float32), self.device, 0)
+            image_embeds = self._empty_image
         io = self.embed.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         io.bind_ortvalue_input("image_embeds", image_embeds)

@@ -6,7 +6,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -344,8 +343,3 @@ class Pipeline:
         steps = {"prefill": round((t2 - t1) * 1e3, 3), "decode": round((t3 - t2) * 1e3, 3),
                  "decode_steps": [round(s, 3) for s in step_ms]}
         return tokens, finish, kept_logits, steps
-
-
-def describe_file(bundle: str | Path, image: str | Path, **kwargs) -> Description:
-    """One-shot convenience for scripts."""
-    return Pipeline.from_bundle(bundle).describe(image, **kwargs)
