@@ -110,7 +110,7 @@ def test_fp16_engines_from_an_fp32_bundle_use_fp16_kernels(tiny_bundle, tmp_path
 
 def test_profiles_are_bounded_by_max_context(tiny_bundle):
     from focalrt.bundle import load
-    from focalrt.export.tensorrt import profile_shapes, trt_ep_provider_options
+    from focalrt.runtime.tensorrt_ep import profile_shapes, trt_ep_provider_options
 
     b = load(tiny_bundle)
     ctx = b.manifest["text"]["max_context"]
@@ -133,6 +133,198 @@ def test_profiles_are_bounded_by_max_context(tiny_bundle):
     with pytest.raises(ValueError, match="'mystery'"):
         profile_shapes(bad, b.manifest)
 
+
+TRT_EP = "TensorrtExecutionProvider"
+GPU_PROVIDERS = [TRT_EP, "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _spec(text: str) -> dict[str, list[int]]:
+    """'a:1x2,b:3' -> {'a': [1, 2], 'b': [3]}: the provider's profile string, parsed back."""
+    return {name: [int(d) for d in dims.split("x")] for name, dims in (item.split(":") for item in text.split(","))}
+
+
+def _with_precisions(tiny_bundle: Path, tmp_path: Path, precisions: dict[str, str]) -> Path:
+    """A copy of the bundle whose manifest records other component precisions (the graphs stay fp32).
+
+    Leaves out engines/: another test's refused build_engines call can leave an empty one in the fixture.
+    """
+    import shutil
+
+    from focalrt.bundle import load, write_manifest
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("engines"))
+    manifest = load(bundle).manifest
+    for name, precision in precisions.items():
+        manifest["components"][name]["precision"] = precision
+    write_manifest(bundle, manifest)
+    return bundle
+
+
+def test_export_uses_the_runtime_profiles():
+    from focalrt.export import tensorrt as export_trt
+    from focalrt.runtime import tensorrt_ep
+
+    assert export_trt.profile_shapes is tensorrt_ep.profile_shapes
+    assert export_trt.trt_ep_provider_options is tensorrt_ep.trt_ep_provider_options
+    assert export_trt.ENGINE_DIR == tensorrt_ep.ENGINE_DIR == "engines"
+
+
+def test_runtime_tensorrt_options_import_no_export_torch_or_tensorrt():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport focalrt.runtime.tensorrt_ep, focalrt.runtime.sessions\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'transformers')"
+            " or m.startswith('focalrt.export'))\nprint(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_the_tensorrt_entry_gets_the_options(tiny_bundle):
+    from focalrt.runtime.sessions import provider_options
+    from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+
+    ctx = 512
+    trt = trt_ep_provider_options(tiny_bundle, "decoder", max_batch=8, max_context=ctx)
+    entries = dict(provider_options(GPU_PROVIDERS, trt))
+    assert list(entries) == GPU_PROVIDERS
+    assert entries["CUDAExecutionProvider"] == {} and entries["CPUExecutionProvider"] == {}
+    got = entries[TRT_EP]
+    assert got == trt and got is not trt  # a copy: the provider entry cannot change the caller's dict
+    engines = str(Path(tiny_bundle) / "engines")
+    assert got["trt_engine_cache_enable"] is True and got["trt_timing_cache_enable"] is True
+    assert got["trt_engine_cache_path"] == engines and got["trt_timing_cache_path"] == engines
+    lo, opt, hi = (_spec(got[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
+    assert hi["inputs_embeds"] == [8, ctx, 64] and lo["inputs_embeds"] == [1, 1, 64]
+    assert opt["past_key_values.0.key"] == [1, 2, ctx, 16]
+    assert "trt_fp16_enable" not in got and "trt_int8_enable" not in got  # the tiny bundle is fp32
+
+    # Without TensorRT in the list the options go nowhere; without options its entry is bare.
+    assert provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"], trt) == [
+        ("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
+    assert provider_options(["CPUExecutionProvider"], trt) == [("CPUExecutionProvider", {})]
+    assert provider_options(GPU_PROVIDERS, None)[0] == (TRT_EP, {})
+
+
+def test_create_session_hands_the_options_to_onnxruntime(tiny_bundle, tmp_path, monkeypatch):
+    """The wiring into InferenceSession, with ORT's constructor replaced (no TensorRT here)."""
+    from focalrt.runtime import sessions
+    from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+
+    bundle = _with_precisions(tiny_bundle, tmp_path, {})
+    seen = []
+
+    def fake_session(path, sess_options=None, providers=None):
+        seen.append(providers)
+        return "session"
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", fake_session)
+    trt = trt_ep_provider_options(bundle, "embed", max_batch=4)
+    assert not (bundle / "engines").exists()
+    assert sessions.create_session(bundle / "embed.onnx", GPU_PROVIDERS, trt_options=trt) == "session"
+    assert seen[-1] == [(TRT_EP, trt), ("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
+    assert (bundle / "engines").is_dir()  # made before the provider writes its caches there
+
+    sessions.create_session(bundle / "embed.onnx", ["CPUExecutionProvider"], trt_options=trt)
+    assert seen[-1] == [("CPUExecutionProvider", {})]
+
+
+def test_component_precision_sets_the_tensorrt_flag(tiny_bundle, tmp_path):
+    from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+
+    bundle = _with_precisions(tiny_bundle, tmp_path, {"vision": "fp16", "decoder": "int8"})
+    vision = trt_ep_provider_options(bundle, "vision")
+    assert vision.get("trt_fp16_enable") is True and "trt_int8_enable" not in vision
+    assert not any(k.startswith("trt_profile_") for k in vision)  # fixed grid: no shape profile
+    decoder = trt_ep_provider_options(bundle, "decoder")
+    assert decoder.get("trt_int8_enable") is True and "trt_fp16_enable" not in decoder
+    embed = trt_ep_provider_options(bundle, "embed")  # still fp32
+    assert "trt_fp16_enable" not in embed and "trt_int8_enable" not in embed
+
+
+def test_decoder_profile_max_uses_max_batch_and_context(tiny_bundle):
+    from focalrt.bundle import load
+    from focalrt.runtime.tensorrt_ep import profile_shapes, trt_ep_provider_options
+
+    b = load(tiny_bundle)
+    full = b.manifest["text"]["max_context"]
+    for batch, ctx in ((1, 300), (3, 1024), (8, None)):
+        hi = _spec(trt_ep_provider_options(b, "decoder", max_batch=batch, max_context=ctx)["trt_profile_max_shapes"])
+        c = ctx or full
+        assert hi["inputs_embeds"] == [batch, c, 64]
+        assert hi["attention_mask"] == [batch, c]
+        assert hi["position_ids"] == [3, batch, c]
+        kv = [name for name in hi if name.startswith("past_key_values.")]
+        assert len(kv) == 2 * b.manifest["text"]["num_layers"]
+        assert all(hi[name] == [batch, 2, c, 16] for name in kv)
+        emb = _spec(trt_ep_provider_options(b, "embed", max_batch=batch, max_context=ctx)["trt_profile_max_shapes"])
+        assert emb["input_ids"] == [batch, c]
+        assert emb["image_embeds"] == [b.manifest["preprocess"]["image_tokens"] * batch, 64]
+
+    # A context above the model's is capped, as the pipeline caps it; min <= opt <= max even when tiny.
+    assert profile_shapes(b.component("decoder"), b.manifest, max_context=10 * full)["attention_mask"][2] == [1, full]
+    for decode in (False, True):
+        for lo, opt, hi in profile_shapes(b.component("decoder"), b.manifest, 2, decode, max_context=16).values():
+            assert all(a <= o <= z for a, o, z in zip(lo, opt, hi, strict=True)), (lo, opt, hi)
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        profile_shapes(b.component("decoder"), b.manifest, max_batch=0)
+    with pytest.raises(ValueError, match="max_context must be at least 1"):
+        profile_shapes(b.component("decoder"), b.manifest, max_context=0)
+
+
+class _StopLoading(Exception):
+    """Ends a Pipeline load early: a CPU-only onnxruntime cannot go on to allocate a CUDA KV cache."""
+
+
+def _record_sessions(monkeypatch, stop_after: int | None = None) -> list[dict]:
+    """Replace the pipeline's create_session with one that records what each component was given, then
+    loads it with the real create_session (on the CPU only, as that is all this machine has)."""
+    from focalrt.runtime import pipeline
+    from focalrt.runtime.sessions import create_session
+
+    calls: list[dict] = []
+
+    def recording(path, providers=None, threads=None, trt_options=None):
+        calls.append({"file": Path(path).name, "providers": providers, "trt_options": trt_options})
+        if stop_after is not None and len(calls) == stop_after:
+            raise _StopLoading
+        return create_session(path, [p for p in providers if p == "CPUExecutionProvider"], threads, trt_options)
+
+    monkeypatch.setattr(pipeline, "create_session", recording)
+    return calls
+
+
+def test_pipeline_on_cpu_passes_no_tensorrt_options(tiny_bundle, tmp_path, monkeypatch):
+    from focalrt.runtime.pipeline import Pipeline
+
+    bundle = _with_precisions(tiny_bundle, tmp_path, {})
+    calls = _record_sessions(monkeypatch)
+    Pipeline.from_bundle(bundle, provider="cpu")
+    assert [c["file"] for c in calls] == ["vision.onnx", "embed.onnx", "decoder.onnx"]
+    assert all(c["trt_options"] is None and c["providers"] == ["CPUExecutionProvider"] for c in calls)
+    assert not (bundle / "engines").exists()
+
+
+def test_pipeline_under_tensorrt_gives_each_component_its_profile(tiny_bundle, tmp_path, monkeypatch):
+    from focalrt.runtime import pipeline
+
+    bundle = _with_precisions(tiny_bundle, tmp_path, {"decoder": "fp16"})
+    monkeypatch.setattr(pipeline, "resolve_providers", lambda provider=None: list(GPU_PROVIDERS))
+    calls = _record_sessions(monkeypatch, stop_after=3)
+    with pytest.raises(_StopLoading):
+        pipeline.Pipeline.from_bundle(bundle, max_context=256)  # max_batch left at its default, 8
+    by_file = {c["file"]: c["trt_options"] for c in calls}
+    assert set(by_file) == {"vision.onnx", "embed.onnx", "decoder.onnx"}
+    engines = str(bundle / "engines")
+    assert all(o["trt_engine_cache_path"] == engines == o["trt_timing_cache_path"] for o in by_file.values())
+    assert "trt_profile_max_shapes" not in by_file["vision.onnx"]
+    dec = _spec(by_file["decoder.onnx"]["trt_profile_max_shapes"])
+    assert dec["inputs_embeds"] == [8, 256, 64] and dec["past_key_values.0.key"] == [8, 2, 256, 16]
+    assert by_file["decoder.onnx"].get("trt_fp16_enable") is True
+    assert "trt_fp16_enable" not in by_file["embed.onnx"]
+    assert _spec(by_file["embed.onnx"]["trt_profile_max_shapes"])["input_ids"] == [8, 256]
 
 def test_int8_activations_reencode_for_tensorrt_without_changing_values(tiny_bundle, tmp_path):
     import onnxruntime as ort

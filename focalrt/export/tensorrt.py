@@ -10,9 +10,10 @@ implement, so a decoder exported with it cannot become a native engine. The runt
 TensorRT through ONNX Runtime's TensorRT execution provider: TensorRT takes every subgraph it can parse
 and the CUDA execution provider runs the attention nodes, on the same device, with the KV cache still
 updated in place. Components with only standard ops (vision encoder, token embedding) get native engines
-here; a contrib-op component is reported as served by the execution provider, and
-`trt_ep_provider_options` gives that provider the same shape bounds. docs/precision-and-tensorrt.md has
-the reasoning.
+here; a contrib-op component is reported as served by the execution provider, which the runtime
+configures with the same shape bounds (`profile_shapes` and `trt_ep_provider_options` live in the torch-free
+`focalrt/runtime/tensorrt_ep.py`, so the device can use them). docs/precision-and-tensorrt.md has the
+reasoning.
 
 Nothing here was run on a GPU by this project's CI: there is no GPU there. Without tensorrt, CUDA or a GPU
 every entry point fails with an error that says which is missing.
@@ -31,10 +32,14 @@ from typing import Any
 
 from focalrt.bundle import load, sha256_file
 from focalrt.runtime.device import FP8_MIN_SM, INT4_WEIGHT_ONLY_MIN_SM, Gpu, gpus
+from focalrt.runtime.tensorrt_ep import (
+    ENGINE_DIR,
+    profile_shapes,
+    trt_ep_provider_options,  # noqa: F401  (re-exported for export callers)
+)
 
 log = logging.getLogger(__name__)
 
-ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"
 STANDARD_DOMAINS = ("", "ai.onnx")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
@@ -168,66 +173,6 @@ def signed_activations(model) -> int:
             if vi.name in q_outputs and vi.type.tensor_type.elem_type == TensorProto.UINT8:
                 vi.type.tensor_type.elem_type = TensorProto.INT8
     return changed
-
-
-def profile_shapes(record: dict[str, Any], manifest: dict[str, Any], max_batch: int = 1,
-                   decode: bool = False) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """(min, opt, max) per dynamic input, from the manifest's symbolic dims, bounded by its max context.
-
-    `decode=True` gives the single-token profile (sequence 1) that decode steps run in; the other is the
-    prefill profile, optimised for a prompt of about image tokens + 64 text tokens.
-    """
-    ctx = int(manifest["text"]["max_context"])
-    image_tokens = int(manifest["preprocess"].get("image_tokens", 1))
-    prompt = min(ctx, image_tokens + 64)
-    ranges = {"batch": (1, 1, max_batch),
-              "sequence": (1, 1, 1) if decode else (1, prompt, ctx),
-              "total_sequence": (1, prompt + 1 if decode else prompt, ctx),
-              "max_context": (1, ctx, ctx), "past_sequence": (0, prompt, ctx - 1),
-              "image_tokens": (1, image_tokens, image_tokens * max_batch)}
-    shapes = {}
-    for inp in record.get("inputs", []):
-        dims = inp["shape"]
-        if all(isinstance(d, int) for d in dims):
-            continue
-        lo, opt, hi = [], [], []
-        for d in dims:
-            if isinstance(d, int):
-                lo.append(d)
-                opt.append(d)
-                hi.append(d)
-            elif d in ranges:
-                lo.append(ranges[d][0])
-                opt.append(ranges[d][1])
-                hi.append(ranges[d][2])
-            else:
-                raise ValueError(f"input {inp['name']} has dynamic dimension {d!r} with no known bound; known: "
-                                 f"{sorted(ranges)}")
-        shapes[inp["name"]] = (lo, opt, hi)
-    return shapes
-
-
-def trt_ep_provider_options(bundle_dir: str | Path, component: str, max_batch: int = 1) -> dict[str, Any]:
-    """ONNX Runtime TensorRT execution provider options for one component: engine and timing caches in
-    bundle/engines/ and explicit shape ranges, so its engines are built once for the whole range."""
-    bundle = load(bundle_dir)
-    shapes = profile_shapes(bundle.component(component), bundle.manifest, max_batch)
-
-    def spec(i: int) -> str:
-        return ",".join(f"{name}:{'x'.join(map(str, s[i]))}" for name, s in shapes.items())
-
-    cache = str(Path(bundle_dir) / ENGINE_DIR)
-    options: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                               "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
-    precision = bundle.component(component).get("precision", "fp32")
-    if precision == "fp16":
-        options["trt_fp16_enable"] = True
-    if precision == "int8":
-        options["trt_int8_enable"] = True  # explicit quantization: the QDQ scales are used, no calibration table
-    if shapes:
-        options.update(trt_profile_min_shapes=spec(0), trt_profile_opt_shapes=spec(1),
-                       trt_profile_max_shapes=spec(2))
-    return options
 
 
 def build_engine(trt, onnx_path: Path, profiles: list[dict], precision: str, fp16_kernels: bool,

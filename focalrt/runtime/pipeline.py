@@ -26,7 +26,8 @@ from focalrt.runtime.generate import (
     prefill,
 )
 from focalrt.runtime.preprocess import check_frame, read_image
-from focalrt.runtime.sessions import create_session, resolve_providers
+from focalrt.runtime.sessions import TENSORRT, create_session, resolve_providers
+from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
 
 
 @dataclass
@@ -56,12 +57,11 @@ class Pipeline:
         self.adapter = adapter_for(m)
         self.providers = resolve_providers(provider)
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        cache_dir = bundle.path / "engines"
-        self.vision = create_session(bundle.component_path("vision"), self.providers, threads, cache_dir)
-        self.sessions = Sessions(
-            embed=create_session(bundle.component_path("embed"), self.providers, threads, cache_dir),
-            decoder=create_session(bundle.component_path("decoder"), self.providers, threads, cache_dir),
-            device=self.device, rope_axes=self.adapter.rope_axes)
+        self.max_batch = max(1, int(max_batch))
+        self.max_context = min(max_context or m["text"]["max_context"], m["text"]["max_context"])
+        self.vision = self._session("vision", threads)
+        self.sessions = Sessions(embed=self._session("embed", threads), decoder=self._session("decoder", threads),
+                                 device=self.device, rope_axes=self.adapter.rope_axes)
         tok_path = bundle.path / m["tokenizer"]["file"]
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
@@ -72,11 +72,16 @@ class Pipeline:
         self.generation = m["generation"]
         self.stop_ids = {self._token_id(t) for t in self.profile["stop_tokens"]}
         self.image_token_id = int(self.text_cfg["image_token_id"])
-        self.max_context = min(max_context or self.text_cfg["max_context"], self.text_cfg["max_context"])
         self.cache = KVCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
                                       self.text_cfg["head_dim"], self.max_context, self.device)
-        self.max_batch = max(1, int(max_batch))
         self._head_kv: tuple[bytes, list[np.ndarray]] | None = None
+
+    def _session(self, component: str, threads: int | None) -> ort.InferenceSession:
+        """One component's session; under TensorRT with shape profiles that fit max_batch rows of max_context."""
+        trt = None
+        if TENSORRT in self.providers:
+            trt = trt_ep_provider_options(self.bundle, component, self.max_batch, self.max_context)
+        return create_session(self.bundle.component_path(component), self.providers, threads, trt)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, provider: str | None = None, max_context: int | None = None,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
-PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+TENSORRT = "TensorrtExecutionProvider"
+PREFERRED = (TENSORRT, "CUDAExecutionProvider", "CPUExecutionProvider")
+ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT,
            "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
@@ -36,21 +38,27 @@ def resolve_providers(provider: str | None = None) -> list[str]:
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
 
 
-def provider_options(providers: list[str], cache_dir: Path | None) -> list[tuple[str, dict]]:
-    opts: list[tuple[str, dict]] = []
-    for p in providers:
-        if p == "TensorrtExecutionProvider" and cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            opts.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}))
-        else:
-            opts.append((p, {}))
-    return opts
+def provider_options(providers: list[str], trt_options: dict[str, Any] | None = None) -> list[tuple[str, dict]]:
+    """(provider, options) pairs: only the TensorRT entry gets options; CUDA and CPU run on their defaults."""
+    return [(p, dict(trt_options or {}) if p == TENSORRT else {}) for p in providers]
+
+
+def _make_cache_dirs(options: list[tuple[str, dict]]) -> None:
+    """The TensorRT provider writes engines and timing caches into these folders; make them first."""
+    for name, opts in options:
+        if name == TENSORRT:
+            for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+                if opts.get(key):
+                    Path(opts[key]).mkdir(parents=True, exist_ok=True)
 
 
 def create_session(path: str | os.PathLike, providers: list[str] | None = None,
-                   threads: int | None = None, trt_cache_dir: Path | None = None) -> ort.InferenceSession:
-    """Load one ONNX file. Graph optimisations are on (ORT_ENABLE_ALL) and run once at load."""
+                   threads: int | None = None, trt_options: dict[str, Any] | None = None) -> ort.InferenceSession:
+    """Load one ONNX file. Graph optimisations are on (ORT_ENABLE_ALL) and run once at load.
+
+    `trt_options` (from `runtime.tensorrt_ep.trt_ep_provider_options`) go to the TensorRT provider when it
+    is among `providers`, and are ignored otherwise.
+    """
     path = Path(path)
     if not path.is_file():
         raise SessionError(f"ONNX file {path} is missing; re-export the bundle")
@@ -60,9 +68,13 @@ def create_session(path: str | os.PathLike, providers: list[str] | None = None,
     if threads:
         so.intra_op_num_threads = threads
     providers = providers or resolve_providers()
+    options = provider_options(providers, trt_options)
+    _make_cache_dirs(options)
     try:
-        return ort.InferenceSession(str(path), sess_options=so,
-                                    providers=provider_options(providers, trt_cache_dir))
+        return ort.InferenceSession(str(path), sess_options=so, providers=options)
     except Exception as e:  # ORT raises several unrelated exception types for a bad file
+        trt = ("; or, if it loads with --provider cuda, the TensorRT provider rejected its options (shape "
+               "profiles, cache folder): see docs/precision-and-tensorrt.md" if trt_options and TENSORRT in providers
+               else "")
         raise SessionError(f"could not load {path}: {str(e).splitlines()[0][:300]}. "
-                           f"The file is corrupt or not ONNX; re-export the bundle") from None
+                           f"The file is corrupt or not ONNX; re-export the bundle{trt}") from None
