@@ -91,8 +91,10 @@ def test_fp8_is_refused_on_orin_before_any_build(tiny_bundle):
 def test_quantized_engines_need_a_quantized_bundle(tiny_bundle):
     from focalrt.export.tensorrt import build_engines
 
+    before = sorted(p.name for p in tiny_bundle.iterdir())
     with pytest.raises(ValueError, match="focalrt calibrate --precision int8"):
         build_engines(tiny_bundle, precision="int8", gpu=ADA, tensorrt_version="10.3.0", build_fn=FakeBuilder())
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before  # a refusal leaves the bundle as it was
 
 
 def test_fp16_engines_from_an_fp32_bundle_use_fp16_kernels(tiny_bundle, tmp_path):

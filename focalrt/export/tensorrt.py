@@ -246,7 +246,6 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, componen
         check_precision_supported(precision, gpu)  # the hardware answer first: no point quantizing for it
     names = components or list(bundle.manifest["components"])
     out_dir = bundle_dir / ENGINE_DIR
-    out_dir.mkdir(exist_ok=True)
     results = []
     for name in names:
         record = bundle.component(name)
@@ -271,23 +270,31 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, componen
         if any(d == "sequence" for i in record.get("inputs", []) for d in i["shape"]):
             profiles.append(profile_shapes(record, bundle.manifest, max_batch, decode=True))
         t0 = time.perf_counter()
+        out_dir.mkdir(exist_ok=True)  # only once there is something to build: refusals leave the bundle as it was
         source = _parser_input(bundle_dir, bundle.component_path(name), graph, target)
         try:
             data = build_fn(source, [p for p in profiles if p], target, fp16_kernels, out_dir / TIMING_CACHE)
         finally:
             if source != bundle.component_path(name):
                 source.unlink(missing_ok=True)
-        engine.write_bytes(data)
-        meta.write_text(json.dumps({"component": name, "file": engine.name, "onnx_sha256": key.onnx_sha256,
+        _write_atomic(engine, data)
+        _write_atomic(meta, (json.dumps({"component": name, "file": engine.name, "onnx_sha256": key.onnx_sha256,
                                     "tensorrt": key.tensorrt, "gpu": key.gpu, "compute_capability": gpu.sm,
                                     "precision": target, "key": key.digest, "profiles": profiles,
-                                    "built_unix": int(time.time())}, indent=2) + "\n")
+                                    "built_unix": int(time.time())}, indent=2) + "\n").encode())
         for old in stale:
             old.with_suffix(".engine").unlink(missing_ok=True)
             old.unlink(missing_ok=True)
         results.append({"component": name, "status": "rebuilt" if stale else "built", "engine": str(engine),
                         "seconds": round(time.perf_counter() - t0, 1), "changed": changes})
     return results
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the target and rename: an interrupted build never leaves a truncated engine."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _target_precision(name: str, own: str, requested: str | None) -> tuple[str, bool]:
