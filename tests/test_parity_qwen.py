@@ -106,3 +106,27 @@ def test_position_ids_equal_get_rope_index(case, astronaut_bgr):
     got, delta = mrope_positions(np.array(d.prompt_token_ids), pipe.image_token_id, pipe.adapter.grid_hw)
     np.testing.assert_array_equal(got, want[:, 0].numpy())
     assert delta == int(want_delta[0, 0])
+
+
+def test_decoder_graph_is_fused_with_no_per_layer_shape_arithmetic(tiny_bundle, tiny_bundle_b):
+    """RoPE, residual+norm and attention are one contrib node each, so a decode step's kernel count grows
+    by a fixed ~16 per layer: everything else in the graph is the same for 2 and 3 layers."""
+    import json
+    from collections import Counter
+
+    import onnx
+
+    per_layer = {"MatMul", "Add", "Mul", "Sigmoid", "GroupQueryAttention", "MRotaryEmbedding",
+                 "SkipSimplifiedLayerNormalization", "Identity", "Constant"}
+    rest = []
+    for bundle in (tiny_bundle, tiny_bundle_b):
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        layers = manifest["text"]["num_layers"]
+        ops = Counter(n.op_type for n in onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph.node)
+        assert ops["GroupQueryAttention"] == layers
+        assert ops["MRotaryEmbedding"] == 2 * layers
+        assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
+        assert ops["Transpose"] == 0 and ops["Slice"] == 0 and ops["Neg"] == 0
+        assert manifest["components"]["decoder"]["rotary_table_positions"] == manifest["text"]["max_context"]
+        rest.append(sum(c for op, c in ops.items() if op not in per_layer))
+    assert rest[0] == rest[1], f"non-layer ops differ between 2 and 3 layers: {rest}"

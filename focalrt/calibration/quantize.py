@@ -41,7 +41,8 @@ INT4_BLOCK_SIZE = 32
 INT4_BLOCK_SIZES = (16, 32, 64, 128)
 # Parts kept in fp32 by the fp16 conversion: matched against node names (norms, rotary) and op types.
 FP16_KEEP_NAME_PARTS = ("norm", "rotary", "ln_q")
-FP16_KEEP_OPS = ("GroupQueryAttention", "Softmax")
+FP16_KEEP_OPS = ("GroupQueryAttention", "Softmax", "SkipSimplifiedLayerNormalization", "MRotaryEmbedding",
+                 "RotaryEmbedding")
 
 
 def _tqdm(total: int, desc: str, enabled: bool):
@@ -231,9 +232,11 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: list[str] | None = None)
     model = onnx.load(str(src))
     keep = [n.name for n in model.graph.node
             if any(part in n.name.lower() for part in FP16_KEEP_NAME_PARTS)] + list(keep_fp32_nodes or [])
+    keep += _constants_only_read_by(model, set(keep), FP16_KEEP_OPS)
     out = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_OPS),
                                    node_block_list=keep)
     _drop_duplicate_casts(out)
+    _skip_fp16_round_trips(out, set(keep))
     _bind_kv_directly(out)
     save_model(out, dst, is_large(src))
     kept_ops = Counter(n.op_type for n in model.graph.node if n.name in set(keep) or n.op_type in FP16_KEEP_OPS)
@@ -241,6 +244,49 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: list[str] | None = None)
                                                "op_types": list(FP16_KEEP_OPS), "nodes": len(keep),
                                                "by_op": dict(kept_ops)},
             "weights": "fp16", "activations": "fp16 (fp32 in the kept parts and at the graph IO)"}
+
+
+def _constants_only_read_by(model: onnx.ModelProto, names: set[str], op_types: tuple[str, ...]) -> list[str]:
+    """Constant nodes read only by fp32-kept nodes (the rotary cos/sin tables): left fp32, not rounded to fp16
+    and cast back."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return [n.name for n in model.graph.node if n.op_type == "Constant" and n.name and readers.get(n.output[0])
+            and all(r.name in names or r.op_type in op_types for r in readers[n.output[0]])]
+
+
+def _skip_fp16_round_trips(model: onnx.ModelProto, kept: set[str]) -> None:
+    """Read fp32 tensors directly where the converter routes them Cast(fp16) -> Cast(fp32) between two kept
+    nodes: the rotary tables, and the residual stream between fused norms, would otherwise lose precision
+    (and cost two kernels) for nothing."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def is_fp32(name: str) -> bool:
+        node = producer.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Constant":
+            return node.attribute[0].type == onnx.AttributeProto.TENSOR and \
+                node.attribute[0].t.data_type == onnx.TensorProto.FLOAT
+        return node.name in kept or node.op_type in FP16_KEEP_OPS
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if (cast_to(node) == onnx.TensorProto.FLOAT and first is not None
+                and cast_to(first) == onnx.TensorProto.FLOAT16 and is_fp32(first.input[0])):
+            rename[node.output[0]] = first.input[0]
+    outputs = {v.name for v in model.graph.output}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename and name not in outputs:
+                node.input[i] = rename[name]
+    _drop_dead_casts(model)
 
 
 def _drop_duplicate_casts(model: onnx.ModelProto) -> None:

@@ -103,7 +103,7 @@ def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: s
         log.info("exporting token embedding")
         embed = q.export_embed(model, tmp)
         log.info("exporting decoder (%d layers)", tcfg.num_hidden_layers)
-        decoder = q.export_decoder(model, tmp)
+        decoder = q.export_decoder(model, tmp, max_context)
         source_dir = Path(model_id) if model_id and Path(model_id).is_dir() else None
         tok = write_tokenizer(tmp, source_dir)
         if model_id and source_dir is None:

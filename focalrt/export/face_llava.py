@@ -529,14 +529,14 @@ def export_embed(model: FaceLlava, out: Path) -> dict[str, Any]:
     return {"validation_max_abs_diff": err, **describe_io(path)}
 
 
-def export_decoder(model: FaceLlava, out: Path) -> dict[str, Any]:
-    module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head).eval()
+def export_decoder(model: FaceLlava, out: Path, max_context: int) -> dict[str, Any]:
+    module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head, max_context).eval()
     path = out / "decoder.onnx"
-    export_kv_decoder(module, path, rope_axes=1)
+    graph = export_kv_decoder(module, path, rope_axes=1)
     hd = module.head_dim
     err = validate_decoder(model, path, hd)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
-    return {"validation_max_abs_diff": err, **describe_io(path)}
+    return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
 
 
 def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: int = 7, steps: int = 3,
@@ -610,7 +610,7 @@ def export_face_llava(out: str | Path, *, model_id: str | None = None, preset: s
         log.info("exporting token embedding")
         embed = export_embed(model, tmp)
         log.info("exporting decoder (%d layers)", tcfg.num_hidden_layers)
-        decoder = export_decoder(model, tmp)
+        decoder = export_decoder(model, tmp, max_context)
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
         manifest: dict[str, Any] = {
             "family": "face_llava",

@@ -5,11 +5,15 @@ buffer as `past_key_values.*` input and `present.*` output. GroupQueryAttention 
 values in place at each row's position (taken from `seqlens_k`) and attends only over the valid length,
 so no step concatenates or reallocates. It also handles grouped KV heads without repeating them.
 
-The PyTorch `forward` below computes the same thing eagerly; it runs during tracing (shapes) and in
-tests, while `symbolic` emits the single contrib node into the graph.
+The same module fuses the rest of a layer the way ONNX Runtime's kernels want it: RoPE as
+(M)RotaryEmbedding over a position table, each residual add with the following RMSNorm as
+SkipSimplifiedLayerNormalization. Each contrib op is an autograd Function: its PyTorch `forward` computes
+the same thing eagerly (it runs during tracing and in tests), and `symbolic` emits the single node.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -76,49 +80,161 @@ def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return hidden.gather(1, idx)
 
 
+# Rotary types whose cos/sin depend on the position only, so one table built at export serves every step.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_tables(rotary_emb: torch.nn.Module, positions: int, head_dim: int, axes: int) -> tuple[torch.Tensor, ...]:
+    """cos/sin caches [positions, head_dim/2] from the model's own rotary module (its scaling included).
+
+    Why a table: the contrib rotary ops look rows up by position id, so no per-step trigonometry or
+    M-RoPE section shuffling stays in the graph. Asking the module for equal positions on every M-RoPE
+    axis gives the plain per-position table; the sections are applied by the op.
+    """
+    rope_type = (getattr(rotary_emb, "rope_type", None) or "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"rotary embedding type {rope_type!r} changes with the sequence length and cannot be "
+                         f"exported as a fixed table; supported: {', '.join(STATIC_ROPE_TYPES)}")
+    pos = torch.arange(positions).view(1, -1)
+    if axes == 3:
+        pos = pos.view(1, 1, -1).expand(3, 1, -1)
+    probe = torch.zeros(1, positions, head_dim)
+    with torch.no_grad():
+        cos, sin = rotary_emb(probe, pos)
+    return cos.reshape(positions, head_dim)[:, : head_dim // 2].contiguous(), \
+        sin.reshape(positions, head_dim)[:, : head_dim // 2].contiguous()
+
+
+def rotary_reference(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                     num_heads: int, sections: tuple[int, ...]) -> torch.Tensor:
+    """Eager rotate-half RoPE on [B, S, heads*head_dim]; M-RoPE takes each section's angle from its own axis."""
+    bsz, seq, _ = x.shape
+    if sections:
+        cos = torch.cat([cos_cache[position_ids[i % 3]][..., a:b] for i, (a, b) in enumerate(_spans(sections))], -1)
+        sin = torch.cat([sin_cache[position_ids[i % 3]][..., a:b] for i, (a, b) in enumerate(_spans(sections))], -1)
+    else:
+        cos, sin = cos_cache[position_ids], sin_cache[position_ids]
+    cos, sin = torch.cat([cos, cos], -1).unsqueeze(2), torch.cat([sin, sin], -1).unsqueeze(2)
+    xh = x.view(bsz, seq, num_heads, -1)
+    half = xh.shape[-1] // 2
+    rotated = torch.cat([-xh[..., half:], xh[..., :half]], -1)
+    return (xh * cos + rotated * sin).reshape(bsz, seq, -1)
+
+
+def _spans(sections: tuple[int, ...]) -> list[tuple[int, int]]:
+    edges = [0]
+    for s in sections:
+        edges.append(edges[-1] + s)
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+class Rotary(torch.autograd.Function):
+    """RoPE as one contrib node: MRotaryEmbedding (Qwen2.5-VL, [3, B, S] positions) or RotaryEmbedding ([B, S])."""
+
+    @staticmethod
+    def forward(ctx, x, position_ids, cos_cache, sin_cache, num_heads, sections):  # noqa: ARG004
+        return rotary_reference(x, position_ids, cos_cache, sin_cache, num_heads, sections)
+
+    @staticmethod
+    def symbolic(g, x, position_ids, cos_cache, sin_cache, num_heads, sections):
+        if sections:
+            out = g.op("com.microsoft::MRotaryEmbedding", x, position_ids, cos_cache, sin_cache,
+                       num_heads_i=num_heads, mrope_section_i=list(sections), interleaved_i=0)
+        else:
+            out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache,
+                       num_heads_i=num_heads, interleaved_i=0)
+        out.setType(x.type())
+        return out
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain ops, which ONNX Runtime fuses into SimplifiedLayerNormalization at load (a standard-domain graph)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class SkipRMSNorm(torch.autograd.Function):
+    """residual + x, and RMSNorm of that sum, as one SkipSimplifiedLayerNormalization node.
+
+    Why: the residual add and the following norm are two kernels per sublayer otherwise; fused, a decode
+    step launches two fewer kernels per sublayer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):  # noqa: ARG004
+        total = residual + x
+        return rms_norm_reference(total, weight, eps), total
+
+    @staticmethod
+    def symbolic(g, x, residual, weight, eps):
+        out, _mean, _inv_std, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", residual, x, weight,
+                                           epsilon_f=eps, outputs=4)
+        out.setType(x.type())
+        total.setType(x.type())
+        return out, total
+
+
+def _norm_eps(norm: torch.nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    if eps is None or not hasattr(norm, "weight"):
+        raise ValueError(f"{type(norm).__name__} is not an RMSNorm with a weight and an epsilon; only RMSNorm "
+                         f"decoders (Qwen2, Llama) are supported")
+    return float(eps)
+
+
 class KVCachedDecoder(torch.nn.Module):
     """A transformers decoder-only LM (Qwen2 / Llama layers) as one graph with an in-place KV cache.
 
-    Reuses the model's projections, norms, MLPs and rotary embedding; replaces attention with
-    GroupQueryAttention and computes logits for each row's last token only. Position ids are whatever
-    the model's rotary embedding takes: [3, B, S] for Qwen2.5-VL's M-RoPE, [B, S] for Llama.
+    Reuses the model's projections, MLPs and norm weights. Attention becomes GroupQueryAttention; RoPE
+    becomes (M)RotaryEmbedding over a cos/sin table of `max_positions` rows; each residual add is fused
+    with the norm after it (SkipSimplifiedLayerNormalization); logits come from each row's last token
+    only. Position ids are [3, B, S] for Qwen2.5-VL's M-RoPE and [B, S] for Llama. The graph has no
+    run-time shape arithmetic per layer: a decode step runs about 16 kernels per layer.
     """
 
-    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module):
+    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, max_positions: int):
         super().__init__()
         cfg = language_model.config
         self.layers = language_model.layers
         self.norm = language_model.norm
-        self.rotary_emb = language_model.rotary_emb
         self.lm_head = lm_head
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = float(self.head_dim ** -0.5)
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        self.sections = tuple(int(s) for s in rope.get("mrope_section") or ())
+        if self.sections and sum(self.sections) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {list(self.sections)} must sum to head_dim/2 = {self.head_dim // 2}")
+        cos, sin = rope_tables(language_model.rotary_emb, max_positions, self.head_dim, 3 if self.sections else 1)
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
+        self.eps = _norm_eps(self.norm)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        hidden = inputs_embeds
-        bsz, seq, _ = hidden.shape
-        cos, sin = self.rotary_emb(hidden, position_ids)  # M-RoPE sections are already merged here
+        bsz, seq, _ = inputs_embeds.shape
         seqlens_k, total_len = mask_to_seqlens(attention_mask)
         presents = []
+        residual = inputs_embeds
+        first = self.layers[0].input_layernorm
+        x = rms_norm_reference(residual, first.weight, _norm_eps(first))
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            q = q.transpose(1, 2).reshape(bsz, seq, -1)
-            k = k.transpose(1, 2).reshape(bsz, seq, -1)
-            out, pk, pv = GroupQueryAttention.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k,
+            q = Rotary.apply(attn.q_proj(x), position_ids, self.cos_cache, self.sin_cache, self.num_heads,
+                             self.sections)
+            k = Rotary.apply(attn.k_proj(x), position_ids, self.cos_cache, self.sin_cache, self.kv_heads,
+                             self.sections)
+            out, pk, pv = GroupQueryAttention.apply(q, k, attn.v_proj(x), past[2 * i], past[2 * i + 1], seqlens_k,
                                                     total_len, self.num_heads, self.kv_heads, self.scale)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [pk, pv]
-        hidden = self.norm(last_token_hidden(hidden, attention_mask))
+            post = layer.post_attention_layernorm
+            x, residual = SkipRMSNorm.apply(attn.o_proj(out), residual, post.weight, _norm_eps(post))
+            mlp = layer.mlp(x)
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1].input_layernorm
+                x, residual = SkipRMSNorm.apply(mlp, residual, nxt.weight, _norm_eps(nxt))
+            else:
+                residual = residual + mlp
+        hidden = rms_norm_reference(last_token_hidden(residual, attention_mask), self.norm.weight, self.eps)
         return (self.lm_head(hidden), *presents)
 
 
@@ -128,7 +244,7 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> None:
+def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> dict[str, Any]:
     """Trace a KVCachedDecoder with its IO declared in one place; position ids are [3, B, S] or [B, S]."""
     from focalrt.export.onnx_io import export_module
 
@@ -151,3 +267,6 @@ def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> None:
         pos = pos.unsqueeze(0).expand(3, -1, -1)
     past = [torch.zeros(bsz, module.kv_heads, buf, module.head_dim) for _ in range(2 * n_layers)]
     export_module(module, (embeds, mask, pos.contiguous(), *past), path, in_names, out_names, axes)
+    return {"rotary": "MRotaryEmbedding" if module.sections else "RotaryEmbedding",
+            "rotary_table_positions": int(module.cos_cache.shape[0]),
+            "norms": "SkipSimplifiedLayerNormalization (residual add fused)"}
