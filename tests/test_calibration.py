@@ -238,6 +238,12 @@ def test_fp16_conversion_runs_on_cpu_and_keeps_the_kv_cache_in_place(tiny_bundle
     assert gqa and all(n.input[3].startswith("past_key_values.") and n.output[1].startswith("present.")
                        for n in gqa)  # past/present go straight to the graph IO: updated in place
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    # The rotary tables and the residual stream between fused norms never round-trip through fp16.
+    producer = {o: n for n in graph.node for o in n.output}
+    rotary = [n for n in graph.node if n.op_type == "MRotaryEmbedding"]
+    assert rotary and all(producer[name].op_type == "Constant" for n in rotary for name in n.input[2:4])
+    skips = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(producer[n.input[0]].op_type != "Cast" for n in skips[1:])
     d = Pipeline.from_bundle(out, provider="cpu").describe(astronaut_bgr, box=BOX, max_new_tokens=4)
     assert len(d.token_ids) >= 1
 
