@@ -77,6 +77,8 @@ def _listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         recs.append(comp)
         if "external_data" in comp:
             recs.append(comp["external_data"])
+        if "tensorrt_file" in comp:  # int8 graph re-encoded for TensorRT; shares the component's external data
+            recs.append(comp["tensorrt_file"])
     for extra in (manifest.get("tokenizer", {}),):
         if "file" in extra:
             recs.append(extra)

@@ -94,6 +94,114 @@ def test_int8_bundle_loads_describes_and_is_smaller(int8_bundle, tiny_bundle, as
     assert len(d.token_ids) >= 1 and d.finish_reason in ("stop", "length")
 
 
+def _zero_point_types(path: Path) -> dict[int, int]:
+    """How many Q/DQ zero points of each ONNX element type a graph has (weights not loaded)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    zps = {n.input[2] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
+    types: dict[int, int] = {}
+    for init in graph.initializer:
+        if init.name in zps:
+            types[init.data_type] = types.get(init.data_type, 0) + 1
+    return types
+
+
+def _feeds(record: dict, rng: np.random.Generator, length: int = 8) -> dict[str, np.ndarray]:
+    """Inputs for one component from its manifest record: a prefill of `length` tokens over an empty cache."""
+    dims = {"batch": 1, "sequence": length, "total_sequence": length, "max_context": length}
+    feeds = {}
+    for inp in record["inputs"]:
+        shape = tuple(dims.get(d, d) for d in inp["shape"])
+        if inp["name"] == "position_ids":
+            feeds[inp["name"]] = np.broadcast_to(np.arange(length), shape).astype(np.int64)
+        elif inp["name"] == "attention_mask":
+            feeds[inp["name"]] = np.ones(shape, np.int64)
+        elif inp["name"].startswith("past_key_values."):
+            feeds[inp["name"]] = np.zeros(shape, np.float32)
+        else:
+            feeds[inp["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def test_int8_bundle_has_a_signed_copy_for_tensorrt(int8_bundle):
+    """TensorRT takes only int8 Q/DQ with zero point 0; the bundle carries that graph beside the uint8 one."""
+    import onnxruntime as ort
+
+    from focalrt.bundle import load
+
+    bundle = load(int8_bundle, verify_hashes=True)  # the copies are listed files: present, sizes and hashes match
+    comps = bundle.manifest["components"]
+    assert "tensorrt_file" not in comps["embed"]  # fp16: nothing to re-encode
+    assert not (int8_bundle / "embed.tensorrt.onnx").exists()
+    rng = np.random.default_rng(0)
+    literal = ort.SessionOptions()
+    literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the QDQ arithmetic as written
+    for name, output in (("vision", "image_embeds"), ("decoder", "logits")):
+        plain = int8_bundle / comps[name]["file"]
+        rec = comps[name]["tensorrt_file"]
+        signed = int8_bundle / rec["file"]
+        assert rec["file"] == f"{name}.tensorrt.onnx" and signed.stat().st_size == rec["bytes"]
+        assert "external_data" not in rec and not signed.with_name(signed.name + ".data").exists()
+
+        before, after = _zero_point_types(plain), _zero_point_types(signed)
+        assert before.get(onnx.TensorProto.UINT8, 0) > 0  # the CPU file keeps the encoding ORT fuses
+        assert onnx.TensorProto.UINT8 not in after
+        assert after[onnx.TensorProto.INT8] == before.get(onnx.TensorProto.INT8, 0) + before[onnx.TensorProto.UINT8]
+        a, b = (onnx.load(str(p), load_external_data=False).graph for p in (plain, signed))
+        assert [(n.op_type, list(n.input), list(n.output)) for n in a.node] == [
+            (n.op_type, list(n.input), list(n.output)) for n in b.node]
+        changed = [x.name for x, y in zip(a.initializer, b.initializer, strict=True) if x != y]
+        assert changed and all(n.endswith("zero_point") for n in changed)  # only the encoding differs
+
+        feeds = _feeds(comps[name], rng)
+        for options in (literal, None):
+            ref = ort.InferenceSession(str(plain), options, providers=["CPUExecutionProvider"]).run([output], feeds)[0]
+            got = ort.InferenceSession(str(signed), options, providers=["CPUExecutionProvider"]).run([output], feeds)[0]
+            if options is literal:
+                np.testing.assert_array_equal(got, ref)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_tensorrt_copy_shares_the_external_weights(int8_bundle, tmp_path):
+    """A component stored like the big ones (weights in decoder.onnx.data): the copy is only a graph proto."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from focalrt.calibration.make_bundle import write_tensorrt_copy
+
+    plain = tmp_path / "decoder.onnx"
+    onnx.save_model(onnx.load(str(int8_bundle / "decoder.onnx")), str(plain), save_as_external_data=True,
+                    location="decoder.onnx.data", size_threshold=1024)
+    data = tmp_path / "decoder.onnx.data"
+    copy = write_tensorrt_copy(plain)
+    assert copy == tmp_path / "decoder.tensorrt.onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data", "decoder.tensorrt.onnx"]
+    # As big as the graph file it was made from (the rotary tables are inline constants), a fraction of the weights.
+    assert abs(copy.stat().st_size - plain.stat().st_size) < 1024 and copy.stat().st_size < 0.2 * data.stat().st_size
+
+    def external(path: Path) -> dict[str, list[tuple[str, str]]]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return {t.name: [(e.key, e.value) for e in t.external_data] for t in graph.initializer if t.external_data}
+
+    refs = external(copy)
+    assert refs and refs == external(plain)  # same file, offsets and lengths
+    assert {v for entries in refs.values() for k, v in entries if k == "location"} == {"decoder.onnx.data"}
+
+    manifest = json.loads((int8_bundle / "manifest.json").read_text())["components"]["decoder"]
+    feeds = _feeds(manifest, np.random.default_rng(1))
+    ref = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    got = ort.InferenceSession(str(copy), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+    # A graph without uint8 activations (the fp16 embedding) gets no copy, and an outdated one is removed.
+    other = tmp_path / "fp16"
+    other.mkdir()
+    (other / "embed.tensorrt.onnx").write_bytes(copy.read_bytes())
+    shutil.copy(int8_bundle / "embed.onnx", other / "embed.onnx")
+    assert write_tensorrt_copy(other / "embed.onnx") is None
+    assert sorted(p.name for p in other.iterdir()) == ["embed.onnx"]
+
+
 def test_int8_report_has_every_field(int8_bundle):
     from focalrt.calibration.report import REPORT_KEYS
 

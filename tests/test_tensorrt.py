@@ -328,6 +328,89 @@ def test_pipeline_under_tensorrt_gives_each_component_its_profile(tiny_bundle, t
     assert "trt_fp16_enable" not in by_file["embed.onnx"]
     assert _spec(by_file["embed.onnx"]["trt_profile_max_shapes"])["input_ids"] == [8, 256]
 
+def _int8_vision_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the bundle whose vision encoder is int8, written by the calibrate command's own steps
+    (transform, then manifest) on random pixels; embed and decoder stay fp32. No gate: only files matter."""
+    import shutil
+
+    from focalrt.bundle import load
+    from focalrt.calibration import make_bundle
+    from focalrt.calibration.record import Recording
+
+    bundle = tmp_path / "int8-vision"
+    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("engines"))
+    source = load(tiny_bundle)
+    shape = source.component("vision")["inputs"][0]["shape"]
+    rng = np.random.default_rng(0)
+    recording = Recording(vision=[{"pixel_values": rng.standard_normal(shape).astype(np.float32)} for _ in range(2)])
+    opts = make_bundle.Options(precision="int8", progress=False)
+    (bundle / "calibration").mkdir()
+    plan = {"vision": "int8"}
+    infos = {"vision": make_bundle._transform(source, bundle, "vision", "int8", recording, "minmax", [], opts)}
+    make_bundle._write_manifest(source, bundle, plan, infos, None)
+    return bundle
+
+
+def test_tensorrt_provider_loads_the_signed_int8_graph(tiny_bundle, tmp_path, monkeypatch):
+    from focalrt.bundle import load
+    from focalrt.runtime import pipeline
+
+    bundle = _int8_vision_bundle(tiny_bundle, tmp_path)
+    comps = load(bundle, verify_hashes=True).manifest["components"]
+    assert comps["vision"]["tensorrt_file"]["file"] == "vision.tensorrt.onnx"
+    assert "tensorrt_file" not in comps["embed"] and "tensorrt_file" not in comps["decoder"]
+
+    calls = _record_sessions(monkeypatch)
+    pipeline.Pipeline.from_bundle(bundle, provider="cpu")  # CPU keeps the uint8 graph ORT fuses
+    assert [c["file"] for c in calls] == ["vision.onnx", "embed.onnx", "decoder.onnx"]
+
+    monkeypatch.setattr(pipeline, "resolve_providers", lambda provider=None: list(GPU_PROVIDERS))
+    calls = _record_sessions(monkeypatch, stop_after=3)
+    with pytest.raises(_StopLoading):
+        pipeline.Pipeline.from_bundle(bundle)
+    assert [c["file"] for c in calls] == ["vision.tensorrt.onnx", "embed.onnx", "decoder.onnx"]
+    assert calls[0]["trt_options"]["trt_int8_enable"] is True
+    assert calls[0]["providers"] == GPU_PROVIDERS
+
+    monkeypatch.setattr(pipeline, "resolve_providers", lambda provider=None: GPU_PROVIDERS[1:])  # CUDA, no TensorRT
+    calls = _record_sessions(monkeypatch, stop_after=3)
+    with pytest.raises(_StopLoading):
+        pipeline.Pipeline.from_bundle(bundle)
+    assert [c["file"] for c in calls] == ["vision.onnx", "embed.onnx", "decoder.onnx"]
+
+
+def test_engine_build_parses_the_bundled_signed_graph(tiny_bundle, tmp_path):
+    """build-engines reads the bundle's tensorrt_file and leaves it in place; an int8 bundle made before
+    that file existed gets a temporary signed copy, removed after the build."""
+    from focalrt.bundle import load, write_manifest
+    from focalrt.export.tensorrt import build_engines
+
+    bundle = _int8_vision_bundle(tiny_bundle, tmp_path)
+    seen = []
+
+    def build(path, profiles, precision, fp16_kernels, timing_cache) -> bytes:
+        zps = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
+        seen.append({"file": path.name, "precision": precision,
+                     "uint8": sum(z.data_type == onnx.TensorProto.UINT8 for z in zps),
+                     "int8": sum(z.data_type == onnx.TensorProto.INT8 for z in zps)})
+        return b"engine"
+
+    build_engines(bundle, components=["vision"], gpu=ADA, tensorrt_version="10.3.0", build_fn=build)
+    assert seen[-1]["file"] == "vision.tensorrt.onnx" and seen[-1]["precision"] == "int8"
+    assert seen[-1]["uint8"] == 0 and seen[-1]["int8"] > 0
+    load(bundle, verify_hashes=True)  # the bundled copy is still there, unchanged
+
+    manifest = load(bundle).manifest
+    del manifest["components"]["vision"]["tensorrt_file"]
+    write_manifest(bundle, manifest)
+    (bundle / "vision.tensorrt.onnx").unlink()
+    before = sorted(p.name for p in bundle.iterdir())
+    build_engines(bundle, components=["vision"], gpu=ADA, tensorrt_version="10.3.0", build_fn=build, force=True)
+    assert seen[-1]["file"] == ".vision.tensorrt-int8.onnx"
+    assert seen[-1]["uint8"] == 0 and seen[-1]["int8"] == seen[0]["int8"]
+    assert sorted(p.name for p in bundle.iterdir()) == before  # the temporary copy is gone
+
+
 def test_int8_activations_reencode_for_tensorrt_without_changing_values(tiny_bundle, tmp_path):
     import onnxruntime as ort
 

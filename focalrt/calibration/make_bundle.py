@@ -2,9 +2,10 @@
 
 Steps: load the fp32 pipeline; sample frames and split off the held-out ones; record the calibration
 inputs (int8/fp8); run the fp32 reference on the held-out requests; in a temporary directory beside the
-target, copy what does not change, transform the components, write the manifest, load the result with the
-runtime and gate it; while it fails, keep the most sensitive nodes (measured) in float and try again. The
-directory becomes the bundle only when the gate passes (or with `force`).
+target, copy what does not change, transform the components (with a signed-int8 copy of each int8 graph
+for TensorRT, `write_tensorrt_copy`), write the manifest, load the result with the runtime and gate it;
+while it fails, keep the most sensitive nodes (measured) in float and try again. The directory becomes
+the bundle only when the gate passes (or with `force`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ PLAN = {"int8": {"vision": "int8", "embed": "fp16", "decoder": "int8"},
         "fp8": {"vision": "fp8", "embed": "fp16", "decoder": "fp8"},
         "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
         "int4": {"vision": "fp16", "embed": "fp16", "decoder": "int4"}}
+# The signed-int8 copy of a component's graph that TensorRT reads (see write_tensorrt_copy).
+TENSORRT_SUFFIX = ".tensorrt.onnx"
 GATE_METRIC_COMPONENT = {"vision_cosine_min": "vision", "logit_cosine_mean": "decoder",
                          "top1_agreement": "decoder", "greedy_agreement_mean": "decoder"}
 
@@ -181,7 +184,36 @@ def _transform(source, tmp: Path, name: str, kind: str, recording: Recording, me
     else:
         info = qz.convert_fp16(src, dst)
     qz.check_io_unchanged(src, dst)
+    write_tensorrt_copy(dst)
     return {**info, "bytes": qz.model_bytes(dst), "bytes_fp32": qz.model_bytes(src)}
+
+
+def tensorrt_name(relative: str) -> str:
+    """`decoder.onnx` -> `decoder.tensorrt.onnx`: the TensorRT twin of a component, in the same folder."""
+    path = Path(relative)
+    return str(path.with_name(path.stem + TENSORRT_SUFFIX))
+
+
+def write_tensorrt_copy(component: Path) -> Path | None:
+    """Beside a component with uint8 (zero point 128) activations, the same graph with int8 ones.
+
+    ONNX Runtime's CPU kernels need the uint8 encoding and TensorRT accepts only int8 with zero point 0, so
+    the TensorRT execution provider and `build-engines` read this copy. Only the graph proto is written: its
+    tensors keep pointing at the component's external-data file (same relative name, same folder), so no
+    weight is stored twice. Returns the copy, or None (removing an outdated copy) when there is nothing to
+    re-encode.
+    """
+    import onnx
+
+    from focalrt.export.tensorrt import signed_activations
+
+    copy = component.with_name(tensorrt_name(component.name))
+    copy.unlink(missing_ok=True)  # a fallback re-quantization must not leave the previous graph's copy
+    graph = onnx.load(str(component), load_external_data=False)
+    if not signed_activations(graph):
+        return None
+    onnx.save_model(graph, str(copy))  # no save_as_external_data: the external references are kept as they are
+    return copy
 
 
 def _gate(tmp: Path, pipe, references, thresholds: Thresholds, opts: Options, desc: str) -> GateResult:
@@ -237,11 +269,15 @@ def _write_manifest(source, tmp: Path, plan: dict[str, str], infos: dict[str, di
     components = dict(manifest["components"])
     for name, kind in plan.items():
         old = {k: v for k, v in components[name].items()
-               if k not in ("file", "bytes", "sha256", "external_data", "validation_max_abs_diff", "precision")}
+               if k not in ("file", "bytes", "sha256", "external_data", "tensorrt_file", "validation_max_abs_diff",
+                            "precision")}
         info = infos[name]
         quant = {k: v for k, v in info.items() if k not in ("bytes", "bytes_fp32", "sensitivity_top")}
-        components[name] = {**file_record(tmp, components[name]["file"]), **old, "precision": kind,
-                            "quantization": quant}
+        record = file_record(tmp, components[name]["file"])
+        trt_name = tensorrt_name(components[name]["file"])
+        if (tmp / trt_name).is_file():
+            record["tensorrt_file"] = file_record(tmp, trt_name)
+        components[name] = {**record, **old, "precision": kind, "quantization": quant}
     manifest["components"] = components
     if report is not None:
         manifest["calibration"] = {

@@ -25,7 +25,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,12 +272,8 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, componen
             profiles.append(profile_shapes(record, bundle.manifest, max_batch, decode=True))
         t0 = time.perf_counter()
         out_dir.mkdir(exist_ok=True)  # only once there is something to build: refusals leave the bundle as it was
-        source = _parser_input(bundle_dir, bundle.component_path(name), graph, target)
-        try:
+        with _parser_input(bundle_dir, record, graph, target) as source:
             data = build_fn(source, [p for p in profiles if p], target, fp16_kernels, out_dir / TIMING_CACHE)
-        finally:
-            if source != bundle.component_path(name):
-                source.unlink(missing_ok=True)
         _write_atomic(engine, data)
         _write_atomic(meta, (json.dumps({"component": name, "file": engine.name, "onnx_sha256": key.onnx_sha256,
                                     "tensorrt": key.tensorrt, "gpu": key.gpu, "compute_capability": gpu.sm,
@@ -312,17 +309,29 @@ def _target_precision(name: str, own: str, requested: str | None) -> tuple[str, 
                      f"--precision) or start from the fp32 bundle")
 
 
-def _parser_input(bundle_dir: Path, path: Path, graph, precision: str) -> Path:
-    """The file TensorRT parses: the component itself, or a copy of its graph with int8 activations.
+@contextmanager
+def _parser_input(bundle_dir: Path, record: dict[str, Any], graph, precision: str) -> Iterator[Path]:
+    """The file TensorRT parses: the component itself, or its graph with int8 (zero point 0) activations.
 
-    The copy sits beside the original so its external weights (same relative file) are read in place.
+    Int8 bundles written by `focalrt calibrate` carry that graph as `tensorrt_file`. For older ones a
+    temporary copy is written beside the component, so its external weights (same relative file) are read
+    in place, and removed after the build.
     """
+    path = bundle_dir / record["file"]
     if precision != "int8":
-        return path
+        yield path
+        return
+    if record.get("tensorrt_file"):
+        yield bundle_dir / record["tensorrt_file"]["file"]
+        return
     import onnx
 
     if not signed_activations(graph):
-        return path
+        yield path
+        return
     copy = path.with_name(f".{path.stem}.tensorrt-int8.onnx")
     onnx.save_model(graph, str(copy))
-    return copy
+    try:
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)

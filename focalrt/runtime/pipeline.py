@@ -77,11 +77,20 @@ class Pipeline:
         self._head_kv: tuple[bytes, list[np.ndarray]] | None = None
 
     def _session(self, component: str, threads: int | None) -> ort.InferenceSession:
-        """One component's session; under TensorRT with shape profiles that fit max_batch rows of max_context."""
+        """One component's session; under TensorRT with shape profiles that fit max_batch rows of max_context.
+
+        Under TensorRT an int8 component loads its `tensorrt_file` (int8 activations with zero point 0, which
+        TensorRT requires) when the bundle has one; every other provider keeps the uint8 graph that ORT's CPU
+        kernels fuse into integer matmuls.
+        """
+        path = self.bundle.component_path(component)
         trt = None
         if TENSORRT in self.providers:
             trt = trt_ep_provider_options(self.bundle, component, self.max_batch, self.max_context)
-        return create_session(self.bundle.component_path(component), self.providers, threads, trt)
+            signed = self.bundle.component(component).get("tensorrt_file")
+            if signed:
+                path = self.bundle.file(signed["file"])
+        return create_session(path, self.providers, threads, trt)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, provider: str | None = None, max_context: int | None = None,
