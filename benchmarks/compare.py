@@ -3,7 +3,7 @@
     python benchmarks/compare.py --preset small [--json out.json] [--skip-int4]
 
 Rows:
-  1. focalrt, fp32 bundle (and an int4 bundle when `focalrt convert --precision int4` exists);
+  1. focalrt, fp32 bundle and an int4 bundle (`focalrt convert --precision int4`);
   2. transformers generate(), PyTorch eager fp32 on the CPU;
   3. onnxruntime-genai, fp32 and int4, built by its own model builder from the same weights saved as a
      local Qwen2_5_VLForConditionalGeneration checkpoint (text decoder `qwen2_5_vl_text`);
@@ -31,6 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode  # noqa: E402  (benchmarks/decode.py: shared workers and orchestration)
+
+from focalrt.calibration.quantize import INT4_BLOCK_SIZE  # noqa: E402
 
 CACHE = decode.CACHE
 GENAI_PRECISIONS = ("fp32", "int4")
@@ -67,9 +69,10 @@ def ensure_checkpoint(spec: dict[str, Any]) -> Path:
     return out
 
 
-def ensure_genai_model(checkpoint: Path, precision: str) -> Path:
-    """onnxruntime-genai's own build of the checkpoint: `python -m onnxruntime_genai.models.builder`."""
-    out = CACHE / "genai" / f"{checkpoint.name}-{precision}"
+def ensure_genai_model(checkpoint: Path, precision: str, block: int) -> Path:
+    """onnxruntime-genai's own build of the checkpoint: `python -m onnxruntime_genai.models.builder`; int4
+    with `block` weights per scale, as ours."""
+    out = CACHE / "genai" / (f"{checkpoint.name}-{precision}" + (f"-b{block}" if precision == "int4" else ""))
     if (out / "genai_config.json").is_file():
         return out
     print(f"building the onnxruntime-genai {precision} model in {out} (once) ...", file=sys.stderr, flush=True)
@@ -79,6 +82,8 @@ def ensure_genai_model(checkpoint: Path, precision: str) -> Path:
     log = out.with_name(out.name + ".build.log")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
            "-p", precision, "-e", "cpu", "-c", str(CACHE / "genai" / "hf-cache")]
+    if precision == "int4":
+        cmd += ["--extra_options", f"block_size={block}"]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
@@ -105,37 +110,30 @@ def calibration_frames() -> Path:
     return out
 
 
-def int4_bundle(bundle: Path) -> tuple[Path | None, str | None]:
-    """Our int4 bundle, converted once with `focalrt convert --precision int4` when that command exists.
+def int4_bundle(bundle: Path, block: int) -> tuple[Path | None, str | None]:
+    """Our int4 bundle at `block` weights per scale, made once with `focalrt convert --precision int4` and
+    remade when the fp32 bundle's decoder changed.
 
     Random weights make the accuracy gate meaningless, so the bundle is written whatever the gate says
     (--force) and without float fallback (--no-fallback): a pure int4 decoder, like the genai int4 row.
     """
-    if importlib.util.find_spec("focalrt.commands.convert") is None:
-        return None, "no int4 row for focalrt: `focalrt convert` (focalrt.commands.convert) does not exist yet"
-    out = bundle.with_name(bundle.name + "-int4")
+    from focalrt.bundle import load
+
+    out = bundle.with_name(f"{bundle.name}-int4-b{block}")
+    decoder_sha = load(bundle).manifest["components"]["decoder"]["sha256"]
     if (out / "manifest.json").is_file():
-        return out, None
-    print(f"converting {bundle} to int4 in {out} (once) ...", file=sys.stderr, flush=True)
-    argv = ["convert", str(bundle), "--precision", "int4", "--out", str(out), "--data", str(calibration_frames()),
-            "--force", "--no-fallback", "--quiet"]
+        made_from = json.loads((out / "manifest.json").read_text()).get("calibration", {}).get("source_bundle", {})
+        if made_from.get("decoder_sha256") == decoder_sha:
+            return out, None
+    print(f"converting {bundle} to int4 (block {block}) in {out} ...", file=sys.stderr, flush=True)
+    argv = ["convert", str(bundle), "--precision", "int4", "--block-size", str(block), "--out", str(out),
+            "--data", str(calibration_frames()), "--force", "--no-fallback", "--overwrite", "--quiet"]
     log = out.with_name(out.name + ".convert.log")
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-c", CONVERT_SCRIPT, *argv], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", "focalrt.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not (out / "manifest.json").is_file():
         return None, f"no int4 row for focalrt: `focalrt {' '.join(argv)}` failed (exit {proc.returncode}); see {log}"
     return out, None
-
-
-# `focalrt convert` through its own parser, whether or not cli.py lists it yet.
-CONVERT_SCRIPT = """
-import argparse, sys
-from focalrt.commands import convert
-parser = argparse.ArgumentParser(prog="focalrt")
-convert.register(parser.add_subparsers(dest="command"))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(int(args.func(args) or 0))
-"""
 
 
 # ---------------------------------------------------------------- the onnxruntime-genai worker
@@ -223,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     decode.common_args(p)
     p.add_argument("--skip-int4", action="store_true", help="only the fp32 rows")
+    p.add_argument("--int4-block-size", type=int, default=INT4_BLOCK_SIZE,
+                   help=f"int4 weights per scale, for ours and genai's (default {INT4_BLOCK_SIZE}, ours)")
     p.add_argument("--skip-genai", action="store_true", help="leave out onnxruntime-genai")
     args = p.parse_args(argv)
     if args.worker:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weight_bytes = {"focalrt fp32": focalrt_weight_bytes(bundle)}
     weight_bytes["transformers fp32"] = weight_bytes["focalrt fp32"]
     if not args.skip_int4:
-        q4, note = int4_bundle(bundle)
+        q4, note = int4_bundle(bundle, args.int4_block_size)
         if q4 is None:
             notes.append(note)
         else:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             checkpoint = ensure_checkpoint(spec)
             for precision in GENAI_PRECISIONS[:1 if args.skip_int4 else 2]:
-                model_dir = ensure_genai_model(checkpoint, precision)
+                model_dir = ensure_genai_model(checkpoint, precision, args.int4_block_size)
                 name = f"onnxruntime-genai {precision}"
                 sides[name] = {**spec, "worker": "genai", "model_dir": str(model_dir)}
                 weight_bytes[name] = onnx_weight_bytes_per_token(model_dir / "model.onnx")

@@ -72,7 +72,7 @@ def converted_bundle(fp32: Path, precision: str, data: Path, samples: int, block
     """The cached bundle of `precision` made from `fp32`, remade when fp32's decoder changed."""
     from focalrt.calibration.make_bundle import Options, make_bundle
 
-    suffix = f"-b{block}" if precision == "int4" and block != 32 else ""
+    suffix = f"-b{block}" if precision == "int4" else ""
     path = CACHE / "bundles" / "precision" / f"{fp32.name}-{precision}{suffix}"
     decoder_sha = json.loads((fp32 / "manifest.json").read_text())["components"]["decoder"]["sha256"]
     manifest = path / "manifest.json"
@@ -88,7 +88,7 @@ def converted_bundle(fp32: Path, precision: str, data: Path, samples: int, block
 
 
 def label(precision: str, block: int) -> str:
-    return f"int4 (block {block})" if precision == "int4" and block != 32 else precision
+    return f"int4 (block {block})" if precision == "int4" else precision
 
 
 def disk_bytes(bundle: Path) -> dict[str, int]:
@@ -165,7 +165,8 @@ def main() -> int:
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--data", type=Path, help="calibration frames (default: crops of the astronaut photo)")
     ap.add_argument("--samples", type=int, default=16, help="calibration frames for int8 (default 16)")
-    ap.add_argument("--int4-block-size", type=int, default=32, help="int4 weights per scale (default 32)")
+    ap.add_argument("--int4-block-size", type=int, default=None,
+                    help="int4 weights per scale (default: focalrt's, 128)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
@@ -179,6 +180,10 @@ def main() -> int:
         print(json.dumps(worker(args.worker, args.image, args.runs, args.warmup, args.new_tokens, args.threads)))
         return 0
 
+    if args.int4_block_size is None:
+        from focalrt.calibration.quantize import INT4_BLOCK_SIZE
+
+        args.int4_block_size = INT4_BLOCK_SIZE
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:

@@ -357,6 +357,7 @@ def test_fp16_conversion_runs_on_cpu_and_keeps_the_kv_cache_in_place(tiny_bundle
 
 
 def test_int4_conversion_describes(tiny_bundle, frames_dir, tmp_path, capsys, astronaut_bgr):
+    from focalrt.calibration.quantize import INT4_BLOCK_SIZE
     from focalrt.runtime.pipeline import Pipeline
 
     out = tmp_path / "int4"
@@ -371,7 +372,7 @@ def test_int4_conversion_describes(tiny_bundle, frames_dir, tmp_path, capsys, as
     assert _component_bytes(out, "decoder") < 0.25 * _component_bytes(tiny_bundle, "decoder")
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
     blocked = [n for n in graph.node if n.op_type == "DequantizeLinear"
-               and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+               and any(a.name == "block_size" and a.i == INT4_BLOCK_SIZE for a in n.attribute)]
     assert len(blocked) == m["decoder"]["quantization"]["quantized_nodes"] > 0
     d = Pipeline.from_bundle(out, provider="cpu").describe(astronaut_bgr, box=BOX, max_new_tokens=4)
     assert len(d.token_ids) >= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from focalrt.calibration.quantize import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES
 from focalrt.commands.calibrate import add_gate_options, make, options_from
 
 
@@ -13,15 +14,15 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=8,
                    help="frames recorded for the sensitivity ranking if the int4 gate needs the fallback "
                         "(default 8)")
-    p.add_argument("--block-size", type=int, choices=[16, 32, 64, 128], default=32,
-                   help="int4 weights per scale along the input dimension (default 32; 128 decodes faster on "
-                        "CPUs and is coarser)")
+    p.add_argument("--block-size", type=int, choices=list(INT4_BLOCK_SIZES), default=None,
+                   help=f"int4 weights per scale along the input dimension (default {INT4_BLOCK_SIZE}, the group "
+                        f"size of AWQ/GPTQ and TensorRT-LLM; 32 is finer and decodes slower on CPUs)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     opts = options_from(args, args.precision, args.samples, None)
-    if args.precision != "int4" and args.block_size != 32:
+    if args.precision != "int4" and args.block_size is not None:
         raise ValueError("--block-size applies to --precision int4 only")
-    opts.int4_block_size = args.block_size
+    opts.int4_block_size = args.block_size or INT4_BLOCK_SIZE
     return make(args, opts)
