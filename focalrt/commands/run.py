@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 
@@ -54,6 +55,13 @@ def run(args) -> int:
     latest: dict[tuple, dict] = {}
     last_progress = 0.0
     code = 0
+    terminated: list[int] = []
+
+    def on_sigterm(signum, _frame):  # a service manager or `docker stop`: end as Ctrl-C does, outputs closed
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         for frame in source:
             events = runner.process(frame)
@@ -86,9 +94,11 @@ def run(args) -> int:
         print(f"\nfocalrt run: source lost: {e}", file=sys.stderr)
         code = 3
     except KeyboardInterrupt:
-        print("\nfocalrt run: interrupted; closing outputs", file=sys.stderr)
-        code = 130
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\nfocalrt run: {how}; closing outputs", file=sys.stderr)
+        code = 128 + (terminated[0] if terminated else signal.SIGINT)
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         source.close()
         if jsonl:
             jsonl.close()
