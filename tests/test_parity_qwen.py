@@ -130,3 +130,39 @@ def test_decoder_graph_is_fused_with_no_per_layer_shape_arithmetic(tiny_bundle, 
         assert manifest["components"]["decoder"]["rotary_table_positions"] == manifest["text"]["max_context"]
         rest.append(sum(c for op, c in ops.items() if op not in per_layer))
     assert rest[0] == rest[1], f"non-layer ops differ between 2 and 3 layers: {rest}"
+
+
+def test_decoder_wrapper_refuses_what_a_fixed_table_cannot_represent():
+    """Sequence-length-dependent RoPE and non-RMSNorm layers get a clear error at export, not a wrong graph."""
+    from focalrt.export.gqa import KVCachedDecoder, rope_tables
+
+    model = build_random_model("tiny-random")
+    lm = model.model.language_model
+    lm.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(ValueError, match="'dynamic' changes with the sequence length"):
+        rope_tables(lm.rotary_emb, 16, 16, 3)
+    lm.rotary_emb.rope_type = "default"
+    lm.norm = torch.nn.LayerNorm(lm.config.hidden_size)
+    with pytest.raises(ValueError, match="not an RMSNorm"):
+        KVCachedDecoder(lm, model.lm_head, 64)
+
+
+def test_rotary_table_matches_the_models_rotary_module():
+    """The export-time cos/sin table, looked up per M-RoPE section, equals what transformers applies."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from focalrt.export.gqa import rope_tables, rotary_reference
+
+    model = build_random_model("tiny-random-b")
+    lm = model.model.language_model
+    cfg = lm.config
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    pos = torch.stack([torch.arange(9), torch.tensor([0, 1, 2, 2, 2, 3, 3, 3, 4]),
+                       torch.tensor([0, 1, 2, 3, 4, 2, 3, 4, 5])]).view(3, 1, 9)
+    x = torch.randn(1, 9, heads * dim)
+    cos, sin = lm.rotary_emb(x, pos)
+    ref, _ = apply_rotary_pos_emb(x.view(1, 9, heads, dim).transpose(1, 2), x.view(1, 9, heads, dim).transpose(1, 2),
+                                  cos, sin)
+    table_cos, table_sin = rope_tables(lm.rotary_emb, 32, dim, 3)
+    got = rotary_reference(x, pos, table_cos, table_sin, heads, tuple(cfg.rope_parameters["mrope_section"]))
+    torch.testing.assert_close(got, ref.transpose(1, 2).reshape(1, 9, -1), atol=1e-6, rtol=1e-5)

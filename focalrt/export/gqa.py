@@ -175,7 +175,7 @@ class SkipRMSNorm(torch.autograd.Function):
 
 def _norm_eps(norm: torch.nn.Module) -> float:
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
-    if eps is None or not hasattr(norm, "weight"):
+    if "RMSNorm" not in type(norm).__name__ or eps is None or getattr(norm, "weight", None) is None:
         raise ValueError(f"{type(norm).__name__} is not an RMSNorm with a weight and an epsilon; only RMSNorm "
                          f"decoders (Qwen2, Llama) are supported")
     return float(eps)
