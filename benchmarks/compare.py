@@ -7,6 +7,9 @@ Rows:
   2. transformers generate(), PyTorch eager fp32 on the CPU;
   3. onnxruntime-genai, fp32 and int4, built by its own model builder from the same weights saved as a
      local Qwen2_5_VLForConditionalGeneration checkpoint (text decoder `qwen2_5_vl_text`);
+  3b. with --llama-cpp DIR (a llama.cpp tree built with cmake): llama.cpp f32 and Q4_0, converted from that
+     checkpoint by llama.cpp's own convert_hf_to_gguf.py and llama-quantize, timed by its llama-bench
+     (prefill from an empty cache; decode at the prompt's depth). No token ids: speed only;
   4. the roofline: measured memory bandwidth / weight bytes read per token.
 
 Every runtime runs in its own subprocess (honest peak RSS, no shared caches), `--rounds` times in
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,7 +180,67 @@ def worker_genai(spec: dict[str, Any]) -> None:
     decode.finish_worker(runs, tokens, load_s, rss, {"onnxruntime_genai": og.__version__})
 
 
-decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint})
+# ---------------------------------------------------------------- the llama.cpp worker
+
+LLAMA_CPP_TYPES = {"fp32": "f32", "int4": "q4_0"}  # our precision -> llama.cpp type (Q4_0: blocks of 32)
+
+
+def ensure_gguf(checkpoint: Path, llama_cpp: Path, precision: str) -> Path:
+    """The checkpoint as GGUF, converted by llama.cpp's own script (f32) and quantizer (Q4_0), once."""
+    out_dir = CACHE / "llamacpp"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f32 = out_dir / f"{checkpoint.name}-f32.gguf"
+    if not f32.is_file():
+        print(f"converting {checkpoint} to GGUF with llama.cpp (once) ...", file=sys.stderr, flush=True)
+        tmp = f32.with_name(f32.name + ".tmp")
+        env = {**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")}
+        proc = subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(checkpoint),
+                               "--outfile", str(tmp), "--outtype", "f32"], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed:\n{proc.stderr[-1500:]}\n(it needs "
+                               f"`pip install sentencepiece` for Qwen2.5-VL checkpoints)")
+        tmp.rename(f32)
+    kind = LLAMA_CPP_TYPES[precision]
+    if kind == "f32":
+        return f32
+    out = out_dir / f"{checkpoint.name}-{kind}.gguf"
+    if not out.is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        proc = subprocess.run([str(llama_cpp / "build" / "bin" / "llama-quantize"), str(f32), str(tmp), kind.upper()],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-quantize failed:\n{proc.stderr[-1500:]}")
+        tmp.rename(out)
+    return out
+
+
+def worker_llamacpp(spec: dict[str, Any]) -> None:
+    """llama.cpp's own `llama-bench`: prefill of the prompt length from an empty cache, then decode steps
+    at that depth (-d), same thread count; one repetition per timed run. No token ids come back."""
+    import resource
+
+    bench = Path(spec["llama_cpp"]) / "build" / "bin" / "llama-bench"
+    n_prompt, n_gen, reps = len(spec["ids"]), spec["new_tokens"], spec["runs"]
+
+    def run(args: list[str]) -> list[float]:
+        cmd = [str(bench), "-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(reps), "-o", "json", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-bench failed: {proc.stderr[-800:]}")
+        return [float(x) for x in json.loads(proc.stdout)[0]["samples_ts"]]
+
+    t0 = time.perf_counter()
+    prefill_ts = run(["-p", str(n_prompt), "-n", "0"])
+    decode_ts = run(["-p", "0", "-n", str(n_gen - 1), "-d", str(n_prompt)])
+    runs = [decode.one_run(n_prompt / pp * 1e3, [1e3 / tg] * (n_gen - 1))
+            for pp, tg in zip(prefill_ts, decode_ts, strict=False)]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"runs": runs, "tokens": [], "load_s": time.perf_counter() - t0, "rss_after_load_bytes": None,
+                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"])}), flush=True)
+
+
+decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint,
+                       "llamacpp": worker_llamacpp})
 
 
 # ---------------------------------------------------------------- orchestration
@@ -224,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--int4-block-size", type=int, default=INT4_BLOCK_SIZE,
                    help=f"int4 weights per scale, for ours and genai's (default {INT4_BLOCK_SIZE}, ours)")
     p.add_argument("--skip-genai", action="store_true", help="leave out onnxruntime-genai")
+    p.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree built with cmake (build/bin/llama-bench "
+                                                   "and llama-quantize): adds llama.cpp f32 and Q4_0 rows")
     args = p.parse_args(argv)
     if args.worker:
         decode.WORKERS[args.worker](json.loads(args.spec))
@@ -257,6 +323,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sides[name] = {**spec, "worker": "genai", "model_dir": str(model_dir)}
                 weight_bytes[name] = onnx_weight_bytes_per_token(model_dir / "model.onnx")
 
+    if args.llama_cpp:
+        if not (args.llama_cpp / "build" / "bin" / "llama-bench").is_file():
+            raise SystemExit(f"--llama-cpp {args.llama_cpp}: no build/bin/llama-bench there; build llama.cpp with "
+                             f"`cmake -B build && cmake --build build --target llama-bench llama-quantize`")
+        checkpoint = ensure_checkpoint(spec)
+        for precision in GENAI_PRECISIONS[:1 if args.skip_int4 else 2]:
+            gguf = ensure_gguf(checkpoint, args.llama_cpp, precision)
+            name = f"llama.cpp {precision} ({LLAMA_CPP_TYPES[precision].upper()})"
+            sides[name] = {**spec, "worker": "llamacpp", "gguf": str(gguf), "llama_cpp": str(args.llama_cpp)}
+            weight_bytes[name] = gguf.stat().st_size
+
     # Other load on the machine lowers a bandwidth sample; measuring before the first and after every
     # round and keeping the best gives the bound the runtimes had when the machine was quietest.
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
@@ -285,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      r["decode_tokens_per_s_best"], f"{entry['fraction_of_roofline']:.0%}", mib(r["peak_rss_bytes"]),
                      f"{entry['ours_prefill_speedup']:.2f}x" if entry["ours_prefill_speedup"] else "-",
                      f"{entry['ours_decode_speedup']:.2f}x" if entry["ours_decode_speedup"] else "-",
-                     f"{entry['greedy_tokens_agreeing_with_focalrt_fp32']}/{args.new_tokens}"])
+                     f"{entry['greedy_tokens_agreeing_with_focalrt_fp32']}/{args.new_tokens}" if r["tokens"]
+                     else "-"])
     bound32 = bandwidth["best_gb_s"] * 1e9 / weight_bytes["focalrt fp32"]
     rows.append(["roofline fp32 (bandwidth / weight bytes)", "-", bound32, "-", "-", "100%", "-", "-",
                  f"{ours['quiet_decode_tokens_per_s'] / bound32:.0%} of it", "-"])
@@ -297,6 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if g and o:
             targets[f"decode_vs_genai_{precision}"] = o["quiet_decode_tokens_per_s"] / g["quiet_decode_tokens_per_s"]
             targets[f"prefill_vs_genai_{precision}"] = g["quiet_prefill_ms"] / o["quiet_prefill_ms"]
+        lc = results.get(f"llama.cpp {precision} ({LLAMA_CPP_TYPES[precision].upper()})")
+        if lc and o:
+            rate = "quiet_decode_tokens_per_s"
+            targets[f"decode_vs_llamacpp_{precision}"] = o[rate] / lc[rate]
+            targets[f"prefill_vs_llamacpp_{precision}"] = lc["quiet_prefill_ms"] / o["quiet_prefill_ms"]
     result = {"preset": args.preset, "bundle": str(bundle), "prompt_tokens": len(spec["ids"]),
               "new_tokens": args.new_tokens, "runs_per_round": args.runs, "warmup": args.warmup,
               "rounds": args.rounds, "threads": spec["threads"], "bandwidth": bandwidth,
