@@ -84,7 +84,6 @@ def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: s
                       profile: dict[str, Any] | None = None, face_models: bool = True,
                       overwrite: bool = False, seed: int = 0) -> Path:
     from focalrt.export import qwen2_5_vl as q
-    from focalrt.export.onnx_io import OPSET
     from focalrt.export.tokenizer import write_tokenizer
 
     if (model_id is None) == (preset is None):
@@ -108,43 +107,55 @@ def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: s
         tok = write_tokenizer(tmp, source_dir)
         if model_id and source_dir is None:
             tok = _hub_tokenizer(model_id, tmp)
-        manifest: dict[str, Any] = {
-            "family": "qwen2_5_vl",
-            "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
-                       "architecture": "Qwen2_5_VLForConditionalGeneration",
-                       "weights_fingerprint": _weights_fingerprint(model)},
-            "components": {
-                "vision": {**file_record(tmp, "vision.onnx"), **vision, "precision": "fp32"},
-                "embed": {**file_record(tmp, "embed.onnx"), **embed, "precision": "fp32"},
-                "decoder": {**file_record(tmp, "decoder.onnx"), **decoder, "precision": "fp32",
-                            "attention": "GroupQueryAttention", "kv_cache": "shared_buffer",
-                            "logits": "last_token"},
-            },
-            "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
-            "prompt": prompt,
-            "preprocess": {"image_size": image_size, "mean": q.IMAGE_MEAN, "std": q.IMAGE_STD,
-                           "rescale": 1 / 255, "patch_size": vcfg.patch_size,
-                           "merge_size": vcfg.spatial_merge_size,
-                           "temporal_patch_size": vcfg.temporal_patch_size,
-                           "image_tokens": (image_size // vcfg.patch_size // vcfg.spatial_merge_size) ** 2,
-                           "color": "RGB"},
-            "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
-                     "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
-                     "head_dim": tcfg.hidden_size // tcfg.num_attention_heads,
-                     "vocab_size": tcfg.vocab_size, "max_context": max_context, "rope_type": "mrope",
-                     "rope_theta": tcfg.rope_parameters["rope_theta"],
-                     "mrope_section": list(tcfg.rope_parameters["mrope_section"]),
-                     "image_token_id": cfg.image_token_id, "vision_start_token_id": cfg.vision_start_token_id},
-            "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
-            "provenance": {**_versions(), "opset": OPSET, "created_unix": int(time.time()),
-                           "export_seconds": None},
-        }
-        if face_models:
-            manifest["face_models"] = _export_faces(tmp)
-        manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
-        write_manifest(tmp, manifest)
+        write_bundle_manifest(
+            tmp, t0, family="qwen2_5_vl", model=model, model_id=model_id, preset=preset, seed=seed,
+            architecture="Qwen2_5_VLForConditionalGeneration",
+            components={"vision": vision, "embed": embed, "decoder": decoder}, tok=tok, prompt=prompt,
+            preprocess={"image_size": image_size, "mean": q.IMAGE_MEAN, "std": q.IMAGE_STD,
+                        "rescale": 1 / 255, "patch_size": vcfg.patch_size,
+                        "merge_size": vcfg.spatial_merge_size,
+                        "temporal_patch_size": vcfg.temporal_patch_size,
+                        "image_tokens": (image_size // vcfg.patch_size // vcfg.spatial_merge_size) ** 2,
+                        "color": "RGB"},
+            text={"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
+                  "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
+                  "head_dim": tcfg.hidden_size // tcfg.num_attention_heads,
+                  "vocab_size": tcfg.vocab_size, "max_context": max_context, "rope_type": "mrope",
+                  "rope_theta": tcfg.rope_parameters["rope_theta"],
+                  "mrope_section": list(tcfg.rope_parameters["mrope_section"]),
+                  "image_token_id": cfg.image_token_id, "vision_start_token_id": cfg.vision_start_token_id},
+            face_models=face_models)
     log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
     return Path(out)
+
+
+def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id: str | None, preset: str | None,
+                          seed: int, architecture: str, components: dict[str, dict[str, Any]],
+                          tok: dict[str, Any], prompt: dict[str, Any], preprocess: dict[str, Any],
+                          text: dict[str, Any], face_models: bool) -> None:
+    """The manifest parts every family shares (source, fp32 component records, tokenizer, generation,
+    provenance, face models), around the family's own preprocess and text sections; written last."""
+    from focalrt.export.onnx_io import OPSET
+
+    records = {name: {**file_record(tmp, f"{name}.onnx"), **info, "precision": "fp32"}
+               for name, info in components.items()}
+    records["decoder"].update(attention="GroupQueryAttention", kv_cache="shared_buffer", logits="last_token")
+    manifest: dict[str, Any] = {
+        "family": family,
+        "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
+                   "architecture": architecture, "weights_fingerprint": _weights_fingerprint(model)},
+        "components": records,
+        "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
+        "prompt": prompt,
+        "preprocess": preprocess,
+        "text": text,
+        "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
+        "provenance": {**_versions(), "opset": OPSET, "created_unix": int(time.time()), "export_seconds": None},
+    }
+    if face_models:
+        manifest["face_models"] = _export_faces(tmp)
+    manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
+    write_manifest(tmp, manifest)
 
 
 def _hub_tokenizer(model_id: str, out: Path) -> dict[str, Any]:

@@ -532,7 +532,7 @@ def export_embed(model: FaceLlava, out: Path) -> dict[str, Any]:
 def export_decoder(model: FaceLlava, out: Path, max_context: int) -> dict[str, Any]:
     module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head, max_context).eval()
     path = out / "decoder.onnx"
-    graph = export_kv_decoder(module, path, rope_axes=1)
+    graph = export_kv_decoder(module, path)
     hd = module.head_dim
     err = validate_decoder(model, path, hd)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
@@ -581,9 +581,8 @@ def export_face_llava(out: str | Path, *, model_id: str | None = None, preset: s
                       profile: dict[str, Any] | None = None, face_models: bool = True,
                       overwrite: bool = False, seed: int = 0) -> Path:
     """A validated Face-LLaVA bundle from a preset or a local checkpoint directory."""
-    from focalrt.bundle import atomic_output_dir, file_record, write_manifest
-    from focalrt.export.build import _export_faces, _versions, _weights_fingerprint
-    from focalrt.export.onnx_io import OPSET
+    from focalrt.bundle import atomic_output_dir
+    from focalrt.export.build import write_bundle_manifest
 
     if (model_id is None) == (preset is None):
         raise ValueError("give exactly one of --model (Face-LLaVA checkpoint directory) or --preset")
@@ -612,38 +611,21 @@ def export_face_llava(out: str | Path, *, model_id: str | None = None, preset: s
         log.info("exporting decoder (%d layers)", tcfg.num_hidden_layers)
         decoder = export_decoder(model, tmp, max_context)
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
-        manifest: dict[str, Any] = {
-            "family": "face_llava",
-            "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
-                       "architecture": "LlavaForConditionalGeneration + Face-LLaVA landmark pathway"
-                       if model.landmarks is not None else "LlavaForConditionalGeneration",
-                       "weights_fingerprint": _weights_fingerprint(model)},
-            "components": {
-                "vision": {**file_record(tmp, "vision.onnx"), **vision, "precision": "fp32"},
-                "embed": {**file_record(tmp, "embed.onnx"), **embed, "precision": "fp32"},
-                "decoder": {**file_record(tmp, "decoder.onnx"), **decoder, "precision": "fp32",
-                            "attention": "GroupQueryAttention", "kv_cache": "shared_buffer",
-                            "logits": "last_token"},
-            },
-            "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
-            "prompt": prompt,
+        write_bundle_manifest(
+            tmp, t0, family="face_llava", model=model, model_id=model_id, preset=preset, seed=seed,
+            architecture="LlavaForConditionalGeneration + Face-LLaVA landmark pathway"
+            if model.landmarks is not None else "LlavaForConditionalGeneration",
+            components={"vision": vision, "embed": embed, "decoder": decoder}, tok=tok, prompt=prompt,
             # LanguageBind's image transform: bicubic resize of the shorter side, centre crop, CLIP mean/std.
-            "preprocess": {"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
-                           "center_crop": True, "interpolation": "bicubic", "mean": IMAGE_MEAN,
-                           "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,
-                           "image_tokens": image_token_count(model), "color": "RGB", "layout": "NCHW"},
-            "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
-                     "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
-                     "head_dim": head_dim, "vocab_size": tcfg.vocab_size, "max_context": max_context,
-                     "rope_type": "rope", "rope_theta": tcfg.rope_parameters["rope_theta"],
-                     "image_token_id": image_token_id},
-            "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
-            "provenance": {**_versions(), "opset": OPSET, "created_unix": int(time.time()),
-                           "export_seconds": None},
-        }
-        if face_models:
-            manifest["face_models"] = _export_faces(tmp)
-        manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
-        write_manifest(tmp, manifest)
+            preprocess={"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
+                        "center_crop": True, "interpolation": "bicubic", "mean": IMAGE_MEAN,
+                        "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,
+                        "image_tokens": image_token_count(model), "color": "RGB", "layout": "NCHW"},
+            text={"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
+                  "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
+                  "head_dim": head_dim, "vocab_size": tcfg.vocab_size, "max_context": max_context,
+                  "rope_type": "rope", "rope_theta": tcfg.rope_parameters["rope_theta"],
+                  "image_token_id": image_token_id},
+            face_models=face_models)
     log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
     return Path(out)

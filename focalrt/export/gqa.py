@@ -211,7 +211,6 @@ class KVCachedDecoder(torch.nn.Module):
         self.eps = _norm_eps(self.norm)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        bsz, seq, _ = inputs_embeds.shape
         seqlens_k, total_len = mask_to_seqlens(attention_mask)
         presents = []
         residual = inputs_embeds
@@ -244,7 +243,7 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> dict[str, Any]:
+def export_kv_decoder(module: KVCachedDecoder, path) -> dict[str, Any]:
     """Trace a KVCachedDecoder with its IO declared in one place; position ids are [3, B, S] or [B, S]."""
     from focalrt.export.onnx_io import export_module
 
@@ -253,7 +252,7 @@ def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> dict[str
     axes: dict[str, dict[int, str]] = {
         "inputs_embeds": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {1: "batch", 2: "sequence"} if rope_axes == 3 else {0: "batch", 1: "sequence"},
+        "position_ids": {1: "batch", 2: "sequence"} if module.sections else {0: "batch", 1: "sequence"},
         "logits": {0: "batch"},
     }
     for name in in_names[3:] + out_names[1:]:
@@ -263,7 +262,7 @@ def export_kv_decoder(module: KVCachedDecoder, path, rope_axes: int) -> dict[str
     embeds = torch.randn(bsz, seq, hidden)
     mask = torch.ones(bsz, past_len + seq, dtype=torch.long)
     pos = torch.arange(past_len, past_len + seq).view(1, -1).expand(bsz, -1)
-    if rope_axes == 3:
+    if module.sections:
         pos = pos.unsqueeze(0).expand(3, -1, -1)
     past = [torch.zeros(bsz, module.kv_heads, buf, module.head_dim) for _ in range(2 * n_layers)]
     export_module(module, (embeds, mask, pos.contiguous(), *past), path, in_names, out_names, axes)

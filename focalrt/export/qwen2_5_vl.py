@@ -164,7 +164,7 @@ def export_embed(model, out: Path) -> dict[str, Any]:
 def export_decoder(model, out: Path, max_context: int) -> dict[str, Any]:
     module = KVCachedDecoder(model.model.language_model, model.lm_head, max_context).eval()
     path = out / "decoder.onnx"
-    graph = export_kv_decoder(module, path, rope_axes=3)
+    graph = export_kv_decoder(module, path)
     err = validate_decoder(model, path)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **graph, **describe_io(path)}

@@ -1,9 +1,10 @@
 """Options for ONNX Runtime's TensorRT execution provider, per bundle component.
 
-The runtime runs TensorRT through the execution provider (the decoder's GroupQueryAttention is a contrib
-op TensorRT cannot parse; see docs/precision-and-tensorrt.md). Without explicit shape ranges the provider
-builds an engine for the first shapes it sees and rebuilds whenever a later call exceeds them (a longer
-prompt, more regions in a batch): seconds to minutes per rebuild on a Jetson. So each component gets one
+The runtime runs TensorRT through the execution provider (the decoder's GroupQueryAttention, rotary and
+fused-norm nodes are contrib ops TensorRT cannot parse; see docs/precision-and-tensorrt.md). Without
+explicit shape ranges the provider builds an engine for the first shapes it sees and rebuilds whenever
+a later call exceeds them (a longer prompt, more regions in a batch): seconds to minutes per rebuild on
+a Jetson. So each component gets one
 profile covering everything the pipeline will feed it, plus engine and timing caches in bundle/engines/
 and the fp16/int8 flags matching the component's precision.
 
