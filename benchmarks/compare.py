@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             weight_bytes["focalrt int4"] = focalrt_weight_bytes(q4)
     if not args.skip_genai:
         if importlib.util.find_spec("onnxruntime_genai") is None:
-            notes.append("onnxruntime-genai is not installed: pip install 'focalrt[bench]'")
+            notes.append('onnxruntime-genai is not installed: pip install -e ".[bench]"')
         else:
             checkpoint = ensure_checkpoint(spec)
             for precision in GENAI_PRECISIONS[:1 if args.skip_int4 else 2]:

@@ -127,6 +127,14 @@ def load(path: str | os.PathLike, verify_hashes: bool = False) -> Bundle:
     return Bundle(root, manifest)
 
 
+def has_random_weights(manifest: dict[str, Any]) -> bool:
+    """True for a bundle exported from a random-weight preset (its text is gibberish by design).
+
+    `source.random_weights` is written since it was added; older bundles are judged by `source.preset`."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    return bool(source.get("random_weights", source.get("preset") is not None))
+
+
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     tmp = bundle_dir / (MANIFEST + ".tmp")

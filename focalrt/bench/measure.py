@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,28 +66,13 @@ class Settings:
 
 
 def default_image(tmp_dir: Path) -> tuple[Path, str]:
-    """scikit-image's astronaut (a real face) as a PNG, else a drawn face-like image; (path, what it is)."""
-    try:
-        from skimage.data import astronaut
+    """The face photo shipped in the package (focalrt/data/astronaut.jpg) as a PNG; (path, what it is)."""
+    from focalrt.demo import PHOTO, demo_photo
 
-        image, what = cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR), "scikit-image astronaut.png (512x512)"
-    except ImportError:
-        image, what = synthetic_face(), "synthetic face-like drawing (no scikit-image)"
+    image = demo_photo()
     path = tmp_dir / "bench_source.png"
     cv2.imwrite(str(path), image)
-    return path, what
-
-
-def synthetic_face(size: int = 512) -> np.ndarray:
-    """A skin-toned oval with eyes, brows and a mouth; enough for the model stages, rarely a detection."""
-    img = np.full((size, size, 3), (90, 110, 120), np.uint8)
-    c = size // 2
-    cv2.ellipse(img, (c, c), (size // 4, size // 3), 0, 0, 360, (150, 180, 220), -1)
-    for dx in (-size // 9, size // 9):
-        cv2.ellipse(img, (c + dx, c - size // 14), (size // 22, size // 44), 0, 0, 360, (60, 40, 30), -1)
-        cv2.line(img, (c + dx - size // 18, c - size // 8), (c + dx + size // 18, c - size // 8), (40, 40, 60), 4)
-    cv2.ellipse(img, (c, c + size // 7), (size // 10, size // 30), 0, 0, 360, (80, 80, 170), -1)
-    return img
+    return path, f"focalrt/data/{PHOTO} ({image.shape[1]}x{image.shape[0]}, shipped with focalrt)"
 
 
 def read_source(spec: str, count: int) -> tuple[list[Any], str]:
@@ -483,11 +469,16 @@ def face_scaling(bench: Bench, frame) -> list[dict[str, Any]]:
 
 
 def run_bench(bundle_path: str | os.PathLike, source: str | None, settings: Settings,
-              bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything `focalrt bench` reports, as one JSON-ready dict (schema in docs/benchmarks.md)."""
+              bandwidth: dict[str, Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Everything `focalrt bench` reports, as one JSON-ready dict (schema in docs/benchmarks.md).
+
+    `progress` gets one short line as each phase starts (the command prints them to stderr)."""
     from focalrt.bench import memory, roofline
     from focalrt.bench.environment import environment
 
+    say = progress or (lambda _line: None)
+    say(f"loading {bundle_path}")
     t_load = time.perf_counter()
     bench = open_bench(bundle_path, settings)
     load_ms = (time.perf_counter() - t_load) * 1e3
@@ -499,9 +490,15 @@ def run_bench(bundle_path: str | os.PathLike, source: str | None, settings: Sett
             path, source_name = default_image(Path(tmp))
             source = str(path)
         frames, opened = read_source(source, settings.runs + settings.warmup)
+    say(f"timing {settings.warmup} warm-up and {settings.runs} timed frames of {source_name}")
     frames_result = measure_frames(bench, frames)
-    scaling = {"context": context_scaling(bench), "regions": region_scaling(bench, frames[0]),
-               "faces": face_scaling(bench, frames[0])}
+    say(f"decode speed at KV cache fill levels {settings.contexts}")
+    context = context_scaling(bench)
+    say(f"regions per frame {settings.region_counts}")
+    regions = region_scaling(bench, frames[0])
+    say(f"faces per frame {settings.face_counts}")
+    scaling = {"context": context, "regions": regions, "faces": face_scaling(bench, frames[0])}
+    say("memory bandwidth for the roofline")
     mem = memory.memory_record()
     mem["rss_after_load_bytes"] = rss_after_load
     tps = frames_result["throughput"]["decode_tokens_per_s"]

@@ -81,7 +81,8 @@ def save_plots(result: dict[str, Any], path: str | os.PathLike) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'focalrt[bench]'") from None
+        raise RuntimeError('--plot needs matplotlib, from the [bench] extra; install it from the focalrt source '
+                           'tree with: pip install -e ".[bench]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -32,16 +32,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from focalrt.calibration.int4_blocks import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES
+
 log = logging.getLogger(__name__)
 
 IR_VERSION = 10  # onnxruntime releases of the last year reject the IR that onnx 1.23 writes by default
 EXTERNAL_DATA_THRESHOLD = 64 << 20
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 METHODS = ("minmax", "entropy", "percentile")
-# 128 is the group size of AWQ/GPTQ checkpoints and TensorRT-LLM's INT4: 3.7x fp32 decode on the CPU here,
-# against 3.0x for 32 (finer, slightly more accurate; docs/precision-and-tensorrt.md has both).
-INT4_BLOCK_SIZE = 128
-INT4_BLOCK_SIZES = (16, 32, 64, 128)
 # Parts kept in fp32 by the fp16 conversion: matched against node names (norms, rotary) and op types.
 FP16_KEEP_NAME_PARTS = ("norm", "rotary", "ln_q")
 FP16_KEEP_OPS = ("GroupQueryAttention", "Softmax", "SkipSimplifiedLayerNormalization", "MRotaryEmbedding",

@@ -6,40 +6,51 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_int, positive_int
+
 
 def int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1, e.g. 64,256,1024 (an argparse type: errors end in exit code 2)."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{text!r} must be comma-separated integers, e.g. 64,256,1024") from None
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers, e.g. 64,256,1024") from None
     if not values:
-        raise ValueError(f"{text!r} names no value; give comma-separated integers, e.g. 1,2,4")
+        raise argparse.ArgumentTypeError(f"{text!r} names no value; give comma-separated integers, e.g. 1,2,4")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be 1 or more")
     return values
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="measure a bundle: stage percentiles, tokens/s, memory, roofline, scaling")
+    p = add_parser(sub, "bench", help="measure a bundle: stage percentiles, tokens/s, memory, roofline, scaling",
+                   description=__doc__)
     p.add_argument("bundle", nargs="?", help="bundle directory (not needed with --compare)")
-    p.add_argument("--source", help="video, image, folder or camera (default: scikit-image's astronaut photo)")
+    p.add_argument("--source", help="video, image, folder or camera (default: the face photo shipped with focalrt)")
     p.add_argument("--regions", help="named regions per face, e.g. mouth,eyes (default: mouth)")
     p.add_argument("--box", action="append", default=[], help="x1,y1,x2,y2 pixel box; repeat for more")
-    p.add_argument("--runs", type=int, default=20, help="timed frames (default 20)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed frames first (default 2)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per region (default: bundle's)")
-    p.add_argument("--contexts", default="64,256,1024,2048", help="KV cache fill levels for decode scaling")
-    p.add_argument("--context-steps", type=int, default=16, help="decode steps timed per context level")
-    p.add_argument("--region-counts", default="1,2,4,8", help="regions per frame for region scaling")
-    p.add_argument("--face-counts", default="1,2,4", help="faces per frame for face scaling")
-    p.add_argument("--scaling-runs", type=int, default=3, help="timed runs per scaling point (default 3)")
-    p.add_argument("--scaling-tokens", type=int, default=16, help="tokens per region in the scaling curves")
-    p.add_argument("--provider", default=None, help="cpu, cuda or tensorrt (default: best available)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    p.add_argument("--runs", type=positive_int, default=20, help="timed frames")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed frames first")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens per region (default: bundle's)")
+    p.add_argument("--contexts", type=int_list, default="64,256,1024,2048",
+                   help="KV cache fill levels for decode scaling")
+    p.add_argument("--context-steps", type=positive_int, default=16, help="decode steps timed per context level")
+    p.add_argument("--region-counts", type=int_list, default="1,2,4,8", help="regions per frame for region scaling")
+    p.add_argument("--face-counts", type=int_list, default="1,2,4", help="faces per frame for face scaling")
+    p.add_argument("--scaling-runs", type=positive_int, default=3, help="timed runs per scaling point")
+    p.add_argument("--scaling-tokens", type=positive_int, default=16, help="tokens per region in the scaling curves")
+    add_provider(p)
+    add_threads(p)
     p.add_argument("--json", dest="json_out", help="write every figure and the environment here")
-    p.add_argument("--plot", help="write a PNG with stage bars, latency CDF, context and region scaling")
+    p.add_argument("--plot", help="write a PNG with stage bars, latency CDF, context and region scaling "
+                                  "(needs the [bench] extra: matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print the ratios B/A and exit")
     p.set_defaults(func=run)
 
@@ -52,17 +63,22 @@ def run(args) -> int:
         return 0
     if not args.bundle:
         raise ValueError("give a BUNDLE directory to measure, or --compare A.json B.json")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so now, not after the whole run
+        raise ModuleNotFoundError("no module named 'matplotlib'", name="matplotlib")
     from focalrt.bench.measure import Settings, run_bench
     from focalrt.bench.report import bench_report
+    from focalrt.commands.notices import warn_if_random
     from focalrt.runtime.regions import parse_box, parse_regions
 
     settings = Settings(runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens,
                         regions=parse_regions(args.regions) if args.regions else [],
-                        boxes=[parse_box(b) for b in args.box], contexts=int_list(args.contexts),
-                        context_steps=args.context_steps, region_counts=int_list(args.region_counts),
-                        face_counts=int_list(args.face_counts), scaling_runs=args.scaling_runs,
+                        boxes=[parse_box(b) for b in args.box], contexts=args.contexts,
+                        context_steps=args.context_steps, region_counts=args.region_counts,
+                        face_counts=args.face_counts, scaling_runs=args.scaling_runs,
                         scaling_tokens=args.scaling_tokens, provider=args.provider, threads=args.threads)
-    result = run_bench(args.bundle, args.source, settings)
+    warn_if_random(args.bundle)
+    progress = None if args.quiet else (lambda line: print(f"focalrt bench: {line}", file=sys.stderr, flush=True))
+    result = run_bench(args.bundle, args.source, settings, progress=progress)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:

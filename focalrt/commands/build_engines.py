@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from focalrt.commands.args import add_parser, positive_float, positive_int
+
 
 def register(sub) -> None:
-    p = sub.add_parser("build-engines", help="build TensorRT engines into BUNDLE/engines/ (needs tensorrt and a GPU)")
-    p.add_argument("bundle")
+    p = add_parser(sub, "build-engines", help="build TensorRT engines into BUNDLE/engines/ (needs tensorrt and a GPU)")
+    p.add_argument("bundle", help="bundle directory written by `focalrt export`, `calibrate` or `convert`")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "fp8", "int4"], default=None,
                    help="engine precision (default: each component's own; fp16 turns an fp32 bundle into fp16 "
                         "engines; int8/fp8/int4 need a calibrated or converted bundle)")
     p.add_argument("--component", action="append", dest="components", default=None,
                    choices=["vision", "embed", "decoder"], help="only this component (repeatable)")
-    p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines accept (default 1)")
-    p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit in GB")
+    p.add_argument("--max-batch", type=positive_int, default=1, help="largest batch the engines accept")
+    p.add_argument("--workspace-gb", type=positive_float, default=None,
+                   help="TensorRT workspace limit in GB (default: TensorRT's, the GPU's free memory)")
     p.add_argument("--force", action="store_true", help="rebuild even engines that are up to date")
     p.set_defaults(func=run)
 
@@ -20,8 +23,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from focalrt.export.tensorrt import build_engines
 
-    if args.max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     for r in build_engines(args.bundle, precision=args.precision, components=args.components,
                            max_batch=args.max_batch, force=args.force, workspace_gb=args.workspace_gb):
         detail = r.get("engine") or r.get("reason", "")

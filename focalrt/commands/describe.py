@@ -1,33 +1,55 @@
-"""`focalrt describe`: one image, one region, streamed text or one JSON object."""
+"""`focalrt describe`: one image, one region, streamed text or one JSON object.
+
+    focalrt describe BUNDLE --image face.jpg --box 120,80,260,190
+    focalrt describe BUNDLE --image face.jpg --json
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from focalrt.commands.args import (
+    add_parser,
+    add_provider,
+    add_threads,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+)
+
 
 def register(sub) -> None:
-    p = sub.add_parser("describe", help="describe a region of one image")
-    p.add_argument("bundle")
+    p = add_parser(sub, "describe", help="describe a region of one image", description=__doc__)
+    p.add_argument("bundle", help="bundle directory written by `focalrt export`")
     p.add_argument("--image", required=True, help="image file (JPEG/PNG/...)")
     p.add_argument("--box", help="x1,y1,x2,y2 in image pixels (default: the whole image)")
     p.add_argument("--prompt", help="instruction (default: the bundle's)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--provider", default=None, help="cpu, cuda or tensorrt (default: best available)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="most tokens to generate (default: the bundle's generation setting)")
+    p.add_argument("--temperature", type=non_negative_float, default=None,
+                   help="sampling temperature; 0 = greedy (default: the bundle's, greedy for exported presets)")
+    p.add_argument("--top-k", type=non_negative_int, default=None,
+                   help="sample from the k most likely tokens only; 0 = no limit (default: the bundle's, 0)")
+    p.add_argument("--top-p", type=probability, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p (default: 1, off)")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help="random seed for sampling (default: a fresh seed each run)")
+    add_provider(p)
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from focalrt.commands.notices import warn_if_random
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
 
     box = parse_box(args.box) if args.box else None
-    pipe = Pipeline.from_bundle(args.bundle, provider=args.provider)
+    pipe = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
+    warn_if_random(pipe.bundle)
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     d = pipe.describe(args.image, box=box, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -35,7 +57,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(d.to_json()))
     else:
+        print(flush=True)  # the streamed text ends its line on stdout, so a pipe or a shell prompt starts clean
         t = d.timings_ms
-        print(f"\n[{d.finish_reason}] {len(d.token_ids)} tokens; ttft {t['ttft']:.1f} ms, "
+        print(f"[{d.finish_reason}] {len(d.token_ids)} tokens; ttft {t['ttft']:.1f} ms, "
               f"total {t['total']:.1f} ms", file=sys.stderr)
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from focalrt.commands.args import add_parser
+
 
 def register(sub) -> None:
-    p = sub.add_parser("doctor", help="execution providers, GPU, CUDA/TensorRT, precisions, cameras, memory fit")
+    p = add_parser(sub, "doctor", help="execution providers, GPU, CUDA/TensorRT, precisions, cameras, memory fit")
     p.add_argument("bundle", nargs="?", help="also check that this bundle fits in memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-cameras", action="store_true", help="do not probe /dev/video* devices")
@@ -12,8 +14,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from focalrt.commands.notices import warn_if_random
     from focalrt.runtime.device import format_report, report, to_json
 
+    if args.bundle:
+        warn_if_random(args.bundle)
     r = report(args.bundle, probe_cameras=not args.no_cameras)
     print(to_json(r) if args.json else format_report(r))
     return 0 if not r.bundle or r.bundle["fits"] is not False else 1

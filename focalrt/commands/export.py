@@ -1,15 +1,27 @@
-"""`focalrt export`: model -> bundle (needs the [export] extra)."""
+"""`focalrt export`: model -> bundle (needs the [export] extra: torch, transformers, onnx).
+
+    focalrt export --preset tiny-random --out bundles/tiny
+    focalrt export --model path/to/checkpoint --out bundles/frf
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import sys
 from pathlib import Path
+
+from focalrt.commands.args import add_parser, non_negative_int, positive_int, require
+
+EXPORT_MODULES = ("torch", "transformers", "onnx")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export a model to a bundle (needs the [export] extra: torch)")
+    p = add_parser(sub, "export", help="export a model to a bundle (needs the [export] extra: torch)",
+                   description=__doc__)
     p.add_argument("what", nargs="?", default="model", choices=["model", "face-models"],
-                   help="'model' (default) or 'face-models' (only the face detector and landmarks)")
+                   help="'model' or 'face-models' (only the face detector and landmarks)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local checkpoint directory or hub id "
                                      "(Qwen2_5_VLForConditionalGeneration, or a Face-LLaVA checkpoint)")
@@ -18,22 +30,57 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write (atomically)")
     p.add_argument("--family", choices=["qwen2_5_vl", "face_llava"], default=None,
                    help="model family (default: from the preset or checkpoint)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="fixed encoder resolution in pixels, a multiple of 28 (default 336)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default 4096)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="fixed encoder resolution in pixels, a multiple of 28 for Qwen2.5-VL (default 336)")
+    p.add_argument("--max-context", type=positive_int, default=None,
+                   help="KV cache length in tokens (default 4096, or the model's limit if smaller)")
     p.add_argument("--profile", help="JSON file with prompt wording: system, region_template, "
                                      "default_instruction, region_mode")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--region-template", help="how a box is worded, with {x1} {y1} {x2} {y2}")
-    p.add_argument("--instruction", help="default instruction when none is given at run time")
-    p.add_argument("--region-mode", choices=["text", "draw", "crop"], help="how the model sees a region")
+    p.add_argument("--system", help="system prompt (default: the family's)")
+    p.add_argument("--region-template", help="how a box is worded, with {x1} {y1} {x2} {y2} (default: the family's)")
+    p.add_argument("--instruction", help="default instruction when none is given at run time (default: the family's)")
+    p.add_argument("--region-mode", choices=["text", "draw", "crop"],
+                   help="how the model sees a region (default: the family's, text)")
     p.add_argument("--no-face-models", action="store_true", help="do not add the face detector/landmarks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--seed", type=int, default=0, help="seed for --preset weights")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for --preset weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
+STEP_PREFIXES = ("loading ", "exporting ")
+
+
+class StepBar(logging.Handler):
+    """A tqdm bar over the exporter's step log lines (model, vision, embedding, decoder, face models); other
+    log lines are printed above the bar. Used on a terminal only: in a log, the lines themselves are the
+    progress."""
+
+    def __init__(self, total: int):
+        super().__init__(logging.INFO)
+        from tqdm import tqdm
+
+        self._write = tqdm.write
+        self.bar = tqdm(total=total, desc="export", unit="step", bar_format="{desc}: {n}/{total} steps "
+                        "[{elapsed}]{postfix}", leave=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(STEP_PREFIXES):
+            if self.bar.n or self.bar.postfix:
+                self.bar.update(1)
+            self.bar.set_postfix_str(message)
+        else:
+            self._write(f"{record.levelname} {record.name}: {message}")
+
+    def finish(self, done: bool) -> None:
+        if done and self.bar.n < self.bar.total:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
 def run(args) -> int:
+    require(*EXPORT_MODULES)
     if args.what == "face-models":
         from focalrt.export.face_models import export_face_models
 
@@ -47,8 +94,22 @@ def run(args) -> int:
 
     profile = load_profile_overrides(args.profile, system=args.system, region_template=args.region_template,
                                      default_instruction=args.instruction, region_mode=args.region_mode)
-    out = export_bundle(args.out, model_id=args.model, preset=args.preset, family=args.family,
-                        image_size=args.image_size, max_context=args.max_context, profile=profile,
-                        face_models=not args.no_face_models, overwrite=args.overwrite, seed=args.seed)
+    logger = logging.getLogger("focalrt.export")
+    bar = None
+    if not args.quiet and sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None:
+        bar = StepBar(total=4 if args.no_face_models else 5)
+        logger.addHandler(bar)
+        logger.propagate = False
+    done = False
+    try:
+        out = export_bundle(args.out, model_id=args.model, preset=args.preset, family=args.family,
+                            image_size=args.image_size, max_context=args.max_context, profile=profile,
+                            face_models=not args.no_face_models, overwrite=args.overwrite, seed=args.seed)
+        done = True
+    finally:
+        if bar is not None:
+            logger.removeHandler(bar)
+            logger.propagate = True
+            bar.finish(done)
     print(f"bundle written to {out}")
     return 0

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
-import time
+
+from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_float, positive_int, unlimited_int
+
+
+def signature_distance(text: str) -> float:
+    """A change threshold: an appearance-signature distance in (0, 2]."""
+    value = non_negative_float(text)
+    if not 0 < value <= 2:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 2]")
+    return value
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="describe face regions in a camera, stream, video, folder or image")
-    p.add_argument("bundle")
+    p = add_parser(sub, "run", help="describe face regions in a camera, stream, video, folder or image",
+                   description=__doc__ + RUN_EXAMPLES)
+    p.add_argument("bundle", help="bundle directory written by `focalrt export`")
     p.add_argument("--source", required=True,
                    help="camera index (0), video file, image or folder, rtsp://... or http(s)://... URL, "
                         "or a GStreamer pipeline ending in appsink")
@@ -18,34 +29,47 @@ def register(sub) -> None:
                                      "see `focalrt regions`")
     p.add_argument("--box", action="append", default=[], help="x1,y1,x2,y2 in frame pixels (repeatable)")
     p.add_argument("--prompt", help="instruction (default: the bundle's)")
-    p.add_argument("--every", type=int, default=1,
+    p.add_argument("--every", type=positive_int, default=1,
                    help="process every N-th frame of a file; describe a region again every N frames")
-    p.add_argument("--min-interval", type=float, default=0.0, help="seconds before a region is described again")
-    p.add_argument("--change-threshold", type=float, default=None,
+    p.add_argument("--min-interval", type=non_negative_float, default=0.0,
+                   help="seconds before a region is described again")
+    p.add_argument("--change-threshold", type=signature_distance, default=None,
                    help="also describe a region again when its appearance changed by more than this "
                         "(signature distance in (0, 2], e.g. 0.1)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="most tokens per description (default: the bundle's generation setting)")
+    p.add_argument("--max-frames", type=unlimited_int, default=None,
+                   help="stop after this many frames; -1 = no limit (default: no limit, run until the source ends)")
     p.add_argument("--out", help="JSONL file: one event per line, flushed line by line")
     p.add_argument("--write-video", help="annotated video file (.mp4 or .avi)")
     p.add_argument("--show", action="store_true", help="live window (needs a display and GUI OpenCV)")
-    p.add_argument("--provider", default=None, help="cpu, cuda or tensorrt (default: best available)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_provider(p)
+    add_threads(p)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress line; without --out, print only fresh events")
     p.set_defaults(func=run)
 
 
+RUN_EXAMPLES = """
+examples:
+  focalrt run BUNDLE --source 0 --regions mouth,eyes --out events.jsonl
+  focalrt run BUNDLE --source clip.mp4 --regions mouth --write-video annotated.mp4
+"""
+
+
 def run(args) -> int:
+    from focalrt.commands.notices import warn_if_random
+    from focalrt.commands.progress import ProgressLine
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
     from focalrt.runtime.run import RegionRunner
     from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink
     from focalrt.runtime.sources import SourceError, open_source
 
-    if args.every < 1:
-        raise ValueError(f"--every must be >= 1, got {args.every}")
     boxes = [parse_box(b) for b in args.box]
     show = ShowSink() if args.show else None  # fails early and clearly when there is no display
-    pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider)
+    pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
+    warn_if_random(pipeline.bundle)
     runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                           min_interval_s=args.min_interval, change_threshold=args.change_threshold,
                           prompt=args.prompt, max_new_tokens=args.max_new_tokens)
@@ -53,7 +77,7 @@ def run(args) -> int:
     jsonl = JsonlSink(args.out) if args.out else None
     video = None
     latest: dict[tuple, dict] = {}
-    last_progress = 0.0
+    progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video))
     code = 0
     terminated: list[int] = []
 
@@ -81,21 +105,19 @@ def run(args) -> int:
                     video.write(frame.image, annotations)
                 if show and show.write(frame.image, annotations) is False:
                     break
-            now = time.perf_counter()
-            if not args.quiet and (jsonl or args.write_video) and now - last_progress > 0.5:
-                s = runner.stats.as_dict()
-                print(f"\rframes {s['frames']}  {s['fps']:.2f} fps  events {s['events']}  "
-                      f"(fresh {s['fresh_descriptions']})  no face {s['frames_without_face']}",
-                      end="", file=sys.stderr, flush=True)
-                last_progress = now
+            s = runner.stats.as_dict()
+            progress.update(f"frames {s['frames']}  {s['fps']:.2f} fps  events {s['events']}  "
+                            f"(fresh {s['fresh_descriptions']})  no face {s['frames_without_face']}")
             if args.max_frames and runner.stats.frames >= args.max_frames:
                 break
     except SourceError as e:
-        print(f"\nfocalrt run: source lost: {e}", file=sys.stderr)
+        progress.end()
+        print(f"focalrt run: source lost: {e}", file=sys.stderr)
         code = 3
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"\nfocalrt run: {how}; closing outputs", file=sys.stderr)
+        progress.end()
+        print(f"focalrt run: {how}; closing outputs", file=sys.stderr)
         code = 128 + (terminated[0] if terminated else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
@@ -107,5 +129,6 @@ def run(args) -> int:
         if show:
             show.close()
     summary = {**runner.stats.as_dict(), "source": source.stats}
-    print(("\n" if not args.quiet else "") + "summary " + json.dumps(summary), file=sys.stderr)
+    progress.end()
+    print("summary " + json.dumps(summary), file=sys.stderr)
     return code

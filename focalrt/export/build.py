@@ -143,7 +143,8 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id:
     manifest: dict[str, Any] = {
         "family": family,
         "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
-                   "architecture": architecture, "weights_fingerprint": _weights_fingerprint(model)},
+                   "random_weights": bool(preset), "architecture": architecture,
+                   "weights_fingerprint": _weights_fingerprint(model)},
         "components": records,
         "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
         "prompt": prompt,
@@ -153,6 +154,7 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id:
         "provenance": {**_versions(), "opset": OPSET, "created_unix": int(time.time()), "export_seconds": None},
     }
     if face_models:
+        log.info("exporting face models (MediaPipe detector and landmarks)")
         manifest["face_models"] = _export_faces(tmp)
     manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
     write_manifest(tmp, manifest)
@@ -199,6 +201,7 @@ def family_of(model_id: str | None, preset: str | None) -> str:
 def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
                   family: str | None = None, **kwargs: Any) -> Path:
     family = family or family_of(model_id, preset)
+    log.info("loading %s", f"the {preset} preset (random weights)" if preset else model_id)
     if family == "qwen2_5_vl":
         return export_qwen2_5_vl(out, model_id=model_id, preset=preset, **kwargs)
     from focalrt.export.face_llava import export_face_llava

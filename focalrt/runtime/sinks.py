@@ -252,3 +252,117 @@ def annotate(frame: np.ndarray, annotations: Sequence[dict[str, Any]]) -> np.nda
                                   placeholder=" ...")
             draw_text_block(image, lines, x1, y2 + 2, scale, thickness, (255, 255, 255), (20, 20, 20))
     return image
+
+
+# ---- a frame with a side panel: the face stays unobstructed, the descriptions sit beside it -------------
+
+REGION_COLORS = [(60, 200, 255), (255, 170, 40), (90, 230, 90), (230, 90, 230), (80, 80, 255), (255, 255, 80),
+                 (180, 140, 255), (40, 160, 120)]  # BGR; distinct hues, each readable on black
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_label(size: tuple[int, int], box: tuple[int, int, int, int], taken: list[tuple[int, int, int, int]],
+                shape: tuple[int, int], keep_clear: tuple[int, int, int, int] | None = None
+                ) -> tuple[int, int, int, int]:
+    """Where a label of `size` (w, h) goes for `box`: the first spot inside the frame that covers no label or
+    box in `taken` (nor `keep_clear`, e.g. the union of all boxes: the face): beside the box first, then in
+    the margins left and right of `keep_clear`, stepping down. Else the least crowded spot. Returns its
+    rectangle."""
+    w, h = size
+    height, width = shape
+    x1, y1, x2, y2 = box
+    above = [(x1, y1 - h - 1), (x2 - w, y1 - h - 1)]
+    beside = [(x2 + 2, y1), (x1 - w - 2, y1), (x1, y2 + 2), (x2 - w, y2 + 2), (x2 + 2, y2 - h), (x1 - w - 2, y2 - h)]
+    margins = []
+    if keep_clear is not None:  # outside every box, level with this one first, then stepping away
+        for dy in range(0, height, h + 2):
+            for y in (y1 + dy, y1 - dy - h - 2):
+                margins += [(keep_clear[2] + 6, y), (keep_clear[0] - w - 6, y)]
+    candidates = above + margins + beside
+    blockers = taken + ([keep_clear] if keep_clear is not None else [])
+    best, best_hits = None, None
+    for x, y in candidates:
+        if x < 0 or y < 0 or x + w > width or y + h > height:
+            continue
+        rect = (x, y, x + w, y + h)
+        hits = sum(_overlaps(rect, other) for other in blockers) + _overlaps(rect, box)
+        if hits == 0:
+            return rect
+        if best_hits is None or hits < best_hits:
+            best, best_hits = rect, hits
+    if best is None:  # the label is larger than the frame allows anywhere: pin it to the top-left corner
+        best = (0, 0, min(w, width), min(h, height))
+    return best
+
+
+def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]],
+                        panel_width: int | None = None, title: str = "") -> np.ndarray:
+    """The frame with each region's box and a short label beside the box (never over another box or label),
+    and a panel on the right with each region's description in the box's colour. The face is not covered
+    by text. The result is `panel_width` pixels wider than the frame (default: 2/3 of the frame width)."""
+    image = frame.copy()
+    height, width = image.shape[:2]
+    panel_width = panel_width or max(240, (2 * width) // 3)
+    scale = float(np.clip(height / 800.0, 0.4, 0.8))
+    thickness = 1
+    entries = []
+    for i, annotation in enumerate(annotations):
+        if "box" not in annotation:
+            raise ValueError(f"annotation needs a 'box' (x1, y1, x2, y2); got keys {sorted(annotation)}")
+        entries.append((clamp_box(annotation["box"], width, height), REGION_COLORS[i % len(REGION_COLORS)],
+                        drawable(str(annotation.get("label", ""))), drawable(str(annotation.get("text", "")))))
+    taken = [box for box, *_ in entries]
+    union = (min(b[0] for b in taken), min(b[1] for b in taken), max(b[2] for b in taken),
+             max(b[3] for b in taken)) if taken else None
+    for box, color, _, _ in entries:
+        cv2.rectangle(image, box[:2], box[2:], color, 2 if height >= 300 else 1)
+    for box, color, label, _ in entries:
+        if not label:
+            continue
+        (tw, th), descent = cv2.getTextSize(label, FONT, scale, thickness)
+        # Only the label's own box may touch it: a label over a neighbour box would hide that box's edge.
+        rect = place_label((tw + 6, th + descent + 4), box, taken[:], (height, width),
+                           keep_clear=union if len(entries) > 1 else None)
+        taken.append(rect)
+        if not _overlaps(rect, (box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3)):  # away from its box: a leader
+            cx, cy = (rect[0] + rect[2]) // 2, (rect[1] + rect[3]) // 2
+            tx, ty = int(np.clip(cx, box[0], box[2])), int(np.clip(cy, box[1], box[3]))
+            ax = rect[0] if tx < rect[0] else rect[2] if tx > rect[2] else cx
+            ay = rect[1] if ty < rect[1] else rect[3] if ty > rect[3] else cy
+            cv2.line(image, (ax, ay), (tx, ty), color, 1, cv2.LINE_AA)
+        cv2.rectangle(image, rect[:2], rect[2:], color, cv2.FILLED)
+        cv2.putText(image, label, (rect[0] + 3, rect[1] + 2 + th), FONT, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+
+    panel = np.full((height, panel_width, 3), 24, np.uint8)
+    (_, line_h), descent = cv2.getTextSize("Ag", FONT, scale, thickness)
+    line_h += descent + 4
+    char_w = cv2.getTextSize("abcdefghijklmnopqrstuvwxyz", FONT, scale, thickness)[0][0] / 26.0
+    chars = max(8, int((panel_width - 16) / char_w))
+    y = 6
+    for line in textwrap.wrap(drawable(title), chars):
+        cv2.putText(panel, line, (8, y + line_h - descent - 2), FONT, scale, (200, 200, 200), thickness,
+                    cv2.LINE_AA)
+        y += line_h
+    if title:
+        y += line_h // 2
+    # Every region gets its heading and an equal share of the lines left (the JSONL has the whole text).
+    lines_each = max(1, (height - y) // line_h // max(1, len(entries)) - 2)
+    for _box, color, label, text in entries:
+        if y + line_h > height:
+            break
+        cv2.rectangle(panel, (8, y + 3), (8 + line_h - 6, y + line_h - 3), color, cv2.FILLED)
+        cv2.putText(panel, label or "region", (8 + line_h, y + line_h - descent - 2), FONT, scale, color,
+                    thickness, cv2.LINE_AA)
+        y += line_h
+        wrapped = textwrap.wrap(" ".join(text.split()), chars - 2, max_lines=lines_each, placeholder=" ...")
+        for line in wrapped or ["(no text)"]:
+            if y + line_h > height:
+                break
+            cv2.putText(panel, line, (16, y + line_h - descent - 2), FONT, scale, (235, 235, 235), thickness,
+                        cv2.LINE_AA)
+            y += line_h
+        y += line_h // 2
+    return np.concatenate([image, panel], axis=1)
