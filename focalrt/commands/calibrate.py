@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from focalrt.calibration.gate import DEFAULT_THRESHOLDS
-from focalrt.commands.args import add_parser, non_negative_int, positive_int, probability, unit_interval
+from focalrt.commands.args import add_parser, non_negative_int, positive_int, probability, require, unit_interval
 
 
 def add_gate_options(p) -> None:
@@ -49,6 +49,7 @@ def register(sub) -> None:
 
 
 def options_from(args, precision: str, samples: int, method: str | None):
+    require("onnx")  # onnxruntime's quantizers, and our graph edits, read and write ONNX protos
     from focalrt.calibration.gate import Thresholds
     from focalrt.calibration.make_bundle import Options
 
