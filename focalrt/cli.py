@@ -18,7 +18,7 @@ import warnings
 
 from focalrt import __version__
 from focalrt.commands import notices
-from focalrt.commands.args import HelpFormatter
+from focalrt.commands.args import HelpFormatter, Parser
 
 # Order is the order of `focalrt --help`. Each module's top level imports only the standard library and
 # focalrt.commands.args; what a command needs (onnxruntime, torch, onnx, matplotlib) is imported when it runs.
@@ -32,7 +32,7 @@ EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="focalrt", description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(prog="focalrt", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"focalrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

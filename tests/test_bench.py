@@ -101,7 +101,12 @@ def test_bench_json_has_every_figure(bench_run, tiny_bundle):
     assert [f["faces_found"] for f in faces] == [1, 2], "tiled copies of the face should each be found"
     rf = result["roofline"]
     assert rf["bandwidth"]["best_gb_s"] > 0 and rf["decode_upper_bound_tokens_per_s"] > 0
-    assert rf["weights_exceed_l3"] in (False, None)  # tiny-random fits in cache, and the result says so
+    # Whether the weights exceed this machine's L3 depends on the machine (tiny-random's 39 MB decoder is larger
+    # than a 32 MiB L3), so check that the verdict matches the L3 the report records, and that the note follows.
+    l3 = env["cpu"]["l3_cache_bytes"]
+    assert rf["weights_exceed_l3"] == ((rf["weight_bytes_per_token"] > l3) if l3 else None)
+    fits_note = any("fit in the L3 cache" in n for n in result["notes"])
+    assert fits_note == (rf["weights_exceed_l3"] is False)
 
 
 def test_bench_writes_a_png(bench_run):

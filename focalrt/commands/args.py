@@ -85,6 +85,13 @@ def unit_interval(text: str) -> float:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage block), naming the command and where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps descriptions as written and appends each option's default, unless it has none to show."""
 

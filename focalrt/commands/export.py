@@ -56,13 +56,13 @@ class StepBar(logging.Handler):
     log lines are printed above the bar. Used on a terminal only: in a log, the lines themselves are the
     progress."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, file=None):
         super().__init__(logging.INFO)
         from tqdm import tqdm
 
         self._write = tqdm.write
         self.bar = tqdm(total=total, desc="export", unit="step", bar_format="{desc}: {n}/{total} steps "
-                        "[{elapsed}]{postfix}", leave=True)
+                        "[{elapsed}]{postfix}", leave=True, file=file)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()

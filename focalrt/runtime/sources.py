@@ -291,7 +291,7 @@ class CaptureDevice:
             return False
         self.cap.release()
         while self.failures < self.reconnect_attempts:
-            delay = min(self.backoff_s * 2 ** self.failures, MAX_BACKOFF_S)
+            delay = backoff_delay(self.backoff_s, self.failures)
             self.failures += 1
             if self.stopped.wait(delay):
                 return False
@@ -308,6 +308,11 @@ class CaptureDevice:
         """Only call from the thread that reads, or once it has stopped: release during read can crash."""
         self.stopped.set()
         self.cap.release()
+
+
+def backoff_delay(backoff_s: float, failures: int) -> float:
+    """Seconds to wait before reconnect attempt number `failures + 1`: doubling from `backoff_s`, capped."""
+    return min(backoff_s * 2 ** failures, MAX_BACKOFF_S)
 
 
 def read_capture(device: CaptureDevice, every: int, media_time: bool) -> Iterator[Frame]:
