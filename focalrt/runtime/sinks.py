@@ -298,6 +298,24 @@ def place_label(size: tuple[int, int], box: tuple[int, int, int, int], taken: li
     return best
 
 
+def layout_labels(boxes: list[tuple[int, int, int, int]], sizes: list[tuple[int, int] | None],
+                  shape: tuple[int, int]) -> list[tuple[int, int, int, int] | None]:
+    """A rectangle per label (None where there is no label): beside its box, over no other box or label,
+    and out of the area all boxes span (the face) when there are several boxes."""
+    union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+             max(b[3] for b in boxes)) if boxes else None
+    taken = list(boxes)
+    rects: list[tuple[int, int, int, int] | None] = []
+    for box, size in zip(boxes, sizes, strict=True):
+        if size is None:
+            rects.append(None)
+            continue
+        rect = place_label(size, box, taken[:], shape, keep_clear=union if len(boxes) > 1 else None)
+        taken.append(rect)
+        rects.append(rect)
+    return rects
+
+
 def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]],
                         panel_width: int | None = None, title: str = "") -> np.ndarray:
     """The frame with each region's box and a short label beside the box (never over another box or label),
@@ -314,19 +332,16 @@ def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]]
             raise ValueError(f"annotation needs a 'box' (x1, y1, x2, y2); got keys {sorted(annotation)}")
         entries.append((clamp_box(annotation["box"], width, height), REGION_COLORS[i % len(REGION_COLORS)],
                         drawable(str(annotation.get("label", ""))), drawable(str(annotation.get("text", "")))))
-    taken = [box for box, *_ in entries]
-    union = (min(b[0] for b in taken), min(b[1] for b in taken), max(b[2] for b in taken),
-             max(b[3] for b in taken)) if taken else None
     for box, color, _, _ in entries:
         cv2.rectangle(image, box[:2], box[2:], color, 2 if height >= 300 else 1)
-    for box, color, label, _ in entries:
-        if not label:
-            continue
+    sizes = []
+    for _, _, label, _ in entries:
         (tw, th), descent = cv2.getTextSize(label, FONT, scale, thickness)
-        # Only the label's own box may touch it: a label over a neighbour box would hide that box's edge.
-        rect = place_label((tw + 6, th + descent + 4), box, taken[:], (height, width),
-                           keep_clear=union if len(entries) > 1 else None)
-        taken.append(rect)
+        sizes.append((tw + 6, th + descent + 4) if label else None)
+    rects = layout_labels([box for box, *_ in entries], sizes, (height, width))
+    for (box, color, label, _), rect in zip(entries, rects, strict=True):
+        if rect is None:
+            continue
         if not _overlaps(rect, (box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3)):  # away from its box: a leader
             cx, cy = (rect[0] + rect[2]) // 2, (rect[1] + rect[3]) // 2
             tx, ty = int(np.clip(cx, box[0], box[2])), int(np.clip(cy, box[1], box[3]))
@@ -334,6 +349,7 @@ def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]]
             ay = rect[1] if ty < rect[1] else rect[3] if ty > rect[3] else cy
             cv2.line(image, (ax, ay), (tx, ty), color, 1, cv2.LINE_AA)
         cv2.rectangle(image, rect[:2], rect[2:], color, cv2.FILLED)
+        th = cv2.getTextSize(label, FONT, scale, thickness)[0][1]
         cv2.putText(image, label, (rect[0] + 3, rect[1] + 2 + th), FONT, scale, (0, 0, 0), thickness, cv2.LINE_AA)
 
     panel = np.full((height, panel_width, 3), 24, np.uint8)
