@@ -35,8 +35,8 @@ def register(sub) -> None:
 def ensure_bundle(path: Path) -> Path:
     if (path / "manifest.json").is_file():
         return path
-    print(f"no bundle at {path}; exporting the tiny-random preset there", file=sys.stderr)
-    require("torch", "transformers", "onnx")
+    require("torch", "transformers", "onnx")  # before anything is printed: one line if the extra is missing
+    print(f"no bundle at {path}; exporting the tiny-random preset there (about a minute)", file=sys.stderr)
     from focalrt.export.build import export_bundle
 
     return export_bundle(path, preset="tiny-random")
