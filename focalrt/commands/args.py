@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 def _number(text: str, kind: type) -> int | float:
@@ -89,6 +90,8 @@ class Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (no usage block), naming the command and where to look."""
 
     def error(self, message: str):
+        # "argument --top-p: 1.5 must be in (0, 1]" reads as "--top-p 1.5 must be in (0, 1]"
+        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
