@@ -21,8 +21,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from focalrt.commands.notices import warn_if_random
     from focalrt.export.tensorrt import build_engines
 
+    warn_if_random(args.bundle)
     for r in build_engines(args.bundle, precision=args.precision, components=args.components,
                            max_batch=args.max_batch, force=args.force, workspace_gb=args.workspace_gb):
         detail = r.get("engine") or r.get("reason", "")
