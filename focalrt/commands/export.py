@@ -60,9 +60,10 @@ class StepBar(logging.Handler):
         super().__init__(logging.INFO)
         from tqdm import tqdm
 
-        self._write = tqdm.write
+        self._tqdm = tqdm
+        self.file = file or sys.stderr
         self.bar = tqdm(total=total, desc="export", unit="step", bar_format="{desc}: {n}/{total} steps "
-                        "[{elapsed}]{postfix}", leave=True, file=file)
+                        "[{elapsed}]{postfix}", leave=True, file=self.file)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
@@ -71,7 +72,7 @@ class StepBar(logging.Handler):
                 self.bar.update(1)
             self.bar.set_postfix_str(message)
         else:
-            self._write(f"{record.levelname} {record.name}: {message}")
+            self._tqdm.write(f"{record.levelname} {record.name}: {message}", file=self.file)
 
     def finish(self, done: bool) -> None:
         if done and self.bar.n < self.bar.total:
