@@ -21,8 +21,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES = ("qwen2_5_vl", "face_llava")
 REQUIRED_COMPONENTS = ("vision", "embed", "decoder")
-REQUIRED_KEYS = ("format", "format_version", "family", "components", "tokenizer", "prompt",
-                 "preprocess", "text", "generation", "provenance")
+SCHEMA = Path(__file__).with_name("manifest.schema.json")  # the one declared manifest schema (JSON Schema 2020-12)
 
 
 class BundleError(ValueError):
@@ -71,26 +70,86 @@ def file_record(bundle_dir: Path, relative: str) -> dict[str, Any]:
     return rec
 
 
-def _listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    recs: list[dict[str, Any]] = []
-    for comp in manifest.get("components", {}).values():
-        recs.append(comp)
-        if "external_data" in comp:
-            recs.append(comp["external_data"])
-        if "tensorrt_file" in comp:  # int8 graph re-encoded for TensorRT; shares the component's external data
-            recs.append(comp["tensorrt_file"])
-    for extra in (manifest.get("tokenizer", {}),):
-        if "file" in extra:
-            recs.append(extra)
-    for comp in manifest.get("face_models", {}).values():
+def _listed_files(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every file record the manifest names, with its key path (e.g. components.decoder.external_data)."""
+    recs: list[tuple[str, dict[str, Any]]] = []
+    for name, comp in manifest.get("components", {}).items():
+        recs.append((f"components.{name}", comp))
+        for sub in ("external_data", "tensorrt_file"):  # tensorrt_file: int8 graph re-encoded for TensorRT
+            if sub in comp:
+                recs.append((f"components.{name}.{sub}", comp[sub]))
+    if "file" in manifest.get("tokenizer", {}):
+        recs.append(("tokenizer", manifest["tokenizer"]))
+    for name, comp in manifest.get("face_models", {}).items():
         if isinstance(comp, dict) and "file" in comp:
-            recs.append(comp)
+            recs.append((f"face_models.{name}", comp))
     return recs
+
+
+def contained(root: Path, relative: str, key: str, mpath: Path) -> Path:
+    """`root / relative`, refused unless it resolves (symlinks followed) inside the bundle directory.
+
+    Our own check, so a manifest cannot make the runtime load a model from elsewhere whatever onnxruntime
+    version is installed.
+    """
+    base = root.resolve()
+    target = (root / relative).resolve()
+    if Path(relative).is_absolute() or not target.is_relative_to(base):
+        raise BundleError(f"{mpath}: {key}.file {relative!r} resolves to {target}, outside the bundle {base}; "
+                          f"a bundle may only name files inside its own directory (re-export it, or copy the "
+                          f"file into the bundle and name it by a relative path)")
+    return target
+
+
+def _key_path(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path)
+
+
+def _describe_error(error) -> tuple[str, str]:
+    """(key path, what is wrong) for one jsonschema error, short enough for one line."""
+    path = _key_path(error)
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if isinstance(error.instance, dict) and k not in error.instance]
+        key = ".".join(p for p in (path, missing[0] if missing else "?") if p)
+        return key, "is missing"
+    value = json.dumps(error.instance)
+    value = value if len(value) <= 40 else value[:37] + "..."
+    if error.validator == "type":
+        return path, f"is {value} ({type(error.instance).__name__}), must be of JSON type {error.validator_value}"
+    message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+    return path, message if value in message else f"is {value}: {message}"
+
+
+def validate_manifest(manifest: dict[str, Any], mpath: Path) -> None:
+    """Check the manifest against manifest.schema.json (types, ranges, required nested keys) and the few
+    cross-field rules a schema cannot say; the first problem raises a BundleError naming the key path."""
+    import jsonschema  # ~0.2 s to import; only when a bundle is loaded
+
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: (len(e.absolute_path), _key_path(e)))
+    if errors:
+        key, what = _describe_error(errors[0])
+        raise BundleError(f"{mpath}: {key or '(top level)'} {what}; fix that key in the manifest or re-export "
+                          f"the bundle with `focalrt export`")
+    pre = manifest.get("preprocess", {})
+    if manifest["family"] == "qwen2_5_vl" and "vision" in manifest["components"]:
+        step = pre["patch_size"] * pre["merge_size"]
+        if pre["image_size"] % step:
+            raise BundleError(f"{mpath}: preprocess.image_size {pre['image_size']} is not a multiple of "
+                              f"patch_size x merge_size = {step}; re-export with --image-size a multiple of {step}")
+    anchors = manifest.get("face_models", {}).get("detector", {}).get("anchors")
+    if anchors and len(anchors["strides"]) != anchors["num_layers"]:
+        raise BundleError(f"{mpath}: face_models.detector.anchors has {len(anchors['strides'])} strides for "
+                          f"num_layers {anchors['num_layers']}; re-export the face models")
 
 
 def load(path: str | os.PathLike, verify_hashes: bool = False) -> Bundle:
     """Read and check a bundle. Sizes are always checked; sha256 only when asked (it reads every byte)."""
     root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"bundle {root} is a file, not a directory; pass the bundle directory (the one "
+                          f"holding {MANIFEST})")
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist; create one with "
                           f"`focalrt export --preset tiny-random --out {root}`")
@@ -107,18 +166,16 @@ def load(path: str | os.PathLike, verify_hashes: bool = False) -> Bundle:
     if version != FORMAT_VERSION:
         raise BundleError(f"{mpath} has format_version {version!r}, this focalrt expects {FORMAT_VERSION}; "
                           f"re-export the bundle with this focalrt version")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{mpath} lacks keys {missing}; re-export the bundle")
-    if manifest["family"] not in FAMILIES:
-        raise BundleError(f"{mpath}: unknown family {manifest['family']!r}; known: {list(FAMILIES)}")
+    if manifest.get("family") not in FAMILIES:
+        raise BundleError(f"{mpath}: unknown family {manifest.get('family')!r}; known: {list(FAMILIES)}")
+    validate_manifest(manifest, mpath)
     for name in REQUIRED_COMPONENTS:
         if name not in manifest["components"]:
             raise BundleError(f"{mpath}: component {name!r} is missing; re-export the bundle")
-    for rec in _listed_files(manifest):
-        f = root / rec["file"]
+    for key, rec in _listed_files(manifest):
+        f = contained(root, rec["file"], key, mpath)
         if not f.is_file():
-            raise BundleError(f"bundle file {f} is missing; the bundle is incomplete, re-export it")
+            raise BundleError(f"bundle file {f} ({key}) is missing; the bundle is incomplete, re-export it")
         if "bytes" in rec and f.stat().st_size != rec["bytes"]:
             raise BundleError(f"bundle file {f} has {f.stat().st_size} bytes, the manifest says "
                               f"{rec['bytes']}: it is truncated or was replaced; re-export the bundle")

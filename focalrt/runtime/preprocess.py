@@ -12,6 +12,9 @@ import numpy as np
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as HxWx3 uint8 BGR, with an error that names the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"image {p} is a directory, not an image file; pass one image file "
+                         f"(for a folder of images use `focalrt run --source {p}`)")
     if not p.is_file():
         raise FileNotFoundError(f"image {p} does not exist")
     image = cv2.imread(str(p), cv2.IMREAD_COLOR)
