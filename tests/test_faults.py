@@ -94,3 +94,66 @@ def test_escaping_bundle_fails_on_the_command_line(tiny_bundle, tmp_path):
     edit_manifest(b, lambda m: m["components"]["vision"].update(file="../outside_model/vision.onnx"))
     line = one_line_error(cli("describe", b, "--image", ASTRONAUT))
     assert "components.vision.file" in line and "outside the bundle" in line
+
+
+# --- strict manifest validation -----------------------------------------------------------------------------
+
+def _drop(section: str, key: str):
+    return lambda m: m[section].pop(key)
+
+
+def _set(path: str, value):
+    def change(m):
+        *parents, last = path.split(".")
+        for p in parents:
+            m = m[p]
+        m[last] = value
+    return change
+
+
+MALFORMED = [  # (case, change, the key path the one-line error must name)
+    ("missing num_layers", _drop("text", "num_layers"), "text.num_layers is missing"),
+    ("missing stop_tokens", _drop("prompt", "stop_tokens"), "prompt.stop_tokens is missing"),
+    ("missing num_kv_heads", _drop("text", "num_kv_heads"), "text.num_kv_heads is missing"),
+    ("negative image_size", _set("preprocess.image_size", -28), "preprocess.image_size -28 is less than"),
+    ("face_models yes", _set("face_models", "yes"), "face_models is \"yes\" (str)"),
+    ("byte count as string", _set("components.vision.bytes", "1090152"), "components.vision.bytes is \"1090152\""),
+    ("component is a string", _set("components.embed", "embed.onnx"), "components.embed is \"embed.onnx\""),
+    ("rescale as string", _set("preprocess.rescale", "1/255"), "preprocess.rescale is \"1/255\""),
+    ("max_context zero", _set("text.max_context", 0), "text.max_context 0 is less than"),
+    ("stop_tokens not a list", _set("prompt.stop_tokens", "<|im_end|>"), "prompt.stop_tokens is"),
+    ("image_size off the patch grid", _set("preprocess.image_size", 300), "multiple of"),
+    ("detector anchors missing", lambda m: m["face_models"]["detector"].pop("anchors"),
+     "face_models.detector.anchors is missing"),
+    ("temperature negative", _set("generation.temperature", -1), "generation.temperature -1"),
+    ("format_version string", _set("format_version", "1"), "format_version '1'"),
+]
+
+
+@pytest.fixture(scope="module")
+def malformed_root(tiny_bundle, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("malformed")
+
+
+@pytest.mark.parametrize("case,change,expected", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_manifest_is_one_clear_line(tiny_bundle, malformed_root, case, change, expected):
+    b = edit_manifest(linked_copy(tiny_bundle, malformed_root / case.replace(" ", "_")), change)
+    with pytest.raises(BundleError, match="manifest.json") as err:
+        load(b)
+    assert expected in str(err.value)
+    line = one_line_error(cli("describe", b, "--image", ASTRONAUT))
+    assert expected in line and ("re-export" in line or "fix" in line)
+
+
+def test_unknown_extra_keys_and_text_only_sections_are_accepted(tiny_bundle, tmp_path):
+    """Exporters may add fields (random-weights flags, chat templates); old bundles keep loading."""
+    b = edit_manifest(linked_copy(tiny_bundle, tmp_path / "b"),
+                      lambda m: m.update(random_weights=True, prompt={**m["prompt"], "chat_template": "x"}))
+    assert load(b).manifest["random_weights"] is True
+
+
+def test_bundle_that_is_a_file_and_image_that_is_a_directory(tiny_bundle, tmp_path):
+    line = one_line_error(cli("describe", tiny_bundle / "manifest.json", "--image", ASTRONAUT))
+    assert "is a file, not a directory" in line and "does not exist" not in line
+    line = one_line_error(cli("describe", tiny_bundle, "--image", tmp_path))
+    assert "is a directory" in line and "does not exist" not in line
