@@ -203,13 +203,15 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
 def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside `target`; rename it to `target` only if the block succeeds.
 
-    An interrupted or failed export leaves `target` as it was (absent, or the previous bundle).
+    An interrupted or failed export leaves `target` as it was (absent, or the previous bundle). The folder
+    is named `.NAME.partial-PID-xxxx` so a later export can tell the leftovers of a killed process
+    (SIGKILL, power loss) from a run still in progress (see remove_stale_partials).
     """
     target = Path(target).resolve()
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is meant to be shared and copied
@@ -225,3 +227,34 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_partials(target: str | os.PathLike) -> list[str]:
+    """Remove `.*.partial-PID-*` folders beside `target` whose process is gone; one notice line for each,
+    with its size. Folders without a pid (older focalrt) or of a live process are reported, not removed."""
+    parent = Path(target).resolve().parent
+    notices = []
+    if not parent.is_dir():
+        return notices
+    for d in sorted(parent.glob(".*.partial-*")):
+        if not d.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+        pid_text = d.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(d, ignore_errors=True)
+            notices.append(f"removed {d} ({size / 1e6:.1f} MB), left by an export (pid {pid_text}) that was killed")
+        elif not pid_text.isdigit():
+            notices.append(f"found {d} ({size / 1e6:.1f} MB), probably left by a killed export; remove it if no "
+                           f"export is running")
+    return notices

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(message, file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: unwritable or full outputs
         print(f"focalrt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,160 @@ def test_bundle_that_is_a_file_and_image_that_is_a_directory(tiny_bundle, tmp_pa
     assert "is a file, not a directory" in line and "does not exist" not in line
     line = one_line_error(cli("describe", tiny_bundle, "--image", tmp_path))
     assert "is a directory" in line and "does not exist" not in line
+
+
+# --- outputs are never clobbered ----------------------------------------------------------------------------
+
+BOX = ("--box", "10,10,100,100", "--max-new-tokens", "1")
+
+
+def write_avi(path: Path, frames: int, size: tuple[int, int] = (160, 120)) -> Path:
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, size)
+    for i in range(frames):
+        image = np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def avi_clip(tmp_path_factory) -> Path:
+    return write_avi(tmp_path_factory.mktemp("clip") / "clip.avi", 12)
+
+
+def whole_lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "the file ends in half a line"
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def test_existing_out_is_refused_then_overwritten_or_appended(tiny_bundle, avi_clip, tmp_path):
+    out = tmp_path / "events.jsonl"
+    out.write_text('{"old": 1}\n')
+    line = one_line_error(cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", out, "--quiet"))
+    assert "already exists" in line and "--overwrite" in line and "--append" in line
+    assert out.read_text() == '{"old": 1}\n'
+    assert cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", out, "--quiet", "--append").returncode == 0
+    events = whole_lines(out)
+    assert events[0] == {"old": 1} and len(events) == 1 + 12
+    assert cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", out, "--quiet", "--overwrite").returncode == 0
+    assert len(whole_lines(out)) == 12 and "old" not in out.read_text()
+    video = tmp_path / "v.avi"
+    video.write_bytes(b"precious")
+    line = one_line_error(cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--write-video", video))
+    assert "--write-video" in line and "already exists" in line and video.read_bytes() == b"precious"
+
+
+def test_out_equal_to_write_video_or_source_is_refused(tiny_bundle, avi_clip, tmp_path):
+    same = tmp_path / "same.avi"
+    line = one_line_error(cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", same, "--write-video", same))
+    assert "--out and --write-video name the same file" in line and not same.exists()
+    before = avi_clip.read_bytes()
+    line = one_line_error(cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--write-video", avi_clip,
+                              "--overwrite"))
+    assert "--source and --write-video name the same file" in line
+    assert avi_clip.read_bytes() == before, "the input video was touched"
+
+
+@pytest.mark.parametrize("bad", ["dir", "missing_parent", "mp4"])
+def test_unusable_output_paths_fail_before_the_model_loads(tiny_bundle, avi_clip, tmp_path, bad):
+    target = {"dir": tmp_path, "missing_parent": tmp_path / "nope" / "e.jsonl", "mp4": tmp_path / "v.mp4"}[bad]
+    flag = "--write-video" if bad == "mp4" else "--out"
+    line = one_line_error(cli("run", tiny_bundle / "no-such-bundle", "--source", avi_clip, *BOX, flag, target))
+    # the bundle does not exist: an output error first proves outputs are checked before any model loads
+    assert flag in line and "bundle" not in line
+    assert {"dir": "is a directory", "missing_parent": "does not exist", "mp4": ".mkv or .avi"}[bad] in line
+
+
+def test_second_writer_fails_at_once_naming_the_first(tiny_bundle, avi_clip, tmp_path):
+    out = tmp_path / "events.jsonl"
+    first = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(avi_clip),
+                              "--loop", *BOX, "--out", str(out), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.2)
+        second = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", out, "--overwrite", "--quiet")
+        line = one_line_error(second)
+        assert f"being written by another process (pid {first.pid})" in line
+        assert first.poll() is None, "the first writer must keep running"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    assert first.returncode == 143
+    events = whole_lines(out)
+    assert len(events) >= 2 and [e["frame"] for e in events] == sorted(e["frame"] for e in events)
+
+
+# --- full disks and write errors ----------------------------------------------------------------------------
+
+def _limit_file_size(limit: int):
+    def preexec():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past `limit` fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return preexec
+
+
+def test_jsonl_on_dev_full_is_a_one_line_error(tiny_bundle, avi_clip):
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", "/dev/full", "--quiet")
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    assert "writing /dev/full failed (No space left on device); it keeps the 0 whole lines" in proc.stderr
+    assert "summary " in proc.stderr
+
+
+def test_jsonl_on_a_full_disk_keeps_whole_lines(tiny_bundle, avi_clip, tmp_path):
+    out = tmp_path / "events.jsonl"
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", out, "--quiet",
+               preexec_fn=_limit_file_size(1500))
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    events = whole_lines(out)
+    assert 0 < len(events) < 12 and f"it keeps the {len(events)} whole lines" in proc.stderr
+
+
+def test_video_on_a_full_disk_is_an_error(tiny_bundle, avi_clip, tmp_path):
+    video = tmp_path / "v.avi"
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--write-video", video, "--quiet", "--loop",
+               "--max-frames", "120", preexec_fn=_limit_file_size(20_000))
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"video {video}" in proc.stderr and "frames" in proc.stderr
+    full = tmp_path / "full.avi"
+    full.symlink_to("/dev/full")
+    line = one_line_error(cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--write-video", full))
+    assert "not a regular file" in line
+
+
+# --- kill-safe video ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".mkv", ".avi"])
+def test_video_is_playable_after_sigkill(tiny_bundle, avi_clip, tmp_path, suffix):
+    import cv2
+
+    video = tmp_path / f"v{suffix}"
+    proc = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(avi_clip),
+                             "--loop", *BOX, "--write-video", str(video), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (video.exists() and video.stat().st_size > 300_000):  # well past ffmpeg's 32 KiB buffer
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    cap = cv2.VideoCapture(str(video))
+    frames = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        assert frame.shape == (120, 160, 3)
+        frames += 1
+    cap.release()
+    assert frames >= 5, f"only {frames} frames readable after SIGKILL"

@@ -49,7 +49,7 @@ def test_face_crop_mapping_puts_a_frame_box_on_the_same_pixels():
 
 
 def test_run_on_moving_face_gives_events_on_the_face(tiny_bundle, clip, tmp_path, astronaut_bgr):
-    events_path, video_path = tmp_path / "events.jsonl", tmp_path / "out.mp4"
+    events_path, video_path = tmp_path / "events.jsonl", tmp_path / "out.avi"
     out = _run(tiny_bundle, "--source", clip, "--regions", "mouth,left_eye", "--out", events_path,
                "--write-video", video_path, "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
@@ -123,8 +123,8 @@ def test_lost_source_exits_nonzero_and_keeps_events(tiny_bundle, clip, tmp_path,
 
     real_open = sources.open_source
 
-    def flaky(spec, every=1):
-        src = real_open(spec, every=every)
+    def flaky(spec, every=1, **kw):
+        src = real_open(spec, every=every, **kw)
         inner = src._frames
 
         def frames():
@@ -171,7 +171,7 @@ def _default_sigint() -> None:
 def test_ctrl_c_or_sigterm_closes_the_video_and_keeps_events(tiny_bundle, tmp_path, astronaut_bgr, signum, code,
                                                              word):
     long_clip = write_clip(tmp_path / "long.mp4", pan_zoom_frames(astronaut_bgr, 40))
-    events_path, video_path = tmp_path / "events.jsonl", tmp_path / "out.mp4"
+    events_path, video_path = tmp_path / "events.jsonl", tmp_path / "out.avi"
     proc = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(long_clip),
                              "--regions", "mouth,eyes", "--out", str(events_path), "--write-video", str(video_path),
                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -51,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--plot", help="write a PNG with stage bars, latency CDF, context and region scaling "
                                   "(needs the [bench] extra: matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print the ratios B/A and exit")
     p.set_defaults(func=run)
 
@@ -65,6 +66,21 @@ def run(args) -> int:
         raise ValueError("give a BUNDLE directory to measure, or --compare A.json B.json")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so now, not after the whole run
         raise ModuleNotFoundError("no module named 'matplotlib'", name="matplotlib")
+    from focalrt.outputs import FileLock, check_distinct, check_file
+
+    check_distinct({"--json": args.json_out, "--plot": args.plot})
+    outputs = [(flag, path) for flag, path in (("--json", args.json_out), ("--plot", args.plot)) if path]
+    for flag, path in outputs:  # before the benchmark, not after it
+        check_file(path, flag, overwrite=args.overwrite)
+    locks = [FileLock(path, flag) for flag, path in outputs]
+    try:
+        return _bench(args)
+    finally:  # a bench that failed leaves no empty file behind
+        for lock in locks:
+            lock.release(remove_if_new_and_empty=True)
+
+
+def _bench(args) -> int:
     from focalrt.bench.measure import Settings, run_bench
     from focalrt.bench.report import bench_report
     from focalrt.commands.notices import warn_if_random
@@ -79,13 +95,16 @@ def run(args) -> int:
     warn_if_random(args.bundle)
     progress = None if args.quiet else (lambda line: print(f"focalrt bench: {line}", file=sys.stderr, flush=True))
     result = run_bench(args.bundle, args.source, settings, progress=progress)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot:
-        from focalrt.bench.plots import save_plots
+    print(bench_report(result), end="")  # first: a full disk below must not cost the figures
+    try:
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+        if args.plot:
+            from focalrt.bench.plots import save_plots
 
-        save_plots(result, args.plot)
-    print(bench_report(result), end="")
+            save_plots(result, args.plot)
+    except OSError as e:
+        raise OSError(f"writing the results failed ({e}); the report above is all that was kept") from None
     if args.json_out or args.plot:
         print(f"wrote {', '.join(p for p in (args.json_out, args.plot) if p)}", file=sys.stderr)
     return 0

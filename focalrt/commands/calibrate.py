@@ -66,7 +66,9 @@ def make(args, opts) -> int:
     from focalrt.calibration.make_bundle import GateFailed, make_bundle
     from focalrt.calibration.report import REPORT_JSON, markdown
     from focalrt.commands.notices import warn_if_random
+    from focalrt.outputs import check_dir
 
+    check_dir(args.out, "--out", overwrite=args.overwrite)  # before the model loads and calibrates
     warn_if_random(args.bundle)
     data = int(args.data) if str(args.data).isdigit() else args.data
     try:

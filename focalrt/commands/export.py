@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -81,7 +83,32 @@ class StepBar(logging.Handler):
 
 
 def run(args) -> int:
+    """SIGTERM ends an export as Ctrl-C does: the partial folder is removed and nothing is half-written."""
+    terminated: list[int] = []
+
+    def on_sigterm(signum, _frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return _export(args)
+    except KeyboardInterrupt:
+        if not terminated:
+            raise
+        print("focalrt export: terminated (SIGTERM); the partial bundle was removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _export(args) -> int:
+    from focalrt.bundle import remove_stale_partials
+    from focalrt.outputs import check_dir
+
     require(*EXPORT_MODULES)
+    for notice in remove_stale_partials(args.out):
+        print(f"focalrt export: {notice}", file=sys.stderr)
     if args.what == "face-models":
         from focalrt.export.face_models import export_face_models
 
@@ -91,6 +118,11 @@ def run(args) -> int:
         return 0
     if not (args.model or args.preset):
         raise SystemExit("focalrt export: give --model DIR_OR_HUB_ID or --preset tiny-random")
+    check_dir(args.out, "--out", overwrite=args.overwrite)  # before ~30 s of model building
+    if args.model and not Path(args.model).is_dir() and (
+            os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") != 1):
+        raise ValueError(f"--model {args.model}: no such checkpoint directory; pass a local directory holding "
+                         f"config.json and the weights, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct")
     from focalrt.export.build import export_bundle, load_profile_overrides
 
     profile = load_profile_overrides(args.profile, system=args.system, region_template=args.region_template,

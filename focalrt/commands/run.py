@@ -1,4 +1,9 @@
-"""`focalrt run`: a camera, stream, video, folder or image in; region descriptions out, live."""
+"""`focalrt run`: a camera, stream, video, folder or image in; region descriptions out, live.
+
+Exit status: 0 done; 2 bad input (nothing written); 3 source lost; 4 an output could not be written (the
+message says what was kept); 5 the input had unreadable frames or ended before its declared length (see
+corrupt_frames and frames_missing in the summary); 130 Ctrl-C; 143 SIGTERM.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +46,10 @@ def register(sub) -> None:
     p.add_argument("--max-frames", type=unlimited_int, default=None,
                    help="stop after this many frames; -1 = no limit (default: no limit, run until the source ends)")
     p.add_argument("--out", help="JSONL file: one event per line, flushed line by line")
-    p.add_argument("--write-video", help="annotated video file (.mp4 or .avi)")
+    p.add_argument("--write-video", help="annotated video (.mkv or .avi: MJPEG, playable after a kill)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out / --write-video files")
+    p.add_argument("--append", action="store_true", help="add to an existing --out JSONL instead of refusing it")
+    p.add_argument("--loop", action="store_true", help="start a video file, image or folder again at its end")
     p.add_argument("--show", action="store_true", help="live window (needs a display and GUI OpenCV)")
     add_provider(p)
     add_threads(p)
@@ -53,7 +61,7 @@ def register(sub) -> None:
 RUN_EXAMPLES = """
 examples:
   focalrt run BUNDLE --source 0 --regions mouth,eyes --out events.jsonl
-  focalrt run BUNDLE --source clip.mp4 --regions mouth --write-video annotated.mp4
+  focalrt run BUNDLE --source clip.mp4 --regions mouth --write-video annotated.mkv
 """
 
 
@@ -63,18 +71,24 @@ def run(args) -> int:
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
     from focalrt.runtime.run import RegionRunner
-    from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink
+    from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError
     from focalrt.runtime.sources import SourceError, open_source
 
     boxes = [parse_box(b) for b in args.box]
-    show = ShowSink() if args.show else None  # fails early and clearly when there is no display
-    pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
-    warn_if_random(pipeline.bundle)
-    runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
-                          min_interval_s=args.min_interval, change_threshold=args.change_threshold,
-                          prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-    source = open_source(args.source, every=args.every)
-    jsonl = JsonlSink(args.out) if args.out else None
+    locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
+    try:
+        show = ShowSink() if args.show else None  # fails early and clearly when there is no display
+        pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
+        warn_if_random(pipeline.bundle)
+        runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
+                              min_interval_s=args.min_interval, change_threshold=args.change_threshold,
+                              prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+        source = open_source(args.source, every=args.every, loop=args.loop)
+        jsonl = JsonlSink(args.out, append=args.append) if args.out else None
+    except BaseException:
+        for lock in locks:
+            lock.release(remove_if_new_and_empty=True)
+        raise
     video = None
     latest: dict[tuple, dict] = {}
     progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video))
@@ -114,6 +128,10 @@ def run(args) -> int:
         progress.end()
         print(f"focalrt run: source lost: {e}", file=sys.stderr)
         code = 3
+    except WriteError as e:
+        progress.end()
+        print(f"focalrt run: {e}", file=sys.stderr)
+        code = 4
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
         progress.end()
@@ -124,11 +142,46 @@ def run(args) -> int:
         source.close()
         if jsonl:
             jsonl.close()
-        if video:
-            video.close()
         if show:
             show.close()
+        try:
+            if video:
+                video.close(check=code == 0)
+        except WriteError as e:
+            progress.end()
+            print(f"focalrt run: {e}", file=sys.stderr)
+            code = 4
+        for lock in locks:  # a video that never got a frame is not left behind as an empty file
+            lock.release(remove_if_new_and_empty=lock.flag == "--write-video" and video is None)
     summary = {**runner.stats.as_dict(), "source": source.stats}
     progress.end()
     print("summary " + json.dumps(summary), file=sys.stderr)
+    bad = {k: source.stats[k] for k in ("corrupt_frames", "frames_missing") if source.stats.get(k)}
+    if bad and code == 0:
+        print(f"focalrt run: warning: the input was incomplete ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+              f"exit status 5", file=sys.stderr)
+        code = 5
     return code
+
+
+def claim_outputs(args) -> list:
+    """Check --out and --write-video before any model loads, and hold an exclusive lock on each."""
+    from pathlib import Path
+
+    from focalrt.outputs import FileLock, OutputError, check_distinct, check_file
+    from focalrt.runtime.sinks import KILL_SAFE_SUFFIXES
+
+    if args.overwrite and args.append:
+        raise OutputError("--overwrite and --append contradict each other; give one")
+    if args.write_video and Path(args.write_video).suffix.lower() not in KILL_SAFE_SUFFIXES:
+        raise OutputError(f"--write-video {args.write_video}: use a .mkv or .avi path (MJPEG), which stays "
+                          f"playable if the run is killed; an .mp4 written by OpenCV does not")
+    source = args.source if Path(args.source).is_file() else None
+    check_distinct({"--source": source, "--out": args.out, "--write-video": args.write_video})
+    if args.out:
+        check_file(args.out, "--out", overwrite=args.overwrite, append=args.append, can_append=True)
+    if args.write_video:
+        check_file(args.write_video, "--write-video", overwrite=args.overwrite)
+        if not Path(args.write_video).resolve().is_file() and Path(args.write_video).exists():
+            raise OutputError(f"--write-video {args.write_video} is not a regular file; give a file path")
+    return [FileLock(path, flag) for flag, path in (("--out", args.out), ("--write-video", args.write_video)) if path]

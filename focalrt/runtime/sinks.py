@@ -16,6 +16,18 @@ import cv2
 import numpy as np
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+# MJPEG in AVI or Matroska stays playable up to the last whole frame when the writer is killed; an MP4
+# written through OpenCV keeps its index (moov) at the end and cannot be opened at all after a SIGKILL.
+KILL_SAFE_SUFFIXES = (".mkv", ".avi")
+# cv2.VideoWriter.write reports no errors, so failed writes (full disk, I/O error) are seen from the file:
+# an MJPEG file must grow within every GROWTH_CHECK_FRAMES frames (FFmpeg buffers 32 KiB; an MJPEG frame is well over
+# 650 bytes), and once closed hold at least MIN_FRAME_BYTES per frame written.
+GROWTH_CHECK_FRAMES = 50
+MIN_FRAME_BYTES = 600
+
+
+class WriteError(RuntimeError):
+    """An output could not be written (full disk, I/O error); the message says what was kept."""
 PALETTE = [(80, 200, 255), (120, 220, 80), (255, 160, 60), (200, 110, 255), (60, 120, 255),
            (255, 220, 90), (160, 160, 255), (90, 255, 200)]
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -46,18 +58,33 @@ class JsonlSink:
         self.lines_written = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab" if append else "wb", buffering=0)  # noqa: SIM115
+        self.good_bytes = self._file.seek(0, os.SEEK_END) if self.path.is_file() else 0  # ends in a whole line
 
     def write(self, event: dict[str, Any]) -> None:
         if self._file.closed:
             raise ValueError(f"JsonlSink for {self.path} is closed")
         line = json.dumps(event, ensure_ascii=False, default=json_default) + "\n"
         data = memoryview(line.encode("utf-8"))
-        while data:  # a raw write may be short (full disk, signal); never leave half a line by choice
-            written = self._file.write(data)
-            data = data[written:]
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        try:
+            while data:  # one call per line; a raw write may still be short (full disk, signal)
+                written = self._file.write(data)
+                data = data[written:]
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as e:
+            self._drop_partial_line()
+            raise WriteError(f"writing {self.path} failed ({e.strerror or e}); it keeps the {self.lines_written} "
+                             f"whole lines ({self.good_bytes} bytes) written before") from None
+        self.good_bytes += len(line.encode("utf-8"))
         self.lines_written += 1
+
+    def _drop_partial_line(self) -> None:
+        """Cut the file back to its last whole line (nothing to do for /dev/full and other devices)."""
+        try:
+            if self.path.is_file():
+                os.ftruncate(self._file.fileno(), self.good_bytes)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self._file.close()
@@ -106,6 +133,7 @@ class VideoSink:
             raise ValueError(f"video size must be (width, height) > 0, got {size!r}")
         self.codec = FOURCC_BY_SUFFIX[suffix]
         self.frames_written = 0
+        self._size_at_check = (0, 0)  # (frames_written, file bytes) at the last growth check
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.codec), float(fps),
                                        self.size)
@@ -123,17 +151,40 @@ class VideoSink:
                              f"{self.size[0]}x{self.size[1]}; open the VideoSink with the source size")
         self._writer.write(annotate(frame_bgr, annotations))
         self.frames_written += 1
+        if self.codec == "MJPG" and self.frames_written - self._size_at_check[0] >= GROWTH_CHECK_FRAMES:
+            self._check_growing()
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+    def _check_growing(self) -> None:
+        """cv2.VideoWriter.write reports no errors: a regular file that stopped growing means they happen."""
+        size = self.path.stat().st_size if self.path.is_file() else None
+        if size is not None and size <= self._size_at_check[1]:
+            kept = self._size_at_check[0]
+            self.close(check=False)
+            raise WriteError(f"writing video {self.path} failed: it stopped growing at {size} bytes (disk full or "
+                             f"I/O error); about {kept} of {self.frames_written} frames were written")
+        self._size_at_check = (self.frames_written, size or 0)
+
+    def close(self, check: bool = True) -> None:
+        """Finalise the file; with check, read its header back and raise WriteError if it is not playable."""
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        if check and self.frames_written and self.path.is_file():
+            cap = cv2.VideoCapture(str(self.path))
+            opened = cap.isOpened()
+            count = cap.get(cv2.CAP_PROP_FRAME_COUNT) if opened else 0
+            cap.release()
+            too_small = self.codec == "MJPG" and self.path.stat().st_size < self.frames_written * MIN_FRAME_BYTES
+            if too_small or not opened or 0 <= count < self.frames_written * 0.99 - 1:
+                raise WriteError(f"video {self.path} is not playable after writing {self.frames_written} frames "
+                                 f"(disk full or I/O error; it holds {self.path.stat().st_size} bytes)")
 
     def __enter__(self) -> VideoSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()  # also on KeyboardInterrupt, so the mp4 gets its index and stays playable
+        self.close(check=exc[0] is None)  # also on KeyboardInterrupt, so the mp4 gets its index
 
 
 def gui_problems() -> list[str]:

@@ -7,6 +7,7 @@ N-th) because there nothing is lost by waiting.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -89,7 +90,12 @@ class FrameSource:
 
 def new_stats() -> dict[str, int]:
     return {"frames_read": 0, "frames_yielded": 0, "frames_dropped": 0, "corrupt_frames": 0,
-            "reconnects": 0}
+            "reconnects": 0, "frames_missing": 0, "loops": 0}
+
+
+# A video file that stops decoding before its declared length: how many reads to try past the failure before
+# the rest is counted as frames_missing (failed reads followed by a good one count as corrupt frames).
+MAX_CORRUPT_RUN = 8
 
 
 def is_valid_image(image: Any) -> bool:
@@ -139,13 +145,16 @@ def classify(spec: str | int) -> tuple[str, Any]:
 
 
 def open_source(spec: str | int, every: int = 1, live: bool | None = None, reconnect_attempts: int = 5,
-                backoff_s: float = 0.5, capture_factory: CaptureFactory | None = None) -> FrameSource:
+                backoff_s: float = 0.5, capture_factory: CaptureFactory | None = None,
+                loop: bool = False) -> FrameSource:
     """Open any supported source. live=None decides from the kind: devices and streams are live.
 
     live=True on a video file replays it at its own fps with newest-frame-only semantics, which is how
     to see what a slow model would miss on a real camera. live=False on a camera yields every frame.
     every=N keeps every N-th frame the source delivers (live sources then offer only those to the slot).
     capture_factory replaces cv2.VideoCapture(target, api), for tests and custom capture backends.
+    loop=True starts a file source (video, image, folder) again at its end, with frame indices and timestamps
+    still increasing; stats["loops"] counts the restarts.
     """
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an integer >= 1 (1 = every frame), got {every!r}")
@@ -154,16 +163,18 @@ def open_source(spec: str | int, every: int = 1, live: bool | None = None, recon
                          f"{backoff_s}")
     factory = capture_factory or default_capture_factory
     kind, target = classify(spec)
+    if loop and kind not in ("video", "image", "folder"):
+        raise ValueError(f"--loop needs a video file, image or image folder; {spec} is a {kind} source")
     if kind in ("image", "folder"):
         if live:
             raise ValueError(f"live=True needs a camera, URL, GStreamer pipeline or video file; "
                              f"{target} is an image {'folder' if kind == 'folder' else 'file'}")
-        return open_images(target, every, kind == "folder")
+        return open_images(target, every, kind == "folder", loop)
     is_live = kind != "video" if live is None else bool(live)
     device = CaptureDevice(kind, target, factory, reconnect_attempts, backoff_s, new_stats())
     fps = device.fps()
     size = device.size()
-    frames = read_capture(device, every, media_time=kind == "video")
+    frames = read_capture(device, every, media_time=kind == "video", loop=loop)
     if not is_live:
         return FrameSource(device.name, False, frames, device.close, device.stats, fps, size)
     reader = NewestFrameReader(frames, device, pace_fps=fps if kind == "video" else None)
@@ -175,7 +186,7 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def open_images(path: Path, every: int, is_folder: bool) -> FrameSource:
+def open_images(path: Path, every: int, is_folder: bool, loop: bool = False) -> FrameSource:
     stats = new_stats()
     if is_folder:
         files = image_files(path)
@@ -194,15 +205,20 @@ def open_images(path: Path, every: int, is_folder: bool) -> FrameSource:
     start = time.monotonic()
 
     def frames() -> Iterator[Frame]:
-        for index in range(0, len(files), every):
-            t0 = time.perf_counter()
-            image = first if first is not None else cv2.imread(str(files[index]), cv2.IMREAD_COLOR)
-            stats["frames_read"] += 1
-            if not is_valid_image(image):
-                stats["corrupt_frames"] += 1
-                continue
-            # Still images have no media time; wall time since opening keeps timestamps increasing.
-            yield Frame(index, time.monotonic() - start, image, (time.perf_counter() - t0) * 1000)
+        for cycle in itertools.count():
+            for index in range(0, len(files), every):
+                t0 = time.perf_counter()
+                image = first if first is not None else cv2.imread(str(files[index]), cv2.IMREAD_COLOR)
+                stats["frames_read"] += 1
+                if not is_valid_image(image):
+                    stats["corrupt_frames"] += 1
+                    continue
+                # Still images have no media time; wall time since opening keeps timestamps increasing.
+                yield Frame(cycle * len(files) + index, time.monotonic() - start, image,
+                            (time.perf_counter() - t0) * 1000)
+            if not loop or stats["frames_read"] == stats["corrupt_frames"]:
+                return
+            stats["loops"] += 1
 
     name = f"image folder {path}" if is_folder else f"image {path}"
     return FrameSource(name, False, frames(), lambda: None, stats, None, size)
@@ -285,6 +301,19 @@ class CaptureDevice:
             return msec / 1000.0
         return index / fps if fps else 0.0
 
+    def declared_frames(self) -> int:
+        """The frame count a video file's header declares (0 when unknown, or for live sources)."""
+        if self.kind != "video":
+            return 0
+        value = float(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0)
+        return int(value) if 0 < value < 1e9 else 0
+
+    def rewind(self) -> bool:
+        """Reopen a video file at its first frame (for --loop)."""
+        self.cap.release()
+        self.cap = self.factory(self.target, self.api)
+        return bool(self.cap.isOpened())
+
     def reconnect(self) -> bool:
         """Reopen with exponential backoff. False: the stream ended (files) or the source was closed."""
         if not self.reconnectable or self.stopped.is_set():
@@ -315,10 +344,19 @@ def backoff_delay(backoff_s: float, failures: int) -> float:
     return min(backoff_s * 2 ** failures, MAX_BACKOFF_S)
 
 
-def read_capture(device: CaptureDevice, every: int, media_time: bool) -> Iterator[Frame]:
-    """Every frame the capture delivers (every N-th decoded), reconnecting devices that drop out."""
+def read_capture(device: CaptureDevice, every: int, media_time: bool, loop: bool = False) -> Iterator[Frame]:
+    """Every frame the capture delivers (every N-th decoded), reconnecting devices that drop out.
+
+    A video file that stops before its declared frame count is read on past the failure (failed reads
+    followed by a good one are corrupt frames); what still cannot be read is counted in
+    stats["frames_missing"] (beyond a 1% slack, since headers may estimate the count), never ignored.
+    """
     fps = device.fps()
+    declared = device.declared_frames()
     index = 0  # number of the next frame the capture will deliver
+    pass_start, pass_read, failed_run = 0, 0, 0  # index where this pass (loop) began, frames read in it
+    time_offset = 0.0
+    last_timestamp = 0.0
     while not device.stopped.is_set():
         decode = index % every == 0
         t0 = time.perf_counter()
@@ -327,16 +365,34 @@ def read_capture(device: CaptureDevice, every: int, media_time: bool) -> Iterato
         if not ok:
             if device.reconnect():
                 continue
+            if declared > index - pass_start and failed_run < MAX_CORRUPT_RUN:  # corrupt mid-file: read on
+                failed_run += 1
+                index += 1
+                continue
+            short = declared - (index - failed_run - pass_start) if declared else 0
+            if short > max(1, declared // 100):  # header counts can be estimates (duration x fps)
+                device.stats["frames_missing"] += short
+            if loop and pass_read > 0 and device.rewind():
+                device.stats["loops"] += 1
+                time_offset = last_timestamp + (1.0 / fps if fps else 0.0)
+                pass_start, pass_read, failed_run = index, 0, 0
+                continue
             return
+        device.stats["corrupt_frames"] += failed_run  # unreadable frames with readable ones after them
+        failed_run = 0
         device.stats["frames_read"] += 1
+        pass_read += 1
         index += 1
         if not decode:
             continue
         if not is_valid_image(image):
             device.stats["corrupt_frames"] += 1
             continue
-        timestamp = device.media_seconds(index - 1, fps) if media_time else time.monotonic()
-        yield Frame(index - 1, timestamp, image, capture_ms)
+        if media_time:
+            last_timestamp = time_offset + device.media_seconds(index - 1 - pass_start, fps)
+        else:
+            last_timestamp = time.monotonic()
+        yield Frame(index - 1, last_timestamp, image, capture_ms)
 
 
 class NewestFrameReader:
