@@ -316,3 +316,111 @@ def test_video_is_playable_after_sigkill(tiny_bundle, avi_clip, tmp_path, suffix
         frames += 1
     cap.release()
     assert frames >= 5, f"only {frames} frames readable after SIGKILL"
+
+
+# --- export cleans up after itself --------------------------------------------------------------------------
+
+def _no_torch_env(tmp_path: Path) -> dict[str, str]:
+    """PYTHONPATH with a `torch` that fails on import: proves a refusal came before any model was built."""
+    fake = tmp_path / "fake_torch"
+    fake.mkdir(exist_ok=True)
+    (fake / "torch.py").write_text("raise ImportError('the model would have been built here')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_export_refuses_bad_out_and_model_before_building(tmp_path):
+    env = _no_torch_env(tmp_path)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    line = one_line_error(cli("export", "--preset", "tiny-random", "--out", existing, env=env))
+    assert "--out" in line and "already exists" in line and "--overwrite" in line
+    (tmp_path / "afile").write_text("x")
+    line = one_line_error(cli("export", "--preset", "tiny-random", "--out", tmp_path / "afile", "--overwrite",
+                              env=env))
+    assert "is a file" in line
+    line = one_line_error(cli("export", "--model", "/nonexistent", "--out", tmp_path / "b", env=env))
+    assert "--model /nonexistent" in line and "no such checkpoint directory" in line
+
+
+def _start_export(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "export", "--preset", "tiny-random",
+                             "--no-face-models", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(p.is_dir() and any(p.iterdir()) for p in out.parent.glob(f".{out.name}.partial-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    return proc
+
+
+def test_killed_export_leftovers_are_removed_by_the_next_export(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "b"
+    proc = _start_export(out)
+    proc.kill()
+    proc.wait()
+    [partial] = tmp_path.glob(".b.partial-*")
+    (tmp_path / "other").mkdir()
+    second = cli("export", "--preset", "tiny-random", "--out", tmp_path / "other", env=_no_torch_env(tmp_path))
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"removed {partial}" in second.stderr and "MB" in second.stderr
+    assert not partial.exists() and not out.exists()
+
+
+def test_sigterm_during_export_leaves_nothing(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "b"
+    proc = _start_export(out)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- bench and calibrate check their outputs first ----------------------------------------------------------
+
+def test_bench_json_is_checked_before_the_benchmark(tiny_bundle, tmp_path):
+    line = one_line_error(cli("bench", tiny_bundle / "no-such-bundle", "--json", tmp_path / "nope" / "r.json"))
+    assert "--json" in line and "does not exist" in line
+    (tmp_path / "r.json").write_text("{}")
+    line = one_line_error(cli("bench", tiny_bundle / "no-such-bundle", "--json", tmp_path / "r.json"))
+    assert "already exists" in line and "--overwrite" in line
+    line = one_line_error(cli("bench", tiny_bundle / "no-such-bundle", "--json", tmp_path))
+    assert "is a directory" in line
+
+
+def test_calibrate_out_is_checked_before_the_model_loads(tiny_bundle, tmp_path):
+    pytest.importorskip("onnx")
+    (tmp_path / "int8").mkdir()
+    line = one_line_error(cli("calibrate", tiny_bundle / "no-such-bundle", "--data", ASTRONAUT, "--precision", "int8",
+                              "--out", tmp_path / "int8"))
+    assert "--out" in line and "already exists" in line
+
+
+# --- corrupt media and --loop -------------------------------------------------------------------------------
+
+def test_truncated_video_is_counted_and_exits_5(tiny_bundle, tmp_path):
+    full = write_avi(tmp_path / "full.avi", 30)
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 4 // 10])
+    out = tmp_path / "e.jsonl"
+    proc = cli("run", tiny_bundle, "--source", cut, *BOX, "--out", out, "--quiet")
+    assert proc.returncode == 5, proc.stderr
+    summary = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("summary "))[8:])
+    missing = summary["source"]["frames_missing"] + summary["source"]["corrupt_frames"]
+    assert missing > 0 and summary["frames"] + missing >= 29
+    assert "warning: the input was incomplete" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(whole_lines(out)) == summary["frames"]
+
+
+def test_loop_replays_a_file_with_increasing_frames(tiny_bundle, avi_clip, tmp_path):
+    out = tmp_path / "e.jsonl"
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--loop", "--max-frames", "30", "--out", out,
+               "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert [e["frame"] for e in whole_lines(out)] == list(range(30))
+    summary = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("summary "))[8:])
+    assert summary["source"]["loops"] == 2
+    line = one_line_error(cli("run", tiny_bundle, "--source", "rtsp://camera/stream", "--loop", *BOX))
+    assert "--loop needs a video file" in line
