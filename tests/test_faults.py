@@ -424,3 +424,24 @@ def test_loop_replays_a_file_with_increasing_frames(tiny_bundle, avi_clip, tmp_p
     assert summary["source"]["loops"] == 2
     line = one_line_error(cli("run", tiny_bundle, "--source", "rtsp://camera/stream", "--loop", *BOX))
     assert "--loop needs a video file" in line
+
+
+def test_failed_start_leaves_no_empty_output(tiny_bundle, avi_clip, tmp_path):
+    out, video = tmp_path / "e.jsonl", tmp_path / "v.mkv"
+    line = one_line_error(cli("run", tiny_bundle / "no-such-bundle", "--source", avi_clip, *BOX, "--out", out,
+                              "--write-video", video))
+    assert "does not exist" in line
+    assert not out.exists() and not video.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_unwritable_directory_is_refused_first(tiny_bundle, avi_clip, tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = one_line_error(cli("run", tiny_bundle / "no-such-bundle", "--source", avi_clip, *BOX,
+                                  "--out", locked / "e.jsonl"))
+        assert "is not writable" in line
+    finally:
+        locked.chmod(0o700)
