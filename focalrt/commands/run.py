@@ -184,4 +184,13 @@ def claim_outputs(args) -> list:
         check_file(args.write_video, "--write-video", overwrite=args.overwrite)
         if not Path(args.write_video).resolve().is_file() and Path(args.write_video).exists():
             raise OutputError(f"--write-video {args.write_video} is not a regular file; give a file path")
-    return [FileLock(path, flag) for flag, path in (("--out", args.out), ("--write-video", args.write_video)) if path]
+    locks: list[FileLock] = []
+    try:
+        for flag, path in (("--out", args.out), ("--write-video", args.write_video)):
+            if path:
+                locks.append(FileLock(path, flag))
+    except OutputError:
+        for lock in locks:
+            lock.release(remove_if_new_and_empty=True)
+        raise
+    return locks
