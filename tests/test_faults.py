@@ -445,3 +445,16 @@ def test_unwritable_directory_is_refused_first(tiny_bundle, avi_clip, tmp_path):
         assert "is not writable" in line
     finally:
         locked.chmod(0o700)
+
+
+def test_schema_accepts_a_text_only_manifest(tiny_bundle):
+    """A bundle without a vision component (text-only) needs no preprocess, image token or image template."""
+    from focalrt.bundle import validate_manifest
+
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    del m["components"]["vision"], m["preprocess"], m["prompt"]["image_token"], m["prompt"]["template"]
+    del m["text"]["image_token_id"]
+    validate_manifest(m, tiny_bundle / "manifest.json")
+    m["prompt"].pop("stop_tokens")
+    with pytest.raises(BundleError, match="prompt.stop_tokens is missing"):
+        validate_manifest(m, tiny_bundle / "manifest.json")
