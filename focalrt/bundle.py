@@ -175,7 +175,8 @@ def load(path: str | os.PathLike, verify_hashes: bool = False) -> Bundle:
     for key, rec in _listed_files(manifest):
         f = contained(root, rec["file"], key, mpath)
         if not f.is_file():
-            raise BundleError(f"bundle file {f} ({key}) is missing; the bundle is incomplete, re-export it")
+            raise BundleError(f"bundle file {f} is missing (named by {key}.file); the bundle is incomplete, "
+                              f"re-export it")
         if "bytes" in rec and f.stat().st_size != rec["bytes"]:
             raise BundleError(f"bundle file {f} has {f.stat().st_size} bytes, the manifest says "
                               f"{rec['bytes']}: it is truncated or was replaced; re-export the bundle")
