@@ -9,6 +9,8 @@ import pytest
 
 from focalrt.runtime.generate import (
     PromptCache,
+    Row,
+    Sampler,
     batch_positions,
     decode_one_token,
     generate,
@@ -134,8 +136,6 @@ def test_per_row_processors_in_one_batch(pipe, astronaut_bgr):
     free = [pipe.describe(astronaut_bgr, box=b, max_new_tokens=6).token_ids for b in boxes]
     planned = pipe.plan([(astronaut_bgr, b, None) for b in boxes], None)
     embeds = pipe.encode_image(planned[0].view)
-    from focalrt.runtime.generate import Row
-
     rows = []
     for region in planned:
         positions, delta = pipe.adapter.positions(region.prompt.token_ids)
@@ -149,7 +149,7 @@ def test_per_row_processors_in_one_batch(pipe, astronaut_bgr):
         return logits
 
     cache = pipe.cache.resized(2)
-    out = generate(pipe.model, cache, rows, 6, pipe.stop_ids, pipe.sampler(0.0, None, None, None),
+    out = generate(pipe.model, cache, rows, 6, pipe.stop_ids, Sampler(),
                    logits_processors=[[], [force]], on_token=lambda row, tok: seen[row].append(tok))
     assert out.tokens[0] == free[0]
     assert out.tokens[1] == [77] * 6
@@ -194,3 +194,16 @@ def test_observers_see_prefill_and_each_decode_step_without_patching(pipe, astro
         pipe.vision_observers.clear()
     assert steps == [(0, len(d.prompt_token_ids)), (1, 1), (2, 1), (3, 1), (4, 1)]
     assert vision == [("pixel_values",)]
+
+
+def test_generation_options_and_keywords_are_the_same_request(pipe, astronaut_bgr):
+    from focalrt.runtime.pipeline import GenerationOptions, ImageRegions
+
+    opts = GenerationOptions(max_new_tokens=5, temperature=0.8, top_k=20, seed=3)
+    a = pipe.describe(astronaut_bgr, box=BOX, options=opts)
+    b = pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=5, temperature=0.8, top_k=20, seed=3)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 5
+    views = pipe.describe_views([ImageRegions(astronaut_bgr, [BOX])], options=GenerationOptions(max_new_tokens=4))
+    assert views[0][0].token_ids == pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=4).token_ids
+    with pytest.raises(TypeError, match="unknown generation option"):
+        pipe.describe(astronaut_bgr, box=BOX, max_tokens=4)

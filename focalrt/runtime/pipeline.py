@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -31,6 +31,25 @@ from focalrt.runtime.generate import (
 from focalrt.runtime.preprocess import check_frame, read_image
 from focalrt.runtime.sessions import TENSORRT, create_session, resolve_providers
 from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to sample; None takes the bundle's `generation` default (temperature 0 is greedy)."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+class ImageRegions(NamedTuple):
+    """One image for `describe_views` (e.g. a face crop), the boxes to describe in it, and its landmarks."""
+
+    image: Any  # BGR array or image file
+    boxes: list[tuple[int, int, int, int] | None]
+    landmarks68: np.ndarray | None = None
 
 
 @dataclass
@@ -152,12 +171,18 @@ class Pipeline:
         prompt = prompts.encode(self.tokenizer, self.profile, self.adapter.image_tokens, instruction, model_box)
         return prompt, box, model_box
 
-    def sampler(self, temperature: float | None, top_k: int | None, top_p: float | None,
-                 seed: int | None) -> Sampler:
+    def options(self, options: GenerationOptions | None = None, **sampling: Any) -> GenerationOptions:
+        """`options` with keyword overrides, then the bundle's `generation` defaults for what is still unset."""
+        unknown = set(sampling) - {f.name for f in fields(GenerationOptions)}
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {sorted(unknown)}; known: "
+                            f"{[f.name for f in fields(GenerationOptions)]}")
+        o = replace(options or GenerationOptions(), **{k: v for k, v in sampling.items() if v is not None})
         gen = self.generation
-        return Sampler(gen.get("temperature", 0.0) if temperature is None else temperature,
-                       gen.get("top_k", 0) if top_k is None else top_k,
-                       gen.get("top_p", 1.0) if top_p is None else top_p, seed)
+        return replace(o, max_new_tokens=int(gen["max_new_tokens"] if o.max_new_tokens is None else o.max_new_tokens),
+                       temperature=gen.get("temperature", 0.0) if o.temperature is None else o.temperature,
+                       top_k=gen.get("top_k", 0) if o.top_k is None else o.top_k,
+                       top_p=gen.get("top_p", 1.0) if o.top_p is None else o.top_p)
 
     def _region_views(self, image: np.ndarray, boxes: list[tuple | None]) -> list[tuple[np.ndarray, Any, Any]]:
         """(image the encoder sees, box in its pixels, box in `image` pixels) per region, by region mode.
@@ -183,17 +208,17 @@ class Pipeline:
         return views
 
     def describe(self, image: np.ndarray | str | os.PathLike, box: tuple[int, int, int, int] | None = None,
-                 prompt: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 prompt: str | None = None, options: GenerationOptions | None = None, *,
                  on_text: Callable[[str], None] | None = None, return_logits: bool = False,
                  landmarks68: np.ndarray | None = None, sampler: SamplerFn | None = None,
                  logits_processors: list[LogitsProcessor] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Description:
+                 on_token: Callable[[int], None] | None = None, **sampling: Any) -> Description:
         """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box.
 
         A batch of one through the same loop as `describe_views`; the whole prompt is prefilled in one
-        call. `on_text` streams text, `on_token` token ids; `sampler` replaces the one built from the
-        sampling arguments; `logits_processors` rewrite the logits before each sampling step.
+        call. `options` (or the keywords max_new_tokens, temperature, top_k, top_p, seed) say how to
+        sample; `sampler` replaces the sampler they build; `logits_processors` rewrite the logits before
+        each sampling step; `on_text` streams text and `on_token` token ids.
         """
         stream = TextStream(self.tokenizer) if on_text else None
 
@@ -203,34 +228,31 @@ class Pipeline:
             if stream is not None and (delta := stream.push(token)):
                 on_text(delta)
 
-        return self._describe([(image, box, landmarks68)], prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                              sampler=sampler, processors=[logits_processors or []], on_token=emit,
-                              return_logits=return_logits, share_prefix=False)[0]
+        return self._describe([(image, box, landmarks68)], prompt, self.options(options, **sampling), sampler=sampler,
+                              processors=[logits_processors or []], on_token=emit, return_logits=return_logits,
+                              share_prefix=False)[0]
 
     def describe_regions(self, image: np.ndarray | str | os.PathLike, boxes: list[tuple[int, int, int, int] | None],
-                         prompt: str | None = None, max_new_tokens: int | None = None,
-                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                         seed: int | None = None, landmarks68: np.ndarray | None = None) -> list[Description]:
+                         prompt: str | None = None, options: GenerationOptions | None = None, *,
+                         landmarks68: np.ndarray | None = None, **sampling: Any) -> list[Description]:
         """Describe several regions of one image at the cost of little more than one.
 
         The encoder runs once per distinct view of the image; the prompt prefix (system, image) is
         prefilled once per view and copied to each region's KV slot; each region prefills only its own
         suffix; then one decode step serves every region still generating.
         """
-        return self.describe_views([(image, boxes, landmarks68)], prompt, max_new_tokens, temperature, top_k, top_p,
-                                   seed)[0]
+        return self.describe_views([ImageRegions(image, boxes, landmarks68)], prompt, options, **sampling)[0]
 
-    def describe_views(self, views: list[tuple[Any, list[tuple[int, int, int, int] | None], np.ndarray | None]],
-                       prompt: str | None = None, max_new_tokens: int | None = None,
-                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                       seed: int | None = None) -> list[list[Description]]:
+    def describe_views(self, views: list[ImageRegions], prompt: str | None = None,
+                       options: GenerationOptions | None = None, **sampling: Any) -> list[list[Description]]:
         """Several images (e.g. one crop per face), each with its regions and landmarks, in one batch.
 
         Decode is batched across every region of every image, so three faces with three regions each
-        share each decode step. Returns one list of descriptions per image, in order.
+        share each decode step. Plain (image, boxes, landmarks68) tuples work as well. Returns one list of
+        descriptions per image, in order.
         """
         requests = [(image, box, lm) for image, boxes, lm in views for box in boxes]
-        flat = self._describe(requests, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        flat = self._describe(requests, prompt, self.options(options, **sampling))
         out, i = [], 0
         for _, boxes, _ in views:
             out.append(flat[i:i + len(boxes)])
@@ -253,15 +275,14 @@ class Pipeline:
             planned.append(PlannedRegion(view, p, image_box, model_box, landmarks68))
         return planned
 
-    def _describe(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt, max_new_tokens, temperature,
-                  top_k, top_p, seed, sampler: SamplerFn | None = None,
+    def _describe(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt: str | None,
+                  options: GenerationOptions, sampler: SamplerFn | None = None,
                   processors: list[list[LogitsProcessor]] | None = None, on_token: TokenCallback | None = None,
                   return_logits: bool = False, share_prefix: bool = True) -> list[Description]:
         t_start = time.perf_counter()
-        max_new_tokens = int(self.generation["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sampler = sampler or self.sampler(temperature, top_k, top_p, seed)
+        if options.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {options.max_new_tokens}")
+        sampler = sampler or Sampler(options.temperature, options.top_k, options.top_p, options.seed)
         planned = self.plan(requests, prompt)
         prep_ms = (time.perf_counter() - t_start) * 1e3
         encoded: dict[int, tuple[ort.OrtValue, float]] = {}  # view -> (image embeddings, encoder ms)
@@ -273,7 +294,7 @@ class Pipeline:
         results: list[Description] = []
         for i in range(0, len(planned), self.max_batch):
             chunk = slice(i, i + self.max_batch)
-            results += self._generate(planned[chunk], encoded, max_new_tokens, sampler,
+            results += self._generate(planned[chunk], encoded, options.max_new_tokens, sampler,
                                       processors[chunk] if processors else None, on_token, return_logits,
                                       share_prefix, prep_ms if i == 0 else 0.0)
         return results
