@@ -32,13 +32,15 @@ import onnxruntime as ort
 
 @dataclass(frozen=True)
 class TensorNames:
-    """The names of the embedding and decoder tensors, by role (defaults: what every export writes).
+    """Tensor names by role, read from the manifest's component records (defaults: what every export writes).
 
-    Roles come from the order the exporter declares (`export/gqa.py::decoder_io_names`): the decoder's
-    inputs are embeddings, attention mask, position ids, then `logits_to_keep` (bundles exported since
-    k-token verification) and the past KV pairs; its outputs are logits, then the present KV pairs.
+    Roles follow the order the exporter declares (`export/gqa.py::decoder_io_names`): the vision output;
+    the embedding's token ids, image embeddings and output; the decoder's embeddings, attention mask,
+    position ids, then `logits_to_keep` (bundles exported since k-token verification) and the past KV
+    pairs; its outputs are logits, then the present KV pairs.
     """
 
+    vision_embeds: str = "image_embeds"  # the vision encoder's output
     token_ids: str = "input_ids"
     image_embeds: str = "image_embeds"
     token_embeds: str = "inputs_embeds"  # the embedding's output
@@ -55,13 +57,16 @@ class TensorNames:
         """Names from the components' recorded inputs and outputs; bundles without records get the defaults."""
         default_past = tuple(f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
         default_present = tuple(f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
-        embed, decoder = components.get("embed", {}), components.get("decoder", {})
+        vision, embed, decoder = (components.get(c, {}) for c in ("vision", "embed", "decoder"))
+        v_out = [o["name"] for o in vision.get("outputs", [])]
         e_in = [i["name"] for i in embed.get("inputs", [])]
         e_out = [o["name"] for o in embed.get("outputs", [])]
         d_in = [i["name"] for i in decoder.get("inputs", [])]
         d_out = [o["name"] for o in decoder.get("outputs", [])]
         kv = 2 * num_layers
         names = cls(past=default_past, present=default_present)
+        if v_out:
+            names = _replace(names, vision_embeds=v_out[0])
         if len(e_in) == 2 and e_out:
             names = _replace(names, token_ids=e_in[0], image_embeds=e_in[1], token_embeds=e_out[0])
         if len(d_in) in (kv + 3, kv + 4) and len(d_out) == kv + 1:

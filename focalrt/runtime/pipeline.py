@@ -80,6 +80,12 @@ class Description:
                 "timings_ms": self.timings_ms}
 
 
+def io_record(session: ort.InferenceSession) -> dict[str, Any]:
+    """A component record's input and output names, read from the loaded graph."""
+    return {"inputs": [{"name": i.name} for i in session.get_inputs()],
+            "outputs": [{"name": o.name} for o in session.get_outputs()]}
+
+
 class Pipeline:
     """Holds the sessions, tokenizer and one preallocated KV cache; not thread-safe."""
 
@@ -97,8 +103,14 @@ class Pipeline:
         self.max_batch = max(1, int(max_batch))
         self.max_context = min(max_context or m["text"]["max_context"], m["text"]["max_context"])
         self.vision = self._session("vision", threads)
-        self.model = TextModel(embed=self._session("embed", threads), decoder=self._session("decoder", threads),
-                               names=TensorNames.from_manifest(m["components"], int(m["text"]["num_layers"])),
+        embed, decoder = self._session("embed", threads), self._session("decoder", threads)
+        # Tensor names by role from the manifest's records; a manifest without them: the graphs' own.
+        records = {name: rec if "inputs" in rec and "outputs" in rec else io_record(session)
+                   for name, rec, session in (("vision", m["components"]["vision"], self.vision),
+                                              ("embed", m["components"]["embed"], embed),
+                                              ("decoder", m["components"]["decoder"], decoder))}
+        self.model = TextModel(embed=embed, decoder=decoder,
+                               names=TensorNames.from_manifest(records, int(m["text"]["num_layers"])),
                                hidden_size=int(m["text"]["hidden_size"]), device=self.device,
                                rope_axes=self.adapter.rope_axes)
         # Called with the vision encoder's inputs before each call (calibration records them; read only).
@@ -157,7 +169,7 @@ class Pipeline:
         io = self.vision.io_binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        io.bind_output("image_embeds", self.device)
+        io.bind_output(self.model.names.vision_embeds, self.device)
         self.vision.run_with_iobinding(io)
         return io.get_outputs()[0]
 
