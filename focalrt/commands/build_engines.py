@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from focalrt.export.tensorrt import build_engines
+    from focalrt.runtime.tensorrt_engines import build_engines
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")

@@ -29,7 +29,7 @@ from focalrt.runtime.generate import (
     generate,
 )
 from focalrt.runtime.preprocess import check_frame, read_image
-from focalrt.runtime.sessions import TENSORRT, create_session, resolve_providers
+from focalrt.runtime.sessions import TENSORRT, create_session, device_for, resolve_providers
 from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
 
 
@@ -99,7 +99,7 @@ class Pipeline:
         m = bundle.manifest
         self.adapter = adapter_for(m)
         self.providers = resolve_providers(provider)
-        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.device = device_for(self.providers)
         self.max_batch = max(1, int(max_batch))
         self.max_context = min(max_context or m["text"]["max_context"], m["text"]["max_context"])
         self.vision = self._session("vision", threads)
@@ -178,7 +178,7 @@ class Pipeline:
         """Token ids for one region of an image of size `image_wh` that the encoder sees whole."""
         model_box = None
         if box is not None:
-            box = prompts.clip_box(tuple(box), *image_wh)
+            box = prompts.fit_box(tuple(box), *image_wh)
             model_box = prompts.box_to_model(box, image_wh, self.image_size)
         prompt = prompts.encode(self.tokenizer, self.profile, self.adapter.image_tokens, instruction, model_box)
         return prompt, box, model_box
@@ -209,7 +209,7 @@ class Pipeline:
             if box is None:
                 views.append((image, None, None))
                 continue
-            box = prompts.clip_box(tuple(box), w, h)
+            box = prompts.fit_box(tuple(box), w, h)
             if mode == "text":
                 views.append((image, box, box))
             elif mode == "draw":

@@ -18,7 +18,7 @@ import numpy as np
 from focalrt.runtime.faces import FaceAnalyzer
 from focalrt.runtime.landmarks68 import to_68
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline
-from focalrt.runtime.prompt import clip_box
+from focalrt.runtime.prompt import fit_box
 from focalrt.runtime.regions import parse_regions, region_box
 from focalrt.runtime.sources import Frame
 from focalrt.runtime.tracker import IoUTracker, RegionScheduler, appearance_signature
@@ -135,7 +135,7 @@ class RegionRunner:
             h, w = image.shape[:2]
             jobs = []
             for i, box in enumerate(self.boxes):
-                box = clip_box(box, w, h)
+                box = fit_box(box, w, h)
                 jobs.append(RegionJob(f"box{i}" if len(self.boxes) > 1 else "box", box, box))
             views.append(FaceView(FIXED_BOX_FACE_ID, image, jobs))
         if self.regions:
@@ -174,7 +174,7 @@ class RegionRunner:
             jobs = []
             for name in self.regions:
                 frame_box = region_box(name, points, image.shape)
-                crop_box = clip_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
+                crop_box = fit_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
                 jobs.append(RegionJob(name, frame_box, crop_box))
             landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
             views.append(FaceView(face_id, crop, jobs, landmarks68))
