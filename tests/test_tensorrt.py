@@ -352,8 +352,8 @@ def _int8_vision_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
     opts = make_bundle.Options(precision="int8", progress=False)
     (bundle / "calibration").mkdir()
     plan = {"vision": "int8"}
-    infos = {"vision": make_bundle._transform(source, bundle, "vision", "int8", recording, "minmax", [], opts)}
-    make_bundle._write_manifest(source, bundle, plan, infos, None)
+    infos = {"vision": make_bundle.transform_component(source, bundle, "vision", "int8", recording, "minmax", [], opts)}
+    make_bundle.write_converted_manifest(source, bundle, plan, infos, None)
     return bundle
 
 
