@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from focalrt.bundle import BundleError
 
 # ---------------------------------------------------------------- tensor names, from the manifest
 
@@ -54,7 +56,7 @@ class TensorNames:
 
     @classmethod
     def from_manifest(cls, components: dict[str, Any], num_layers: int) -> TensorNames:
-        """Names from the components' recorded inputs and outputs; bundles without records get the defaults."""
+        """Names from the components' recorded inputs and outputs; components without records get the defaults."""
         default_past = tuple(f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
         default_present = tuple(f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
         vision, embed, decoder = (components.get(c, {}) for c in ("vision", "embed", "decoder"))
@@ -66,20 +68,18 @@ class TensorNames:
         kv = 2 * num_layers
         names = cls(past=default_past, present=default_present)
         if v_out:
-            names = _replace(names, vision_embeds=v_out[0])
+            names = replace(names, vision_embeds=v_out[0])
         if len(e_in) == 2 and e_out:
-            names = _replace(names, token_ids=e_in[0], image_embeds=e_in[1], token_embeds=e_out[0])
-        if len(d_in) in (kv + 3, kv + 4) and len(d_out) == kv + 1:
-            names = _replace(names, inputs_embeds=d_in[0], attention_mask=d_in[1], position_ids=d_in[2],
+            names = replace(names, token_ids=e_in[0], image_embeds=e_in[1], token_embeds=e_out[0])
+        if d_in and (len(d_in) not in (kv + 3, kv + 4) or len(d_out) != kv + 1):
+            raise BundleError(f"the manifest's decoder record lists {len(d_in)} inputs and {len(d_out)} outputs; a "
+                              f"{num_layers}-layer decoder has {kv + 3} or {kv + 4} inputs and {kv + 1} outputs "
+                              f"(embeddings, mask, positions[, logits_to_keep], KV; logits, KV): re-export the bundle")
+        if d_in:
+            names = replace(names, inputs_embeds=d_in[0], attention_mask=d_in[1], position_ids=d_in[2],
                              logits_to_keep=d_in[3] if len(d_in) == kv + 4 else None,
                              past=tuple(d_in[-kv:]), logits=d_out[0], present=tuple(d_out[1:]))
         return names
-
-
-def _replace(names: TensorNames, **changes: Any) -> TensorNames:
-    from dataclasses import replace
-
-    return replace(names, **changes)
 
 
 # ---------------------------------------------------------------- the prompt cache (KV slots)
