@@ -138,19 +138,19 @@ def worker_ours(spec: dict[str, Any]) -> None:
     pipe = Pipeline.from_bundle(spec["bundle"], provider="cpu", threads=spec["threads"])
     load_s, rss = time.perf_counter() - t0, current_rss_bytes()
     ids = np.asarray(spec["ids"], np.int64)[None]
-    positions = batch_positions(text_positions(ids.shape[1], pipe.sessions.rope_axes), 1)
+    positions = batch_positions(text_positions(ids.shape[1], pipe.model.rope_axes), 1)
     delta = np.zeros(1, np.int64)
     cache = pipe.cache.view(0, 1)
     runs, tokens = [], []
     for i in range(spec["warmup"] + spec["runs"]):
         cache.lengths[:] = 0
         s0 = time.perf_counter()
-        token = prefill(pipe.sessions, cache, ids, positions).argmax(-1)
+        token = prefill(pipe.model, cache, ids, positions).argmax(-1)
         prefill_ms = (time.perf_counter() - s0) * 1e3
         tokens, steps = [int(token[0])], []
         for _ in range(spec["new_tokens"] - 1):
             s0 = time.perf_counter()
-            token = decode_one_token(pipe.sessions, cache, token, delta).argmax(-1)
+            token = decode_one_token(pipe.model, cache, token, delta).argmax(-1)
             steps.append((time.perf_counter() - s0) * 1e3)
             tokens.append(int(token[0]))
         if i >= spec["warmup"]:

@@ -117,6 +117,8 @@ def _feeds(record: dict, rng: np.random.Generator, length: int = 8) -> dict[str,
             feeds[inp["name"]] = np.ones(shape, np.int64)
         elif inp["name"].startswith("past_key_values."):
             feeds[inp["name"]] = np.zeros(shape, np.float32)
+        elif inp["dtype"] == "int64":  # logits_to_keep: the last token's logits
+            feeds[inp["name"]] = np.ones(shape, np.int64)
         else:
             feeds[inp["name"]] = rng.standard_normal(shape).astype(np.float32)
     return feeds

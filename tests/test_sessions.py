@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from focalrt.runtime.sessions import SessionError, resolve_providers
+from focalrt.runtime.sessions import SessionError, device_for, resolve_providers
 
 HAVE_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -38,3 +38,9 @@ def test_cuda_gives_the_cpu_tokens(tiny_bundle, astronaut_bgr):
     cpu = Pipeline.from_bundle(tiny_bundle, provider="cpu").describe(astronaut_bgr, max_new_tokens=16)
     gpu = Pipeline.from_bundle(tiny_bundle, provider="cuda").describe(astronaut_bgr, max_new_tokens=16)
     assert gpu.token_ids == cpu.token_ids
+
+
+def test_device_follows_the_first_provider():
+    assert device_for(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]) == "cuda"
+    assert device_for(["CUDAExecutionProvider", "CPUExecutionProvider"]) == "cuda"
+    assert device_for(["CPUExecutionProvider"]) == "cpu"

@@ -29,7 +29,7 @@ class FakeBuilder:
 
 
 def test_engine_key_changes_with_every_field():
-    from focalrt.export.tensorrt import EngineKey
+    from focalrt.runtime.tensorrt_engines import EngineKey
 
     base = EngineKey("vision", "a" * 64, "10.3.0", "Orin", "int8")
     variants = [EngineKey("vision", "b" * 64, "10.3.0", "Orin", "int8"),
@@ -44,7 +44,13 @@ def test_engine_key_changes_with_every_field():
 def test_build_keep_rebuild_and_refuse_stale(tiny_bundle, tmp_path):
     import shutil
 
-    from focalrt.export.tensorrt import EngineKey, StaleEngineError, build_engines, component_sha256, find_engine
+    from focalrt.runtime.tensorrt_engines import (
+        EngineKey,
+        StaleEngineError,
+        build_engines,
+        component_sha256,
+        find_engine,
+    )
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
@@ -77,7 +83,7 @@ def test_build_keep_rebuild_and_refuse_stale(tiny_bundle, tmp_path):
 
 
 def test_fp8_is_refused_on_orin_before_any_build(tiny_bundle):
-    from focalrt.export.tensorrt import build_engines, check_precision_supported
+    from focalrt.runtime.tensorrt_engines import build_engines, check_precision_supported
 
     with pytest.raises(ValueError, match=r"SM 8\.7.*Orin is Ampere.*no FP8"):
         check_precision_supported("fp8", ORIN)
@@ -89,7 +95,7 @@ def test_fp8_is_refused_on_orin_before_any_build(tiny_bundle):
 
 
 def test_quantized_engines_need_a_quantized_bundle(tiny_bundle):
-    from focalrt.export.tensorrt import build_engines
+    from focalrt.runtime.tensorrt_engines import build_engines
 
     before = sorted(p.name for p in tiny_bundle.iterdir())
     with pytest.raises(ValueError, match="focalrt calibrate --precision int8"):
@@ -100,7 +106,7 @@ def test_quantized_engines_need_a_quantized_bundle(tiny_bundle):
 def test_fp16_engines_from_an_fp32_bundle_use_fp16_kernels(tiny_bundle, tmp_path):
     import shutil
 
-    from focalrt.export.tensorrt import build_engines
+    from focalrt.runtime.tensorrt_engines import build_engines
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
@@ -164,7 +170,7 @@ def _with_precisions(tiny_bundle: Path, tmp_path: Path, precisions: dict[str, st
 
 
 def test_export_uses_the_runtime_profiles():
-    from focalrt.export import tensorrt as export_trt
+    from focalrt.runtime import tensorrt_engines as export_trt
     from focalrt.runtime import tensorrt_ep
 
     assert export_trt.profile_shapes is tensorrt_ep.profile_shapes
@@ -346,8 +352,8 @@ def _int8_vision_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
     opts = make_bundle.Options(precision="int8", progress=False)
     (bundle / "calibration").mkdir()
     plan = {"vision": "int8"}
-    infos = {"vision": make_bundle._transform(source, bundle, "vision", "int8", recording, "minmax", [], opts)}
-    make_bundle._write_manifest(source, bundle, plan, infos, None)
+    infos = {"vision": make_bundle.transform_component(source, bundle, "vision", "int8", recording, "minmax", [], opts)}
+    make_bundle.write_converted_manifest(source, bundle, plan, infos, None)
     return bundle
 
 
@@ -383,7 +389,7 @@ def test_engine_build_parses_the_bundled_signed_graph(tiny_bundle, tmp_path):
     """build-engines reads the bundle's tensorrt_file and leaves it in place; an int8 bundle made before
     that file existed gets a temporary signed copy, removed after the build."""
     from focalrt.bundle import load, write_manifest
-    from focalrt.export.tensorrt import build_engines
+    from focalrt.runtime.tensorrt_engines import build_engines
 
     bundle = _int8_vision_bundle(tiny_bundle, tmp_path)
     seen = []
@@ -415,7 +421,7 @@ def test_int8_activations_reencode_for_tensorrt_without_changing_values(tiny_bun
     import onnxruntime as ort
 
     from focalrt.calibration.quantize import quantize_qdq
-    from focalrt.export.tensorrt import signed_activations
+    from focalrt.runtime.tensorrt_engines import signed_activations
 
     src = tiny_bundle / "vision.onnx"
     rng = np.random.default_rng(0)
@@ -439,7 +445,7 @@ def test_int8_activations_reencode_for_tensorrt_without_changing_values(tiny_bun
 def test_missing_tensorrt_gives_a_clear_error(tiny_bundle, monkeypatch):
     import sys
 
-    from focalrt.export.tensorrt import TensorRTUnavailable, build_engines
+    from focalrt.runtime.tensorrt_engines import TensorRTUnavailable, build_engines
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if it were not installed
     with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):
@@ -454,7 +460,7 @@ def test_real_engine_build_on_a_gpu(tiny_bundle, tmp_path):
         pytest.skip("no NVIDIA GPU")
     import shutil
 
-    from focalrt.export.tensorrt import build_engines
+    from focalrt.runtime.tensorrt_engines import build_engines
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)

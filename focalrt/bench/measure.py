@@ -360,11 +360,11 @@ def context_scaling(bench: Bench) -> list[dict[str, Any]]:
                                f"KV cache ({pipe.cache.max_context} tokens)")
             continue
         ids = synthetic_prompt(past, int(pipe.text_cfg["vocab_size"]), st.seed)
-        positions = batch_positions(text_positions(past, pipe.sessions.rope_axes), 1)
+        positions = batch_positions(text_positions(past, pipe.model.rope_axes), 1)
         cache = pipe.cache.view(0, 1)  # one sequence, whatever batch the cache has grown to
         cache.lengths[:] = 0
         t0 = time.perf_counter()
-        first = prefill(pipe.sessions, cache, ids[None], positions).argmax(-1)
+        first = prefill(pipe.model, cache, ids[None], positions).argmax(-1)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         steps: list[float] = []
         for rep in range(st.scaling_runs + 1):
@@ -372,7 +372,7 @@ def context_scaling(bench: Bench) -> list[dict[str, Any]]:
             token = first
             for _ in range(st.context_steps):
                 s0 = time.perf_counter()
-                token = decode_one_token(pipe.sessions, cache, token, np.zeros(1, np.int64)).argmax(-1)
+                token = decode_one_token(pipe.model, cache, token, np.zeros(1, np.int64)).argmax(-1)
                 if rep:
                     steps.append((time.perf_counter() - s0) * 1e3)
         stats = summarize(steps, warmup=st.context_steps)

@@ -7,13 +7,12 @@ Per held-out request (frame + region, described greedily by the fp32 pipeline):
 - free running: the candidate decodes greedily on its own: token agreement rate (position by position,
   over the longer of the two outputs) and the first position where it diverges.
 
-Teacher forcing goes through the candidate's real `Pipeline.describe` with only its sampler replaced by
-one that replays the reference tokens, so prompts, views and the decode loop are the runtime's own.
+Teacher forcing goes through the candidate's real `Pipeline.describe`, given a sampler (its `sampler=`
+hook) that replays the reference tokens, so prompts, views and the decode loop are the runtime's own.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,15 +113,11 @@ class ReplaySampler:
 
 def teacher_forced_logits(pipe, ref: Reference) -> list[np.ndarray]:
     sampler = ReplaySampler(ref.tokens)
-    pipe._sampler = lambda *args, **kwargs: sampler  # this instance only
-    try:
-        d = pipe.describe(ref.request.image, box=ref.request.box, max_new_tokens=len(ref.tokens),
-                          return_logits=True, landmarks68=ref.request.landmarks68)
-    finally:
-        del pipe._sampler
+    d = pipe.describe(ref.request.image, box=ref.request.box, max_new_tokens=len(ref.tokens), return_logits=True,
+                      landmarks68=ref.request.landmarks68, sampler=sampler)
     if sampler.step == 0:
-        raise RuntimeError("teacher forcing could not replace the pipeline's sampler (Pipeline._sampler is gone "
-                           "or no longer used by describe); the gate cannot compare the models step by step")
+        raise RuntimeError("teacher forcing: describe did not use the given sampler; the gate cannot compare the "
+                           "models step by step")
     return d.logits
 
 
@@ -196,20 +191,8 @@ def open_candidate(bundle_dir: Path, ref_pipe, emulate_fp8: bool = False):
 
     from focalrt.bundle import load
     from focalrt.calibration.quantize import fp8_session_options
-    from focalrt.runtime.generate import KVCache, Sessions
 
-    bundle = load(bundle_dir)
+    def session(path: Path) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), fp8_session_options(), providers=["CPUExecutionProvider"])
 
-    def session(name: str):
-        return ort.InferenceSession(str(bundle.component_path(name)), fp8_session_options(),
-                                    providers=["CPUExecutionProvider"])
-
-    pipe = copy.copy(ref_pipe)  # tokenizer, prompt profile and adapter are the same; sessions are not
-    pipe.bundle = bundle
-    pipe.vision = session("vision")
-    pipe.sessions = Sessions(embed=session("embed"), decoder=session("decoder"), device="cpu",
-                             rope_axes=ref_pipe.adapter.rope_axes)
-    t = ref_pipe.text_cfg
-    pipe.cache = KVCache.allocate(t["num_layers"], 1, t["num_kv_heads"], t["head_dim"], ref_pipe.max_context)
-    pipe._head_kv = None  # the reference's cached prompt-head KV must not leak into the candidate
-    return pipe
+    return Pipeline(load(bundle_dir), provider="cpu", max_context=ref_pipe.max_context, session_factory=session)

@@ -108,10 +108,10 @@ def make_bundle(src: str | Path, out: str | Path, data: str | Path | int, opts: 
         _copy_unchanged(source, tmp, set(plan))
         (tmp / reports.REPORT_DIR).mkdir(exist_ok=True)
         t = time.perf_counter()
-        infos = {name: _transform(source, tmp, name, kind, recording, method, exclude[name], opts)
+        infos = {name: transform_component(source, tmp, name, kind, recording, method, exclude[name], opts)
                  for name, kind in plan.items()}
         timings["convert"] = time.perf_counter() - t
-        _write_manifest(source, tmp, plan, infos, None)
+        write_converted_manifest(source, tmp, plan, infos, None)
         t = time.perf_counter()
         result = _gate(tmp, pipe, references, thresholds, opts, "accuracy gate")
         steps: list[dict[str, Any]] = []
@@ -123,7 +123,7 @@ def make_bundle(src: str | Path, out: str | Path, data: str | Path | int, opts: 
         report = _report(source, tmp, opts, method, frames, recording, plan, infos, result, steps, timings)
         if not result.passed and not opts.force:
             raise GateFailed(report)
-        _write_manifest(source, tmp, plan, infos, report)
+        write_converted_manifest(source, tmp, plan, infos, report)
         reports.write(tmp, report)
     return report
 
@@ -169,8 +169,9 @@ def _copy_unchanged(source, tmp: Path, replaced: set[str]) -> None:
             shutil.copy2(item, tmp / item.name)
 
 
-def _transform(source, tmp: Path, name: str, kind: str, recording: Recording, method: str,
-               exclude: list[str], opts: Options) -> dict[str, Any]:
+def transform_component(source, tmp: Path, name: str, kind: str, recording: Recording, method: str,
+                        exclude: list[str], opts: Options) -> dict[str, Any]:
+    """Write one component of the converted bundle into `tmp` at precision `kind`; its manifest info."""
     src = source.component_path(name)
     dst = tmp / source.component(name)["file"]
     if kind in CALIBRATED:
@@ -205,7 +206,7 @@ def write_tensorrt_copy(component: Path) -> Path | None:
     """
     import onnx
 
-    from focalrt.export.tensorrt import signed_activations
+    from focalrt.runtime.tensorrt_engines import signed_activations
 
     copy = component.with_name(tensorrt_name(component.name))
     copy.unlink(missing_ok=True)  # a fallback re-quantization must not leave the previous graph's copy
@@ -246,11 +247,11 @@ def _fallback(source, tmp, pipe, references, thresholds, opts, plan, infos, excl
             break  # nothing left to try within --max-fallback-fraction
         for name in failing:
             top = [node for node, _ in ranking[name][:counts[name]]]
-            infos[name] = _transform(source, tmp, name, plan[name], recording, method,
+            infos[name] = transform_component(source, tmp, name, plan[name], recording, method,
                                      sorted(set(exclude[name]) | set(top)), opts)
             infos[name]["fallback_nodes"] = top
             tried[name] = counts[name]
-        _write_manifest(source, tmp, plan, infos, None)
+        write_converted_manifest(source, tmp, plan, infos, None)
         result = _gate(tmp, pipe, references, thresholds, opts, f"accuracy gate, fallback {k}")
         steps.append({"kept_in_float": {n: infos[n]["fallback_nodes"] for n in failing},
                       "passed": result.passed, "failures": result.failures, "metrics": result.metrics})
@@ -263,8 +264,8 @@ def _fallback(source, tmp, pipe, references, thresholds, opts, plan, infos, excl
     return result, recording
 
 
-def _write_manifest(source, tmp: Path, plan: dict[str, str], infos: dict[str, dict],
-                    report: dict[str, Any] | None) -> None:
+def write_converted_manifest(source, tmp: Path, plan: dict[str, str], infos: dict[str, dict],
+                             report: dict[str, Any] | None) -> None:
     manifest = {k: v for k, v in source.manifest.items() if k not in ("format", "format_version")}
     components = dict(manifest["components"])
     for name, kind in plan.items():

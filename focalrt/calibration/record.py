@@ -1,9 +1,10 @@
 """Calibration data taken from the real pipeline: frames -> faces/regions -> prompt -> tensors per component.
 
-The fp32 bundle's own `Pipeline.describe` runs over the given images, folders or videos, and light
-wrappers on the pipeline instance copy what really reaches each component: the vision encoder's
-`pixel_values`, and the decoder's inputs at prefill and at chosen decode steps, with the KV cache
-contents of that moment. Nothing is synthesised, so the quantizer sees the activations it will meet.
+The fp32 bundle's own `Pipeline.describe` runs over the given images, folders or videos, and observers
+registered on the pipeline (`Pipeline.vision_observers`, `TextModel.observers`) copy what really reaches
+each component: the vision encoder's `pixel_values`, and the decoder's inputs at prefill and at chosen
+decode steps, with the KV cache contents of that moment. Nothing is synthesised or patched, so the
+quantizer sees the activations it will meet.
 
 The decoder's KV inputs are shared [B, kv_heads, max_context, head_dim] buffers. A recorded feed keeps
 only the positions in use: its buffers are cut to `total = past + new` positions (zeros beyond the valid
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from focalrt.runtime.generate import DecoderInputs
 
 log = logging.getLogger(__name__)
 
@@ -179,38 +182,30 @@ class Recorder:
     def __init__(self, decode_steps: tuple[int, ...]):
         self.decode_steps = set(decode_steps)
         self.recording = Recording()
-        self.call = 0  # decoder calls since the current request's prefill
 
-    def vision_inputs(self, original):
-        def wrapped(image_bgr, landmarks68=None):
-            feeds = original(image_bgr, landmarks68)
-            self.recording.vision.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-            return feeds
-        return wrapped
+    def vision(self, feeds: dict[str, np.ndarray]) -> None:
+        self.recording.vision.append({k: np.array(v, copy=True) for k, v in feeds.items()})
 
-    def run_decoder(self, original):
-        def wrapped(inputs_embeds, position_ids, cache, new_tokens):
-            step = self.call
-            self.call += 1
-            if step == 0 or step in self.decode_steps:
-                self.recording.decoder.append(decoder_feed(inputs_embeds, position_ids, cache, new_tokens))
-                self.recording.decoder_kind.append("prefill" if step == 0 else f"decode:{step}")
-            return original(inputs_embeds, position_ids, cache, new_tokens)
-        return wrapped
+    def decoder(self, seen: DecoderInputs) -> None:
+        if seen.step == 0 or seen.step in self.decode_steps:
+            self.recording.decoder.append(decoder_feed(seen))
+            self.recording.decoder_kind.append("prefill" if seen.step == 0 else f"decode:{seen.step}")
 
 
-def decoder_feed(inputs_embeds, position_ids, cache, new_tokens: int) -> dict[str, np.ndarray]:
+def decoder_feed(seen: DecoderInputs) -> dict[str, np.ndarray]:
     """The decoder's inputs for this call, with each KV buffer cut to the positions in use."""
+    cache, names = seen.cache, seen.names
     if not cache.on_host:
         raise RuntimeError("calibration records the KV cache from host memory; run it with provider='cpu'")
     past = cache.lengths.copy()
-    total = int((past + new_tokens).max())
-    embeds = inputs_embeds.numpy() if hasattr(inputs_embeds, "numpy") else np.asarray(inputs_embeds)
-    feeds = {"inputs_embeds": np.array(embeds, np.float32, copy=True),
-             "attention_mask": cache.attention_mask(new_tokens),
-             "position_ids": np.array(position_ids, np.int64, copy=True)}
+    total = int((past + seen.new_tokens).max())
+    feeds = {names.inputs_embeds: np.array(seen.inputs_embeds.numpy(), np.float32, copy=True),
+             names.attention_mask: np.array(seen.attention_mask, copy=True),
+             names.position_ids: np.array(seen.position_ids, np.int64, copy=True)}
+    if names.logits_to_keep is not None:
+        feeds[names.logits_to_keep] = np.array([seen.keep], np.int64)
     rows = slice(cache.start, cache.start + cache.batch)
-    for name, arr in zip(cache.input_names, cache.arrays, strict=True):
+    for name, arr in zip(names.past, cache.arrays, strict=True):
         kv = np.zeros((cache.batch, arr.shape[1], total, arr.shape[3]), arr.dtype)
         for r, n in enumerate(past):
             kv[r, :, :n] = arr[rows][r, :, :n]
@@ -220,16 +215,15 @@ def decoder_feed(inputs_embeds, position_ids, cache, new_tokens: int) -> dict[st
 
 @contextmanager
 def recording(pipe, decode_steps: tuple[int, ...] = DEFAULT_DECODE_STEPS) -> Iterator[Recorder]:
-    """Install the recorder on this pipeline instance only, and take it off again afterwards."""
+    """Register the recorder's observers on this pipeline, and take them off again afterwards."""
     recorder = Recorder(decode_steps)
-    sessions, adapter = pipe.sessions, pipe.adapter
-    sessions.run_decoder = recorder.run_decoder(type(sessions).run_decoder.__get__(sessions))
-    adapter.vision_inputs = recorder.vision_inputs(type(adapter).vision_inputs.__get__(adapter))
+    pipe.vision_observers.append(recorder.vision)
+    pipe.model.observers.append(recorder.decoder)
     try:
         yield recorder
     finally:
-        del sessions.run_decoder
-        del adapter.vision_inputs
+        pipe.vision_observers.remove(recorder.vision)
+        pipe.model.observers.remove(recorder.decoder)
 
 
 def record(pipe, requests: list[Request], max_new_tokens: int = 16,
@@ -239,7 +233,6 @@ def record(pipe, requests: list[Request], max_new_tokens: int = 16,
 
     with recording(pipe, decode_steps) as recorder:
         for req in tqdm(requests, desc="recording calibration inputs", unit="frame", disable=not progress):
-            recorder.call = 0
             d = pipe.describe(req.image, box=req.box, max_new_tokens=max_new_tokens, temperature=0.0,
                               landmarks68=req.landmarks68)
             recorder.recording.prompt_lengths.append(len(d.prompt_token_ids))

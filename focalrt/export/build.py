@@ -139,7 +139,7 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id:
 
     records = {name: {**file_record(tmp, f"{name}.onnx"), **info, "precision": "fp32"}
                for name, info in components.items()}
-    records["decoder"].update(attention="GroupQueryAttention", kv_cache="shared_buffer", logits="last_token")
+    records["decoder"].update(attention="GroupQueryAttention", kv_cache="shared_buffer", logits="last_n")
     manifest: dict[str, Any] = {
         "family": family,
         "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,

@@ -541,7 +541,8 @@ def export_decoder(model: FaceLlava, out: Path, max_context: int) -> dict[str, A
 
 def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: int = 7, steps: int = 3,
                      buf: int = 32) -> float:
-    """Prefill then cached single-token steps through ONNX, against transformers with a DynamicCache."""
+    """Prefill (logits at every prompt position) then cached single-token steps through ONNX, against
+    transformers with a DynamicCache."""
     from transformers import DynamicCache
 
     tcfg = model.config.text_config
@@ -557,6 +558,7 @@ def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: in
     for end in [prompt_len] + list(range(prompt_len + 1, total + 1)):
         feeds = {"inputs_embeds": embeds[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64),
                  "position_ids": pos[:, start:end].numpy()}
+        feeds["logits_to_keep"] = np.array([end - start], np.int64)  # every prefill position, then the one step
         feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": c
                       for i, c in enumerate(cache)})
         outs = sess.run(None, feeds)
@@ -565,7 +567,7 @@ def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: in
             h = lm(inputs_embeds=embeds[:, start:end], position_ids=pos[:, start:end],
                    attention_mask=torch.ones(1, end, dtype=torch.long), past_key_values=ref_cache,
                    use_cache=True).last_hidden_state
-            ref = model.llava.lm_head(h[:, -1:]).numpy()
+            ref = model.llava.lm_head(h).numpy()
         worst = max(worst, compare(f"decoder logits at length {end}", outs[0], ref, atol=1e-4))
         ref_k = ref_cache.layers[0].keys.numpy()
         worst = max(worst, compare(f"decoder KV cache at length {end}", cache[0][:, :, :end], ref_k, atol=1e-4))

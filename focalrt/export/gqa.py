@@ -66,18 +66,18 @@ def mask_to_seqlens(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return seqlens_k, total_len
 
 
-def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden state of each row's last valid token in this chunk, [B, 1, H].
+def last_tokens_hidden(hidden: torch.Tensor, logits_to_keep: torch.Tensor) -> torch.Tensor:
+    """Hidden states of the last `logits_to_keep` tokens of this chunk for every row, [B, keep, H].
 
-    Why: logits are only needed for the next token, and the LM head over a 150k vocabulary for every
-    prefill position would cost more than the rest of prefill. Rows share the same past length during
-    prefill; during decode (S=1) the index is 0 for every row.
+    Why: a decode step needs logits for one token, and the LM head over a 150k vocabulary for every
+    prefill position would cost more than the rest of prefill; verifying k drafted tokens in one call
+    needs the last k, and scoring a text (perplexity) needs all of them. Every row feeds the same number
+    of new tokens (rows may have different past lengths), so the kept tokens are the chunk's last ones.
     """
     seq = hidden.shape[1]
-    valid = attention_mask.sum(-1)
-    idx = (valid - attention_mask.shape[1] + seq - 1).clamp(min=0)
-    idx = idx.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-    return hidden.gather(1, idx)
+    keep = logits_to_keep.reshape(())
+    idx = torch.arange(0, keep, dtype=torch.long) + (seq - keep)
+    return hidden.gather(1, idx.view(1, -1, 1).expand(hidden.shape[0], -1, hidden.shape[2]))
 
 
 # Rotary types whose cos/sin depend on the position only, so one table built at export serves every step.
@@ -186,9 +186,10 @@ class KVCachedDecoder(torch.nn.Module):
 
     Reuses the model's projections, MLPs and norm weights. Attention becomes GroupQueryAttention; RoPE
     becomes (M)RotaryEmbedding over a cos/sin table of `max_positions` rows; each residual add is fused
-    with the norm after it (SkipSimplifiedLayerNormalization); logits come from each row's last token
-    only. Position ids are [3, B, S] for Qwen2.5-VL's M-RoPE and [B, S] for Llama. The graph has no
-    run-time shape arithmetic per layer: a decode step runs about 16 kernels per layer.
+    with the norm after it (SkipSimplifiedLayerNormalization); logits come from each row's last
+    `logits_to_keep` tokens only (1 for a decode step or a prefill). Position ids are [3, B, S] for
+    Qwen2.5-VL's M-RoPE and [B, S] for Llama. The graph has no run-time shape arithmetic per layer: a
+    decode step runs about 16 kernels per layer.
     """
 
     def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, max_positions: int):
@@ -210,7 +211,7 @@ class KVCachedDecoder(torch.nn.Module):
         self.register_buffer("sin_cache", sin, persistent=False)
         self.eps = _norm_eps(self.norm)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_to_keep, *past):
         seqlens_k, total_len = mask_to_seqlens(attention_mask)
         presents = []
         residual = inputs_embeds
@@ -233,14 +234,14 @@ class KVCachedDecoder(torch.nn.Module):
                 x, residual = SkipRMSNorm.apply(mlp, residual, nxt.weight, _norm_eps(nxt))
             else:
                 residual = residual + mlp
-        hidden = rms_norm_reference(last_token_hidden(residual, attention_mask), self.norm.weight, self.eps)
+        hidden = rms_norm_reference(last_tokens_hidden(residual, logits_to_keep), self.norm.weight, self.eps)
         return (self.lm_head(hidden), *presents)
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+    return ["inputs_embeds", "attention_mask", "position_ids", "logits_to_keep", *past], ["logits", *present]
 
 
 def export_kv_decoder(module: KVCachedDecoder, path) -> dict[str, Any]:
@@ -253,9 +254,9 @@ def export_kv_decoder(module: KVCachedDecoder, path) -> dict[str, Any]:
         "inputs_embeds": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
         "position_ids": {1: "batch", 2: "sequence"} if module.sections else {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
+        "logits": {0: "batch", 1: "kept"},
     }
-    for name in in_names[3:] + out_names[1:]:
+    for name in in_names[4:] + out_names[1:]:
         axes[name] = {0: "batch", 2: "max_context"}
     bsz, seq, past_len, buf = 1, 5, 3, 16
     hidden = module.lm_head.in_features
@@ -265,7 +266,8 @@ def export_kv_decoder(module: KVCachedDecoder, path) -> dict[str, Any]:
     if module.sections:
         pos = pos.unsqueeze(0).expand(3, -1, -1)
     past = [torch.zeros(bsz, module.kv_heads, buf, module.head_dim) for _ in range(2 * n_layers)]
-    export_module(module, (embeds, mask, pos.contiguous(), *past), path, in_names, out_names, axes)
+    keep = torch.tensor([2], dtype=torch.long)
+    export_module(module, (embeds, mask, pos.contiguous(), keep, *past), path, in_names, out_names, axes)
     return {"rotary": "MRotaryEmbedding" if module.sections else "RotaryEmbedding",
             "rotary_table_positions": int(module.cos_cache.shape[0]),
             "norms": "SkipSimplifiedLayerNormalization (residual add fused)"}

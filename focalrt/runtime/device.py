@@ -201,8 +201,8 @@ def bundle_fit(bundle_path: str | os.PathLike, gpu: Gpu | None, ram_available: i
             weights += int(comp.get("bytes", 0))
     t = m["text"]
     ctx = int(max_context or t["max_context"])
-    past = next((i for i in m["components"]["decoder"].get("inputs", [])
-                 if i["name"].startswith("past_key_values")), {"dtype": "float32"})
+    inputs = m["components"]["decoder"].get("inputs", [])
+    past = inputs[-1] if inputs else {"dtype": "float32"}  # the KV inputs come last
     itemsize = np.dtype(past.get("dtype", "float32")).itemsize
     kv = 2 * int(t["num_layers"]) * int(t["num_kv_heads"]) * int(t["head_dim"]) * ctx * itemsize
     needed = int((weights + kv) * RUNTIME_OVERHEAD)

@@ -1,41 +1,111 @@
-"""The decode loop: prefill, decode one token, decode n tokens. Read it top to bottom.
+"""The decode loop, top to bottom: the text model, the prompt cache, prefill, one step, k-token
+verification, sampling, and `generate`, the one loop every caller uses (gpt-fast / mlx-lm style).
 
-The KV cache is one buffer per layer and per key/value, [batch, kv_heads, max_context, head_dim],
-allocated once. The same buffer is bound as the decoder's `past_key_values.*` input and `present.*`
-output; the exported GroupQueryAttention writes the new positions in place. Tensors stay on the
-session's device (IO binding) and only the last-token logits come back to the host for sampling.
+- `TextModel` holds the embedding and decoder sessions with their tensor names from the manifest, and
+  the observers that see every decoder call (calibration records through them).
+- `PromptCache` owns the preallocated KV: one buffer per layer and per key/value,
+  [slots, kv_heads, max_context, head_dim]. The same buffer is bound as the decoder's past input and
+  present output; the exported GroupQueryAttention writes the new positions in place. It also owns
+  prefix reuse (copying a shared prompt prefix between slots, and the prompt head that is the same on
+  every frame) and `trim`, which rolls rows back.
+- `generate` prefills a batch of rows (sharing each image's prefix when asked) and runs `decode`, whose
+  hooks are mlx-lm's: a `sampler` ([B, V] logits -> [B] ids), per-row `logits_processors`
+  ((tokens so far, logits [V]) -> logits [V]) and an `on_token(row, token)` callback for streaming.
+- `verify` feeds k tokens per row in one decoder call and returns logits for each (draft decoding;
+  text scoring uses the same all-position logits through `TextModel.forward(..., keep=S)`).
+
+Tensors stay on the session's device (IO binding); only the logits come back to the host for sampling.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from focalrt.bundle import BundleError
+
+# ---------------------------------------------------------------- tensor names, from the manifest
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Tensor names by role, read from the manifest's component records (defaults: what every export writes).
+
+    Roles follow the order the exporter declares (`export/gqa.py::decoder_io_names`): the vision output;
+    the embedding's token ids, image embeddings and output; the decoder's embeddings, attention mask,
+    position ids, then `logits_to_keep` (bundles exported since k-token verification) and the past KV
+    pairs; its outputs are logits, then the present KV pairs.
+    """
+
+    vision_embeds: str = "image_embeds"  # the vision encoder's output
+    token_ids: str = "input_ids"
+    image_embeds: str = "image_embeds"
+    token_embeds: str = "inputs_embeds"  # the embedding's output
+    inputs_embeds: str = "inputs_embeds"
+    attention_mask: str = "attention_mask"
+    position_ids: str = "position_ids"
+    logits_to_keep: str | None = None  # None: the decoder returns the last token's logits only
+    logits: str = "logits"
+    past: tuple[str, ...] = ()
+    present: tuple[str, ...] = ()
+
+    @classmethod
+    def from_manifest(cls, components: dict[str, Any], num_layers: int) -> TensorNames:
+        """Names from the components' recorded inputs and outputs; components without records get the defaults."""
+        default_past = tuple(f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
+        default_present = tuple(f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
+        vision, embed, decoder = (components.get(c, {}) for c in ("vision", "embed", "decoder"))
+        v_out = [o["name"] for o in vision.get("outputs", [])]
+        e_in = [i["name"] for i in embed.get("inputs", [])]
+        e_out = [o["name"] for o in embed.get("outputs", [])]
+        d_in = [i["name"] for i in decoder.get("inputs", [])]
+        d_out = [o["name"] for o in decoder.get("outputs", [])]
+        kv = 2 * num_layers
+        names = cls(past=default_past, present=default_present)
+        if v_out:
+            names = replace(names, vision_embeds=v_out[0])
+        if len(e_in) == 2 and e_out:
+            names = replace(names, token_ids=e_in[0], image_embeds=e_in[1], token_embeds=e_out[0])
+        if d_in and (len(d_in) not in (kv + 3, kv + 4) or len(d_out) != kv + 1):
+            raise BundleError(f"the manifest's decoder record lists {len(d_in)} inputs and {len(d_out)} outputs; a "
+                              f"{num_layers}-layer decoder has {kv + 3} or {kv + 4} inputs and {kv + 1} outputs "
+                              f"(embeddings, mask, positions[, logits_to_keep], KV; logits, KV): re-export the bundle")
+        if d_in:
+            names = replace(names, inputs_embeds=d_in[0], attention_mask=d_in[1], position_ids=d_in[2],
+                             logits_to_keep=d_in[3] if len(d_in) == kv + 4 else None,
+                             past=tuple(d_in[-kv:]), logits=d_out[0], present=tuple(d_out[1:]))
+        return names
+
+
+# ---------------------------------------------------------------- the prompt cache (KV slots)
+
 
 @dataclass
-class KVCache:
+class PromptCache:
     """Rows (slots) of KV cache, each holding one sequence; a view covers a contiguous range of them.
 
     On the CPU the buffers are numpy arrays wrapped without a copy, so slots can be copied on the host
     (shared prefixes, compaction); on a GPU they live on the device and only whole views are bound.
+    Everything past a row's length is ignored by attention and overwritten by the next write, which is
+    why `trim` only has to move the length back.
     """
 
     buffers: list[ort.OrtValue]  # one per layer and key/value, [slots, kv_heads, max_context, head_dim]
     arrays: list[np.ndarray] | None  # the host memory behind `buffers` (CPU only)
-    input_names: list[str]
-    output_names: list[str]
     max_context: int
     lengths: np.ndarray  # valid tokens per row of this view (a view into the parent's lengths)
     device: str = "cpu"
     start: int = 0  # first slot of this view
+    heads: dict[bytes, list[np.ndarray]] = field(default_factory=dict)  # prompt head ids -> its KV (host)
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int,
-                 device: str = "cpu", dtype=np.float32) -> KVCache:
+                 device: str = "cpu", dtype=np.float32) -> PromptCache:
         shape = [batch, kv_heads, max_context, head_dim]
         if device == "cpu":
             arrays = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
@@ -44,9 +114,16 @@ class KVCache:
             arrays = None
             buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
                        for _ in range(2 * num_layers)]
-        ins = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        outs = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        return cls(buffers, arrays, ins, outs, max_context, np.zeros(batch, np.int64), device)
+        return cls(buffers, arrays, max_context, np.zeros(batch, np.int64), device)
+
+    def resized(self, batch: int) -> PromptCache:
+        """A new cache of `batch` slots with this one's layout; the remembered prompt head carries over."""
+        _, kv_heads, _, head_dim = self.buffers[0].shape()
+        dtype = np.float16 if self.buffers[0].data_type() == "tensor(float16)" else np.float32
+        new = PromptCache.allocate(len(self.buffers) // 2, batch, kv_heads, head_dim, self.max_context, self.device,
+                                   dtype)
+        new.heads = self.heads
+        return new
 
     @property
     def batch(self) -> int:
@@ -56,21 +133,26 @@ class KVCache:
     def on_host(self) -> bool:
         return self.arrays is not None
 
-    def view(self, start: int, stop: int) -> KVCache:
+    def view(self, start: int, stop: int) -> PromptCache:
         """Slots [start, stop) as their own cache; writes through to this one."""
-        return KVCache(self.buffers, self.arrays, self.input_names, self.output_names, self.max_context,
-                       self.lengths[start:stop], self.device, self.start + start)
+        return PromptCache(self.buffers, self.arrays, self.max_context, self.lengths[start:stop], self.device,
+                           self.start + start, self.heads)
 
-    def bind(self, io: ort.IOBinding) -> None:
+    def bind(self, io: ort.IOBinding, past: Sequence[str], present: Sequence[str]) -> None:
         """Bind each buffer's rows of this view as both past input and present output (in place)."""
         full = self.buffers[0].shape()
         dtype = np.float16 if self.buffers[0].data_type() == "tensor(float16)" else np.float32
         slot_bytes = int(np.prod(full[1:])) * np.dtype(dtype).itemsize
         shape = [self.batch, *full[1:]]
-        for name_in, name_out, buf in zip(self.input_names, self.output_names, self.buffers, strict=True):
+        for name_in, name_out, buf in zip(past, present, self.buffers, strict=True):
             ptr = buf.data_ptr() + self.start * slot_bytes
             io.bind_input(name_in, self.device, 0, dtype, shape, ptr)
             io.bind_output(name_out, self.device, 0, dtype, shape, ptr)
+
+    def attention_mask(self, new_tokens: int) -> np.ndarray:
+        """Right-padded mask over valid past plus `new_tokens` per row."""
+        total = self.lengths + new_tokens
+        return (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
 
     def copy_rows(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (host buffers only)."""
@@ -81,57 +163,116 @@ class KVCache:
             arr[b, :, :length] = arr[a, :, :length]
         self.lengths[dst] = length
 
-    def attention_mask(self, new_tokens: int) -> np.ndarray:
-        """Right-padded mask over valid past plus `new_tokens` per row."""
-        total = self.lengths + new_tokens
-        return (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
+    def trim(self, n: int | Sequence[int] | np.ndarray, rows: Sequence[int] | None = None) -> None:
+        """Roll rows back by `n` positions (one count for all, or one per row): the next write lands there.
+
+        Draft decoding uses it to drop rejected tokens after `verify`. Nothing is copied or cleared.
+        """
+        index = np.arange(self.batch) if rows is None else np.asarray(rows, np.int64)
+        counts = np.broadcast_to(np.asarray(n, np.int64), index.shape)
+        if (counts < 0).any() or (counts > self.lengths[index]).any():
+            raise ValueError(f"cannot trim {counts.tolist()} positions from rows of length "
+                             f"{self.lengths[index].tolist()}")
+        self.lengths[index] -= counts
+
+    def restore_head(self, ids: np.ndarray, row: int = 0) -> int:
+        """Copy the remembered KV of the prompt head `ids` into `row`; the positions restored (0: none)."""
+        saved = self.heads.get(ids.tobytes()) if self.on_host and ids.size else None
+        if saved is None:
+            return 0
+        for arr, kv in zip(self.arrays, saved, strict=True):
+            arr[self.start + row, :, :ids.size] = kv
+        self.lengths[row] = ids.size
+        return int(ids.size)
+
+    def remember_head(self, ids: np.ndarray, row: int = 0) -> None:
+        """Keep the KV of `row`'s first ids.size positions (host only; one head is kept, the latest)."""
+        if self.on_host and ids.size:
+            self.heads.clear()
+            self.heads[ids.tobytes()] = [arr[self.start + row, :, :ids.size].copy() for arr in self.arrays]
+
+
+# ---------------------------------------------------------------- the text model (embedding + decoder)
+
+
+@dataclass(frozen=True)
+class DecoderInputs:
+    """What one decoder call receives, as its observers see it just before it runs.
+
+    `cache` is the bound view with its lengths before the call; `step` is 0 for prefill calls and n for
+    the n-th decode step of a generation. Observers must not modify anything.
+    """
+
+    inputs_embeds: ort.OrtValue
+    attention_mask: np.ndarray
+    position_ids: np.ndarray
+    cache: PromptCache
+    new_tokens: int
+    keep: int
+    step: int
+    names: TensorNames
+
+
+DecoderObserver = Callable[[DecoderInputs], None]
 
 
 @dataclass
-class Sessions:
+class TextModel:
+    """The embedding and decoder sessions of one bundle; `observers` see every decoder call's inputs."""
+
     embed: ort.InferenceSession
     decoder: ort.InferenceSession
+    names: TensorNames
+    hidden_size: int
     device: str = "cpu"
     rope_axes: int = 3  # M-RoPE position ids are [3, B, S]; plain RoPE ones [B, S]
-    _empty_image: ort.OrtValue | None = None
+    observers: list[DecoderObserver] = field(default_factory=list)
+    empty_image: ort.OrtValue | None = None
 
     def embed_tokens(self, input_ids: np.ndarray, image_embeds: ort.OrtValue | None = None) -> ort.OrtValue:
         """Token embeddings [B, S, H] on the device, with image embeddings at the image-pad positions."""
         if image_embeds is None:
             # The graph gathers from image_embeds even where no image token is present: feed one zero row.
-            if self._empty_image is None:
-                hidden = self.decoder.get_inputs()[0].shape[2]
-                self._empty_image = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, hidden), np.float32), self.device, 0)
-            image_embeds = self._empty_image
+            if self.empty_image is None:
+                zeros = np.zeros((1, self.hidden_size), np.float32)
+                self.empty_image = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+            image_embeds = self.empty_image
+        n = self.names
         io = self.embed.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        io.bind_ortvalue_input("image_embeds", image_embeds)
-        io.bind_output("inputs_embeds", self.device)
+        io.bind_cpu_input(n.token_ids, np.ascontiguousarray(input_ids, np.int64))
+        io.bind_ortvalue_input(n.image_embeds, image_embeds)
+        io.bind_output(n.token_embeds, self.device)
         self.embed.run_with_iobinding(io)
         return io.get_outputs()[0]
 
-    def run_decoder(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, cache: KVCache,
-                    new_tokens: int) -> np.ndarray:
-        """One decoder call over `new_tokens` per row; returns last-token logits [B, V] on the host."""
+    def forward(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, cache: PromptCache, new_tokens: int,
+                keep: int = 1, step: int = 0) -> np.ndarray:
+        """One decoder call over `new_tokens` per row; logits of each row's last `keep` tokens [B, keep, V]."""
+        n = self.names
+        if keep != 1 and n.logits_to_keep is None:
+            raise ValueError("this bundle's decoder returns the last token's logits only (it was exported before "
+                             "k-token verification); re-export it with `focalrt export` to verify or score "
+                             "several tokens in one call")
+        mask = cache.attention_mask(new_tokens)
+        position_ids = np.ascontiguousarray(position_ids, np.int64)
+        if self.observers:
+            seen = DecoderInputs(inputs_embeds, mask, position_ids, cache, new_tokens, keep, step, n)
+            for observe in self.observers:
+                observe(seen)
         io = self.decoder.io_binding()
-        io.bind_ortvalue_input("inputs_embeds", inputs_embeds)
-        io.bind_cpu_input("attention_mask", cache.attention_mask(new_tokens))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
-        cache.bind(io)
+        io.bind_ortvalue_input(n.inputs_embeds, inputs_embeds)
+        io.bind_cpu_input(n.attention_mask, mask)
+        io.bind_cpu_input(n.position_ids, position_ids)
+        if n.logits_to_keep is not None:
+            io.bind_cpu_input(n.logits_to_keep, np.array([keep], np.int64))
+        io.bind_output(n.logits, "cpu")  # first: get_outputs() follows binding order
+        cache.bind(io, n.past, n.present)
         self.decoder.run_with_iobinding(io)
         cache.lengths += new_tokens
-        return io.get_outputs()[0].numpy()[:, -1, :]
+        return io.get_outputs()[0].numpy()
 
 
-def prefill(sessions: Sessions, cache: KVCache, input_ids: np.ndarray, position_ids: np.ndarray,
-            image_embeds: ort.OrtValue | None = None) -> np.ndarray:
-    """Run the whole prompt [B, S] (rows of equal length) through the decoder; logits of its last token."""
-    if int(cache.lengths.max()) + input_ids.shape[1] > cache.max_context:
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit the remaining context "
-                         f"({cache.max_context - int(cache.lengths.max())} tokens)")
-    embeds = sessions.embed_tokens(input_ids, image_embeds)
-    return sessions.run_decoder(embeds, position_ids, cache, input_ids.shape[1])
+# ---------------------------------------------------------------- prefill, one step, k-token verification
 
 
 def batch_positions(positions: np.ndarray, batch: int) -> np.ndarray:
@@ -141,17 +282,58 @@ def batch_positions(positions: np.ndarray, batch: int) -> np.ndarray:
     return np.broadcast_to(positions[:, None, :], (positions.shape[0], batch, positions.shape[1]))
 
 
-def decode_one_token(sessions: Sessions, cache: KVCache, token_ids: np.ndarray, delta: np.ndarray) -> np.ndarray:
+def prefill(model: TextModel, cache: PromptCache, input_ids: np.ndarray, position_ids: np.ndarray,
+            image_embeds: ort.OrtValue | None = None) -> np.ndarray:
+    """Run the prompt [B, S] (rows of equal length) through the decoder; logits of its last token [B, V]."""
+    if int(cache.lengths.max()) + input_ids.shape[1] > cache.max_context:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit the remaining context "
+                         f"({cache.max_context - int(cache.lengths.max())} tokens)")
+    embeds = model.embed_tokens(input_ids, image_embeds)
+    return model.forward(embeds, position_ids, cache, input_ids.shape[1])[:, -1, :]
+
+
+def step_positions(model: TextModel, cache: PromptCache, delta: np.ndarray, k: int = 1) -> np.ndarray:
+    """Positions of each row's next k tokens: [B, k], or [3, B, k] for M-RoPE (all axes equal for text)."""
+    index = (cache.lengths + delta)[:, None] + np.arange(k)[None, :]
+    return index if model.rope_axes == 1 else np.broadcast_to(index[None], (3, *index.shape))
+
+
+def decode_one_token(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: np.ndarray,
+                     step: int = 1) -> np.ndarray:
     """Feed one token per row at that row's next position; logits for the token after it, [B, V]."""
-    index = (cache.lengths + delta)[:, None]  # [B, 1]
-    positions = index if sessions.rope_axes == 1 else np.broadcast_to(index[None], (3, cache.batch, 1))
-    embeds = sessions.embed_tokens(token_ids.reshape(-1, 1))
-    return sessions.run_decoder(embeds, positions, cache, 1)
+    embeds = model.embed_tokens(np.asarray(token_ids).reshape(-1, 1))
+    return model.forward(embeds, step_positions(model, cache, delta), cache, 1, step=step)[:, 0, :]
+
+
+def verify(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Feed k tokens per row ([B, k]) at each row's next positions; logits after each of them, [B, k, V].
+
+    `logits[:, i]` equals what `decode_one_token` would return after feeding tokens 0..i one at a time.
+    The cache then holds all k; `cache.trim` drops the rejected ones. ONNX Runtime's GroupQueryAttention
+    takes several new tokens over a past only for one row at a time, so a batch makes one call per row.
+    """
+    token_ids = np.asarray(token_ids, np.int64)
+    k = token_ids.shape[1]
+    if int(cache.lengths.max()) + k > cache.max_context:
+        raise ValueError(f"{k} tokens do not fit the remaining context "
+                         f"({cache.max_context - int(cache.lengths.max())} tokens)")
+    out = []
+    for row in range(cache.batch):
+        view = cache.view(row, row + 1)
+        embeds = model.embed_tokens(token_ids[row:row + 1])
+        out.append(model.forward(embeds, step_positions(model, view, delta[row:row + 1], k), view, k, keep=k)[0])
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------- sampling
 
 
 @dataclass
 class Sampler:
-    """Greedy when temperature is 0; otherwise temperature / top-k / top-p with a seeded generator."""
+    """Greedy when temperature is 0; otherwise temperature / top-k / top-p with a seeded generator.
+
+    Any callable from [B, V] logits to [B] token ids can stand in for it (`generate(sampler=...)`).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -168,9 +350,9 @@ class Sampler:
         """[B, V] logits -> [B] token ids."""
         if self.temperature == 0:
             return logits.argmax(-1)
-        return np.array([self._sample_row(row) for row in logits], np.int64)
+        return np.array([self.sample_row(row) for row in logits], np.int64)
 
-    def _sample_row(self, logits: np.ndarray) -> int:
+    def sample_row(self, logits: np.ndarray) -> int:
         z = logits.astype(np.float64) / self.temperature
         if self.top_k:
             kth = np.partition(z, -self.top_k)[-self.top_k]
@@ -187,42 +369,104 @@ class Sampler:
         return int(self.rng.choice(p.size, p=p))
 
 
-def decode_n_tokens(sessions: Sessions, cache: KVCache, first_logits: np.ndarray, delta: np.ndarray,
-                    max_new_tokens: int, stop_ids: set[int], sampler: Sampler,
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (tokens [B], logits [B, V]) per step until every row stopped or hit its limit.
+SamplerFn = Callable[[np.ndarray], np.ndarray]  # [B, V] logits -> [B] ids
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens so far [n], logits [V]) -> logits
+TokenCallback = Callable[[int, int], None]  # (row, token id), for every emitted token (stop tokens excluded)
 
-    A row that produced a stop token or reached the end of the context stops; finished rows keep being
-    fed (their output ignored) so the batch stays rectangular. `cache.lengths` tells each row's length.
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Row:
+    """One sequence to generate: its prompt, the image its prompt holds, and how positions continue."""
+
+    token_ids: np.ndarray  # [S] int64
+    positions: np.ndarray  # [axes, S]
+    delta: int  # a generated token at absolute index i sits at position i + delta
+    prefix_len: int = 0  # tokens up to and including the image, shared by rows of the same image
+    image_embeds: ort.OrtValue | None = None
+    image_key: Hashable | None = None  # rows with equal keys (and equal prefixes) share the prefix's KV
+    image_token_id: int | None = None  # the prompt head (tokens before the image) is remembered across calls
+
+
+@dataclass
+class Generation:
+    """What `generate` produced, per row, and where the time went."""
+
+    tokens: list[list[int]]  # generated ids, stop token excluded
+    finish: list[str]  # "stop" or "length" (new-token limit or context end)
+    logits: list[list[np.ndarray]] | None  # raw model logits of every sampled step (stop step included)
+    prefill_ms: list[float]
+    decode_ms: float
+    step_ms: list[float]  # one entry per decoder step after prefill
+
+
+def prefill_rows(model: TextModel, cache: PromptCache, rows: Sequence[Row],
+                 share_prefix: bool) -> tuple[np.ndarray, list[float]]:
+    """Prefill every row into its slot: logits of each prompt's last token [B, V], and ms per row.
+
+    With `share_prefix` (host buffers), the prefix (system + image) is prefilled once per image and
+    copied into the slots of the other rows of that image, each of which then prefills only its own
+    suffix; the prompt head before the image is restored from the cache when it was seen before.
+    Otherwise each row's whole prompt goes through the decoder in one call.
     """
-    logits = first_logits
-    done = np.zeros(cache.batch, bool)
-    for step in range(max_new_tokens):
-        tokens = sampler(logits)
-        yield tokens, logits
-        done |= np.isin(tokens, list(stop_ids))
-        if done.all() or step == max_new_tokens - 1 or int(cache.lengths.max()) >= cache.max_context:
-            return
-        logits = decode_one_token(sessions, cache, tokens, delta)
+    placed: dict[Hashable, int] = {}  # image -> slot holding its prefix
+    first: list[np.ndarray] = []
+    ms: list[float] = []
+    for i, row in enumerate(rows):
+        t = time.perf_counter()
+        slot, ids, n = cache.view(i, i + 1), row.token_ids, row.prefix_len
+        if not (share_prefix and cache.on_host and 0 < n < ids.size):
+            first.append(prefill(model, slot, ids[None], batch_positions(row.positions, 1), row.image_embeds)[0])
+            ms.append((time.perf_counter() - t) * 1e3)
+            continue
+        src = placed.get(row.image_key)
+        if src is not None and np.array_equal(rows[src].token_ids[:n], ids[:n]):
+            cache.copy_rows(src, i, n)
+        else:
+            image_at = int(np.argmax(ids == row.image_token_id)) if row.image_token_id is not None else 0
+            head = ids[:image_at]
+            done = slot.restore_head(head)
+            prefill(model, slot, ids[None, done:n], batch_positions(row.positions[..., done:n], 1), row.image_embeds)
+            if not done:
+                slot.remember_head(head)
+            placed.setdefault(row.image_key, i)
+        first.append(prefill(model, slot, ids[None, n:], batch_positions(row.positions[..., n:], 1))[0])
+        ms.append((time.perf_counter() - t) * 1e3)
+    return np.stack(first), ms
 
 
-def decode_batch(sessions: Sessions, cache: KVCache, first_logits: np.ndarray, delta: np.ndarray,
-                 max_new_tokens: int, stop_ids: set[int], sampler: Sampler,
-                 ) -> tuple[list[list[int]], list[str], list[float]]:
-    """Decode every row of `cache` together, one token per row per step; rows that finish drop out.
+def decode(model: TextModel, cache: PromptCache, first_logits: np.ndarray, delta: np.ndarray,
+           max_new_tokens: int, stop_ids: set[int], sampler: SamplerFn,
+           logits_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
+           on_token: TokenCallback | None = None, keep_logits: bool = False) -> Generation:
+    """Decode every row of `cache` together, one token per row per step, until each stops or hits a limit.
 
-    On host buffers the rows still running are compacted into the front slots, so each step binds only
-    live sequences; device buffers keep finished rows in place and ignore their output. Returns per-row
-    tokens (stop token excluded), finish reasons and the wall time of each step.
+    Per step: keep the raw logits (if asked), let each row's processors rewrite its logits, sample, emit
+    (`on_token`), then feed the new tokens. A row stops on a stop token (not emitted), at
+    `max_new_tokens`, or when the context is full. On host buffers the rows still running are compacted
+    into the front slots, so each step binds only live sequences; device buffers keep finished rows in
+    place and ignore their output.
     """
-    tokens: list[list[int]] = [[] for _ in range(cache.batch)]
-    finish = ["length"] * cache.batch
-    done = [False] * cache.batch
-    rows = list(range(cache.batch))  # rows[slot] = the sequence held in that slot
-    view, delta, logits = cache, delta.copy(), first_logits
+    n = cache.batch
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    kept: list[list[np.ndarray]] | None = [[] for _ in range(n)] if keep_logits else None
+    finish = ["length"] * n
+    done = [False] * n
+    rows = list(range(n))  # rows[slot] = the sequence held in that slot
+    view, delta, logits = cache, np.asarray(delta, np.int64).copy(), first_logits
     step_ms: list[float] = []
+    t_start = time.perf_counter()
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
+        for slot, row in enumerate(rows):
+            if done[row]:
+                continue
+            if kept is not None:
+                kept[row].append(logits[slot].copy())
+            for process in (logits_processors[row] if logits_processors else ()):
+                logits[slot] = process(np.asarray(tokens[row], np.int64), logits[slot])
         next_ids = sampler(logits)
         live = []
         for slot, row in enumerate(rows):
@@ -233,6 +477,8 @@ def decode_batch(sessions: Sessions, cache: KVCache, first_logits: np.ndarray, d
                 finish[row], done[row] = "stop", True
                 continue
             tokens[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
             # Every bound row is written at its next position, so the longest one bounds the batch.
             if step == max_new_tokens - 1 or int(view.lengths.max()) >= cache.max_context:
                 done[row] = True
@@ -246,9 +492,31 @@ def decode_batch(sessions: Sessions, cache: KVCache, first_logits: np.ndarray, d
                     view.copy_rows(old_slot, new_slot, int(view.lengths[old_slot]))
             rows, next_ids, delta = [rows[s] for s in live], next_ids[live], delta[live]
             view = cache.view(0, len(live))
-        logits = decode_one_token(sessions, view, next_ids, delta)
+        logits = decode_one_token(model, view, next_ids, delta, step=step + 1)
         step_ms.append((time.perf_counter() - t0) * 1e3)
-    return tokens, finish, step_ms
+    return Generation(tokens, finish, kept, [], (time.perf_counter() - t_start) * 1e3, step_ms)
+
+
+def generate(model: TextModel, cache: PromptCache, rows: Sequence[Row], max_new_tokens: int, stop_ids: set[int],
+             sampler: SamplerFn, logits_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
+             on_token: TokenCallback | None = None, keep_logits: bool = False,
+             share_prefix: bool = True) -> Generation:
+    """Prefill `rows` into the first len(rows) slots of `cache`, then decode them together."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cache.batch < len(rows):
+        raise ValueError(f"{len(rows)} rows do not fit a cache of {cache.batch} slots")
+    if logits_processors is not None and len(logits_processors) != len(rows):
+        raise ValueError(f"logits_processors has {len(logits_processors)} entries for {len(rows)} rows; "
+                         f"give one list of processors per row")
+    view = cache.view(0, len(rows))
+    view.lengths[:] = 0
+    first, prefill_ms = prefill_rows(model, view, rows, share_prefix)
+    delta = np.array([r.delta for r in rows], np.int64)
+    out = decode(model, view, first, delta, max_new_tokens, stop_ids, sampler, logits_processors, on_token,
+                 keep_logits)
+    out.prefill_ms = prefill_ms
+    return out
 
 
 class TextStream:

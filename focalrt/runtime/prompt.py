@@ -22,8 +22,8 @@ class Prompt:
     prefix_len: int  # tokens up to and including the image: shared by every region of one image
 
 
-def clip_box(box: Box, width: int, height: int) -> Box:
-    """Clip to the image and warn when it had to; a box with no area left is an error."""
+def fit_box(box: Box, width: int, height: int) -> Box:
+    """`regions.clip_box`, warning when the box had to be clipped: for boxes a user gave."""
     clipped, was_clipped = regions.clip_box(box, width, height)
     if was_clipped:
         warnings.warn(f"box {tuple(box)} extends outside the {width}x{height} image; clipped to {clipped}",

@@ -38,7 +38,3 @@ def mrope_positions(input_ids: np.ndarray, image_token_id: int, grid_hw: tuple[i
     delta = int(pos.max()) + 1 - ids.size
     return pos, delta
 
-
-def decode_positions(index: int, delta: int, batch: int = 1) -> np.ndarray:
-    """[3, B, 1] positions of the token at absolute index `index`."""
-    return np.full((3, batch, 1), index + delta, np.int64)

@@ -17,8 +17,8 @@ import numpy as np
 
 from focalrt.runtime.faces import FaceAnalyzer
 from focalrt.runtime.landmarks68 import to_68
-from focalrt.runtime.pipeline import Pipeline
-from focalrt.runtime.prompt import clip_box
+from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline
+from focalrt.runtime.prompt import fit_box
 from focalrt.runtime.regions import parse_regions, region_box
 from focalrt.runtime.sources import Frame
 from focalrt.runtime.tracker import IoUTracker, RegionScheduler, appearance_signature
@@ -63,6 +63,35 @@ class RunStats:
                 "seconds": round(elapsed, 3), "fps": round(self.frames / elapsed, 3) if elapsed > 0 else 0.0}
 
 
+@dataclass(frozen=True)
+class RegionJob:
+    """One region to describe: its name, its box in frame pixels and in the pixels of the encoder's view."""
+
+    name: str
+    frame_box: tuple
+    view_box: tuple
+
+
+@dataclass
+class FaceView:
+    """What the encoder sees for one face (or the whole frame for fixed boxes), and its regions."""
+
+    face_id: int
+    image: np.ndarray
+    jobs: list[RegionJob]
+    landmarks68: np.ndarray | None = None
+
+
+@dataclass
+class Decision:
+    """Whether a region is described on this frame, and why (the scheduler's verdict)."""
+
+    job: RegionJob
+    due: bool
+    reason: str
+    signature: Any = None
+
+
 class RegionRunner:
     """Per-run state: the face tracker, the region schedule and the last description of each region."""
 
@@ -90,6 +119,7 @@ class RegionRunner:
                                          change_threshold=change_threshold)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
+        self.options = GenerationOptions(max_new_tokens=max_new_tokens)
         self.stats = RunStats()
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
@@ -100,21 +130,21 @@ class RegionRunner:
         image = frame.image
         stage: dict[str, float] = {"capture": frame.capture_ms}
         self.stats.frames += 1
-        views: list[tuple[int, np.ndarray, list[tuple[str, tuple, tuple]], np.ndarray | None]] = []
+        views: list[FaceView] = []
         if self.boxes:
             h, w = image.shape[:2]
             jobs = []
             for i, box in enumerate(self.boxes):
-                box = clip_box(box, w, h)
-                jobs.append((f"box{i}" if len(self.boxes) > 1 else "box", box, box))
-            views.append((FIXED_BOX_FACE_ID, image, jobs, None))
+                box = fit_box(box, w, h)
+                jobs.append(RegionJob(f"box{i}" if len(self.boxes) > 1 else "box", box, box))
+            views.append(FaceView(FIXED_BOX_FACE_ID, image, jobs))
         if self.regions:
             views += self._face_views(frame, stage)
         events = self._describe(frame, views, stage)
         self.stats.events += len(events)
         return events
 
-    def _face_views(self, frame: Frame, stage: dict[str, float]) -> list[tuple]:
+    def _face_views(self, frame: Frame, stage: dict[str, float]) -> list[FaceView]:
         """Detect, landmark and track faces; one square crop per face with its regions' boxes in it."""
         image = frame.image
         t0 = time.perf_counter()
@@ -144,33 +174,35 @@ class RegionRunner:
             jobs = []
             for name in self.regions:
                 frame_box = region_box(name, points, image.shape)
-                crop_box = clip_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
-                jobs.append((name, frame_box, crop_box))
+                crop_box = fit_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
+                jobs.append(RegionJob(name, frame_box, crop_box))
             landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
-            views.append((face_id, crop, jobs, landmarks68))
+            views.append(FaceView(face_id, crop, jobs, landmarks68))
         return views
 
-    def _describe(self, frame: Frame, views: list[tuple], stage: dict[str, float]) -> list[dict[str, Any]]:
+    def _describe(self, frame: Frame, views: list[FaceView], stage: dict[str, float]) -> list[dict[str, Any]]:
         """Describe the due regions of all views in one batch; carry the others over."""
-        plan = []  # per view: (face_id, view, landmarks, [(job, due, reason, signature)])
-        for face_id, view, jobs, landmarks68 in views:
+        plan: list[tuple[FaceView, list[Decision]]] = []
+        for view in views:
             decided = []
-            for name, frame_box, view_box in jobs:
-                signature = (appearance_signature(frame.image, frame_box)
+            for job in view.jobs:
+                signature = (appearance_signature(frame.image, job.frame_box)
                              if self.scheduler.change_threshold else None)
-                due, reason = self.scheduler.due((face_id, name), frame.index, frame.timestamp, signature)
-                decided.append(((name, frame_box, view_box), due, reason, signature))
-            plan.append((face_id, view, landmarks68, decided))
-        batch = [(view, [job[2] for job, due, _, _ in decided if due], lm)
-                 for _, view, lm, decided in plan if any(d[1] for d in decided)]
-        described = iter(self.pipeline.describe_views(batch, self.prompt, self.max_new_tokens) if batch else [])
+                due, reason = self.scheduler.due((view.face_id, job.name), frame.index, frame.timestamp, signature)
+                decided.append(Decision(job, due, reason, signature))
+            plan.append((view, decided))
+        batch = [ImageRegions(view.image, [d.job.view_box for d in decided if d.due], view.landmarks68)
+                 for view, decided in plan if any(d.due for d in decided)]
+        described = iter(self.pipeline.describe_views(batch, self.prompt, self.options) if batch else [])
         events = []
-        for face_id, _, _, decided in plan:
-            fresh = iter(next(described)) if any(d[1] for d in decided) else iter(())
-            for (name, frame_box, _), due, reason, signature in decided:
+        for view, decided in plan:
+            face_id = view.face_id
+            fresh = iter(next(described)) if any(d.due for d in decided) else iter(())
+            for decision in decided:
+                name, frame_box, reason = decision.job.name, decision.job.frame_box, decision.reason
                 key = (face_id, name)
                 base = self._base(frame, face_id, name, frame_box)
-                if not due:
+                if not decision.due:
                     last = self.scheduler.last(key)
                     events.append({**base, "text": last["text"], "finish_reason": last["finish_reason"],
                                    "fresh": False, "described_frame": last["frame"], "reason": reason,
@@ -183,7 +215,7 @@ class RegionRunner:
                          "described_frame": frame.index, "reason": reason, "tokens": len(d.token_ids),
                          "timings_ms": {**stage, "vision": t["preprocess_and_vision"], "prefill": t["prefill"],
                                         "decode": t["decode"], "total": t["total"], "batch": t.get("batch", 1)}}
-                self.scheduler.mark_described(key, frame.index, frame.timestamp, signature)
+                self.scheduler.mark_described(key, frame.index, frame.timestamp, decision.signature)
                 self.scheduler.remember(key, event)
                 self.stats.fresh += 1
                 events.append(event)

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 TENSORRT = "TensorrtExecutionProvider"
 PREFERRED = (TENSORRT, "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = (TENSORRT, "CUDAExecutionProvider")  # both keep tensors in CUDA device memory
 ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT,
            "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -36,6 +37,11 @@ def resolve_providers(provider: str | None = None) -> list[str]:
                            f"(available: {have}). Install onnxruntime-gpu for CUDA/TensorRT, "
                            f"or pass --provider cpu")
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+
+
+def device_for(providers: list[str]) -> str:
+    """Where tensors and the KV cache live for these providers: "cuda" for CUDA and TensorRT, else "cpu"."""
+    return "cuda" if providers and providers[0] in GPU_PROVIDERS else "cpu"
 
 
 def provider_options(providers: list[str], trt_options: dict[str, Any] | None = None) -> list[tuple[str, dict]]:
