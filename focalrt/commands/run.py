@@ -43,9 +43,20 @@ def register(sub) -> None:
                         "(signature distance in (0, 2], e.g. 0.1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="most tokens per description (default: the bundle's generation setting)")
+    p.add_argument("--state-every", type=int, default=1,
+                   help="with --regions, a `state` event (emotion, age, face geometry, head pose) per face "
+                        "every N processed frames; 0 turns the state stream off (default 1)")
+    p.add_argument("--smooth", type=float, nargs="?", const=0.6, default=0.0,
+                   help="smooth the state stream over time: weight of the previous value in an EMA (default "
+                        "off; 0.6 if given without a value)")
     p.add_argument("--max-frames", type=unlimited_int, default=None,
                    help="stop after this many frames; -1 = no limit (default: no limit, run until the source ends)")
-    p.add_argument("--out", help="JSONL file: one event per line, flushed line by line")
+    p.add_argument("--out", help="JSONL file: one event per line, flushed line by line; or *.mcap: typed events "
+                                 "and annotated frames for Foxglove / ROS 2 tools (needs the [robotics] extra)")
+    p.add_argument("--foxglove", type=int, nargs="?", const=8765, default=None, metavar="PORT",
+                   help="stream events and annotated frames live to the Foxglove app over WebSocket "
+                        "(default port 8765; needs the [robotics] extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address --foxglove binds to")
     p.add_argument("--write-video", help="annotated video (.mkv or .avi: MJPEG, playable after a kill)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --write-video files")
     p.add_argument("--append", action="store_true", help="add to an existing --out JSONL instead of refusing it")
@@ -68,30 +79,46 @@ examples:
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
+    from focalrt.runtime.face_state import FaceStateEstimator
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
     from focalrt.runtime.run import RegionRunner
-    from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError
+    from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
     from focalrt.runtime.sources import SourceError, open_source
 
+    if args.state_every < 0:
+        raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
     boxes = [parse_box(b) for b in args.box]
     locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
     try:
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
         pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
         warn_if_random(pipeline.bundle)
+        faces_entry = pipeline.bundle.manifest.get("face_models")
+        state = (FaceStateEstimator.from_bundle_entry(pipeline.bundle.path, faces_entry, pipeline.providers,
+                                                      args.smooth)
+                 if faces_entry and args.state_every and args.regions else None)
         runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                               min_interval_s=args.min_interval, change_threshold=args.change_threshold,
-                              prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+                              prompt=args.prompt, max_new_tokens=args.max_new_tokens, state=state,
+                              state_every=max(1, args.state_every))
         source = open_source(args.source, every=args.every, loop=args.loop)
-        jsonl = JsonlSink(args.out, append=args.append) if args.out else None
+        mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
+        robot = None
+        if mcap_out or args.foxglove is not None:
+            from focalrt.runtime.robotics import FoxgloveSink
+
+            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host)
+            if robot.port is not None:
+                print(f"Foxglove WebSocket on ws://{args.host}:{robot.port}", file=sys.stderr, flush=True)
+        jsonl = JsonlSink(args.out, append=args.append) if args.out and not mcap_out else None
     except BaseException:
         for lock in locks:
             lock.release(remove_if_new_and_empty=True)
         raise
     video = None
     latest: dict[tuple, dict] = {}
-    progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video))
+    progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video or robot))
     code = 0
     terminated: list[int] = []
 
@@ -104,19 +131,24 @@ def run(args) -> int:
         for frame in source:
             events = runner.process(frame)
             for event in events:
+                if robot:
+                    robot.write(event)
                 if jsonl:
                     jsonl.write(event)
-                elif not args.quiet or event["fresh"]:
+                elif not mcap_out and (not args.quiet or event.get("fresh")):
                     print(json.dumps(event), flush=True)
-                latest[(event["face_id"], event["region"])] = event
-            if args.write_video or show:
+                latest[(event["face_id"], event.get("region", "state"))] = event
+            if args.write_video or show or robot:
                 annotations = [{"box": e["box"], "label": f"face {e['face_id']} - {e['region']}", "text": e["text"]}
+                               if e["type"] == "description" else state_annotation(e)
                                for e in latest.values() if e["frame"] == frame.index]
                 if args.write_video:
                     if video is None:
                         h, w = frame.image.shape[:2]
                         video = VideoSink(args.write_video, source.fps or 10.0, (w, h))
                     video.write(frame.image, annotations)
+                if robot:
+                    robot.write_frame(annotate(frame.image, annotations), frame.timestamp)
                 if show and show.write(frame.image, annotations) is False:
                     break
             s = runner.stats.as_dict()
@@ -142,6 +174,8 @@ def run(args) -> int:
         source.close()
         if jsonl:
             jsonl.close()
+        if robot:
+            robot.close()
         if show:
             show.close()
         try:
@@ -194,3 +228,15 @@ def claim_outputs(args) -> list:
             lock.release(remove_if_new_and_empty=True)
         raise
     return locks
+
+
+def state_annotation(event: dict) -> dict:
+    """Emotion and age on the face box's label line (descriptions go below boxes), with the models' names."""
+    parts = []
+    if "emotion" in event:
+        e = event["emotion"]
+        parts.append(f"{e['label']} {e['probabilities'][e['label']]:.2f} (FER2013)")
+    if "age" in event:
+        parts.append(f"age ~{event['age']['expected']:.0f} (dlib-models)")
+    # "face N - ..." as the description labels say, so both get the face's colour (sinks.color_for)
+    return {"box": event["box"], "label": f"face {event['face_id']} - " + ", ".join(parts or ["state"])}

@@ -82,7 +82,7 @@ def _weights_fingerprint(model) -> str:
 def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
                       image_size: int | None = None, max_context: int | None = None,
                       profile: dict[str, Any] | None = None, face_models: bool = True,
-                      overwrite: bool = False, seed: int = 0) -> Path:
+                      overwrite: bool = False, seed: int = 0, face_heads: bool = True) -> Path:
     from focalrt.export import qwen2_5_vl as q
     from focalrt.export.tokenizer import write_tokenizer
 
@@ -124,7 +124,7 @@ def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: s
                   "rope_theta": tcfg.rope_parameters["rope_theta"],
                   "mrope_section": list(tcfg.rope_parameters["mrope_section"]),
                   "image_token_id": cfg.image_token_id, "vision_start_token_id": cfg.vision_start_token_id},
-            face_models=face_models)
+            face_models=face_models, face_heads=face_heads)
     log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
     return Path(out)
 
@@ -132,9 +132,9 @@ def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: s
 def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id: str | None, preset: str | None,
                           seed: int, architecture: str, components: dict[str, dict[str, Any]],
                           tok: dict[str, Any], prompt: dict[str, Any], preprocess: dict[str, Any],
-                          text: dict[str, Any], face_models: bool) -> None:
+                          text: dict[str, Any], face_models: bool, face_heads: bool = True) -> None:
     """The manifest parts every family shares (source, fp32 component records, tokenizer, generation,
-    provenance, face models), around the family's own preprocess and text sections; written last."""
+    provenance, face models and heads), around the family's own preprocess and text sections; written last."""
     from focalrt.export.onnx_io import OPSET
 
     records = {name: {**file_record(tmp, f"{name}.onnx"), **info, "precision": "fp32"}
@@ -155,7 +155,7 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id:
     }
     if face_models:
         log.info("exporting face models (MediaPipe detector and landmarks)")
-        manifest["face_models"] = _export_faces(tmp)
+        manifest["face_models"] = _export_faces(tmp, face_heads)
     manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
     write_manifest(tmp, manifest)
 
@@ -171,12 +171,16 @@ def _hub_tokenizer(model_id: str, out: Path) -> dict[str, Any]:
     return {"file": "tokenizer.json", "special_tokens": QWEN2_SPECIAL_TOKENS, "source": f"hub:{model_id}"}
 
 
-def _export_faces(tmp: Path) -> dict[str, Any]:
+def _export_faces(tmp: Path, heads: bool = True) -> dict[str, Any]:
+    """Detector and FaceMesh, plus the emotion and age heads (entries "emotion", "age") unless heads=False."""
+    from focalrt.export.face_heads import export_face_heads
     from focalrt.export.face_models import export_face_models
 
     faces_dir = tmp / "faces"
     faces_dir.mkdir()
     entry = export_face_models(faces_dir)
+    if heads:
+        entry.update(export_face_heads(faces_dir))
     for value in entry.values():
         if isinstance(value, dict) and "file" in value:
             value.update(file_record(tmp, f"faces/{value['file']}"))

@@ -581,7 +581,7 @@ def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: in
 def export_face_llava(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
                       image_size: int | None = None, max_context: int | None = None,
                       profile: dict[str, Any] | None = None, face_models: bool = True,
-                      overwrite: bool = False, seed: int = 0) -> Path:
+                      overwrite: bool = False, seed: int = 0, face_heads: bool = True) -> Path:
     """A validated Face-LLaVA bundle from a preset or a local checkpoint directory."""
     from focalrt.bundle import atomic_output_dir
     from focalrt.export.build import write_bundle_manifest
@@ -628,6 +628,6 @@ def export_face_llava(out: str | Path, *, model_id: str | None = None, preset: s
                   "head_dim": head_dim, "vocab_size": tcfg.vocab_size, "max_context": max_context,
                   "rope_type": "rope", "rope_theta": tcfg.rope_parameters["rope_theta"],
                   "image_token_id": image_token_id},
-            face_models=face_models)
+            face_models=face_models, face_heads=face_heads)
     log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
     return Path(out)

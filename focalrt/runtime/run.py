@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from focalrt.runtime.face_state import FaceStateEstimator
 from focalrt.runtime.faces import FaceAnalyzer
 from focalrt.runtime.landmarks68 import to_68
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline
@@ -54,12 +55,14 @@ class RunStats:
     events: int = 0
     fresh: int = 0
     carried: int = 0
+    states: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def as_dict(self) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.started
         return {"frames": self.frames, "frames_without_face": self.frames_without_face, "faces": self.faces,
                 "events": self.events, "fresh_descriptions": self.fresh, "carried_over": self.carried,
+                "states": self.states,
                 "seconds": round(elapsed, 3), "fps": round(self.frames / elapsed, 3) if elapsed > 0 else 0.0}
 
 
@@ -93,27 +96,35 @@ class Decision:
 
 
 class RegionRunner:
-    """Per-run state: the face tracker, the region schedule and the last description of each region."""
+    """Per-run state: the face tracker, the region schedule and the last description of each region.
+
+    With `state` (a FaceStateEstimator), every tracked face also gets a `type: "state"` event every
+    `state_every` frames (emotion, age, geometry, head pose); descriptions are `type: "description"`.
+    """
 
     def __init__(self, pipeline: Pipeline, regions: str | list[str] | None = None,
                  boxes: list[tuple[int, int, int, int]] | None = None, every: int = 1,
                  min_interval_s: float = 0.0, change_threshold: float | None = None,
                  prompt: str | None = None, max_new_tokens: int | None = None,
-                 faces: FaceAnalyzer | None = None):
+                 faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
+                 state_every: int = 1):
         self.pipeline = pipeline
         self.regions = parse_regions(regions) if isinstance(regions, str) else list(regions or [])
         if isinstance(regions, list):
             parse_regions(",".join(regions))  # validates the names
         self.boxes = [tuple(int(v) for v in b) for b in (boxes or [])]
-        if not self.regions and not self.boxes:
+        if not self.regions and not self.boxes and state is None:
             raise ValueError("nothing to describe: give --regions (e.g. mouth,eyes) and/or --box x1,y1,x2,y2")
-        if self.regions and faces is None:
+        if (self.regions or state is not None) and faces is None:
             entry = pipeline.bundle.manifest.get("face_models")
             if not entry:
                 raise ValueError(f"bundle {pipeline.bundle.path} has no face models, so named regions cannot be "
                                  f"found; re-export it without --no-face-models, or use --box")
             faces = FaceAnalyzer.from_dir(pipeline.bundle.path, entry, pipeline.providers)
         self.faces = faces
+        if state_every < 1:
+            raise ValueError(f"state_every must be >= 1, got {state_every}")
+        self.state, self.state_every = state, state_every
         self.tracker = IoUTracker()
         self.scheduler = RegionScheduler(every=every, min_interval_s=min_interval_s,
                                          change_threshold=change_threshold)
@@ -138,14 +149,17 @@ class RegionRunner:
                 box = fit_box(box, w, h)
                 jobs.append(RegionJob(f"box{i}" if len(self.boxes) > 1 else "box", box, box))
             views.append(FaceView(FIXED_BOX_FACE_ID, image, jobs))
-        if self.regions:
-            views += self._face_views(frame, stage)
-        events = self._describe(frame, views, stage)
+        states: list[dict[str, Any]] = []
+        if self.regions or self.state is not None:
+            face_views, states = self._face_views(frame, stage)
+            views += face_views
+        events = states + self._describe(frame, views, stage)
         self.stats.events += len(events)
         return events
 
-    def _face_views(self, frame: Frame, stage: dict[str, float]) -> list[FaceView]:
-        """Detect, landmark and track faces; one square crop per face with its regions' boxes in it."""
+    def _face_views(self, frame: Frame, stage: dict[str, float]) -> tuple[list[FaceView], list[dict[str, Any]]]:
+        """Detect, landmark and track faces; one square crop per face with its regions' boxes in it, and the
+        faces' state events when they are due."""
         image = frame.image
         t0 = time.perf_counter()
         detections = self.faces.detector.detect(image)
@@ -163,8 +177,11 @@ class RegionRunner:
             self.scheduler.forget_face(gone)
         if not found:
             self.stats.frames_without_face += 1
-            return []
+            return [], []
         self.stats.faces += len(found)
+        states = self._states(frame, found, ids, stage)
+        if not self.regions:
+            return [], states
         size = self.pipeline.image_size
         views = []
         for face_id, (det, points) in zip(ids, found, strict=True):
@@ -178,7 +195,20 @@ class RegionRunner:
                 jobs.append(RegionJob(name, frame_box, crop_box))
             landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
             views.append(FaceView(face_id, crop, jobs, landmarks68))
-        return views
+        return views, states
+
+    def _states(self, frame: Frame, found: list[tuple], ids: list[int], stage: dict[str, float]) -> list[dict]:
+        """One `type: "state"` event per face on every state_every-th processed frame."""
+        if self.state is None or (self.stats.frames - 1) % self.state_every:
+            return []
+        t0 = time.perf_counter()
+        states = self.state.estimate(frame.image, [det.box for det, _ in found], [lm for _, lm in found], ids)
+        ms = round((time.perf_counter() - t0) * 1e3, 3)
+        self.stats.states += len(states)
+        return [{"type": "state", "frame": frame.index, "timestamp": round(frame.timestamp, 4), "face_id": face_id,
+                 "box": [int(round(v)) for v in det.box], **state,
+                 "timings_ms": {k: stage[k] for k in ("capture", "detect", "landmarks") if k in stage} | {"state": ms}}
+                for face_id, (det, _), state in zip(ids, found, states, strict=True)]
 
     def _describe(self, frame: Frame, views: list[FaceView], stage: dict[str, float]) -> list[dict[str, Any]]:
         """Describe the due regions of all views in one batch; carry the others over."""
@@ -223,13 +253,15 @@ class RegionRunner:
 
     @staticmethod
     def _base(frame: Frame, face_id: int, name: str, frame_box: tuple) -> dict[str, Any]:
-        return {"frame": frame.index, "timestamp": round(frame.timestamp, 4), "face_id": face_id, "region": name,
+        return {"type": "description", "frame": frame.index, "timestamp": round(frame.timestamp, 4),
+                "face_id": face_id, "region": name,
                 "box": [int(round(v)) for v in frame_box]}
 
 
 def iter_events(runner: RegionRunner, frames: Iterator[Frame],
                 on_frame: Callable[[Frame, list[dict[str, Any]]], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Events as they are produced, for robotics code that wants a plain iterator."""
+    """Events as they are produced, for robotics code that wants a plain iterator: `type` says "state"
+    (every frame per face, when the runner has a FaceStateEstimator) or "description" (the VLM's text)."""
     for frame in frames:
         events = runner.process(frame)
         if on_frame is not None:

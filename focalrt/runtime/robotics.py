@@ -1,0 +1,119 @@
+"""Robotics sinks: the typed event stream as MCAP (for Foxglove and ROS 2 tools) and a live Foxglove WebSocket.
+
+Both go through foxglove-sdk (the `[robotics]` extra), which owns the MCAP writer, the WebSocket server and
+the well-known message schemas. One topic per event type, JSON-encoded with the JSON schema from
+focalrt/schemas; annotated frames on a `foxglove.CompressedImage` topic (JPEG). Every message's log time is
+its frame's timestamp in nanoseconds, so video and face state share one timeline in Foxglove.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+INSTALL = 'pip install -e ".[robotics]"'
+TOPICS = {"state": "/focalrt/state", "description": "/focalrt/description"}
+IMAGE_TOPIC = "/focalrt/image"
+FRAME_ID = "camera"
+DEFAULT_PORT = 8765
+
+
+def event_schema(kind: str) -> dict[str, Any]:
+    """The JSON schema of one event type ("state" or "description"), as shipped in focalrt/schemas."""
+    return json.loads(resources.files("focalrt.schemas").joinpath(f"{kind}_event.schema.json").read_text())
+
+
+def log_time_ns(timestamp_s: float) -> int:
+    """Frame seconds -> integer nanoseconds, from the 0.1 ms value events carry, so frames and events align."""
+    return int(round(round(float(timestamp_s), 4) * 1e9))
+
+
+def _foxglove():
+    try:
+        import foxglove
+        import foxglove.channels
+        import foxglove.messages
+    except ImportError:
+        raise RuntimeError(f"--out *.mcap and --foxglove need foxglove-sdk; install it with `{INSTALL}`") from None
+    return foxglove
+
+
+class FoxgloveSink:
+    """Events and annotated frames to an MCAP file, a live WebSocket, or both (one foxglove Context)."""
+
+    def __init__(self, mcap_path: str | Path | None = None, port: int | None = None, host: str = "127.0.0.1",
+                 overwrite: bool = False, jpeg_quality: int = 85):
+        if mcap_path is None and port is None:
+            raise ValueError("FoxgloveSink needs an MCAP path, a WebSocket port, or both")
+        fg = _foxglove()
+        self._fg = fg
+        self.context = fg.Context()
+        self.mcap_path = Path(mcap_path) if mcap_path is not None else None
+        if self.mcap_path is not None and self.mcap_path.exists() and not overwrite:
+            raise FileExistsError(f"{self.mcap_path} already exists; remove it or choose another --out")
+        self.writer = (fg.open_mcap(str(self.mcap_path), allow_overwrite=overwrite, context=self.context)
+                       if self.mcap_path is not None else None)
+        self.server = None
+        if port is not None:
+            try:
+                self.server = fg.start_server(name="focalrt", host=host, port=int(port), context=self.context)
+            except Exception as e:
+                self._close_writer()
+                raise RuntimeError(f"cannot start the Foxglove WebSocket on {host}:{port}: {e}; "
+                                   f"choose another --foxglove PORT") from None
+        self.channels = {kind: fg.Channel(topic, schema=event_schema(kind), message_encoding="json",
+                                          context=self.context) for kind, topic in TOPICS.items()}
+        self.image = fg.channels.CompressedImageChannel(IMAGE_TOPIC, context=self.context)
+        self.jpeg_quality = int(jpeg_quality)
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port if self.server is not None else None
+
+    def write(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind not in self.channels:
+            raise ValueError(f"event has type {kind!r}; expected one of {sorted(self.channels)}")
+        self.channels[kind].log(json.loads(json.dumps(event, default=_plain)),
+                                log_time=log_time_ns(event["timestamp"]))
+
+    def write_frame(self, image_bgr: np.ndarray, timestamp_s: float) -> None:
+        """One (already annotated) frame as a JPEG foxglove.CompressedImage at the frame's time."""
+        ok, jpeg = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        if not ok:
+            raise RuntimeError("OpenCV could not encode the frame as JPEG")
+        ns = log_time_ns(timestamp_s)
+        msg = self._fg.messages.CompressedImage(
+            timestamp=self._fg.messages.Timestamp(sec=ns // 1_000_000_000, nsec=ns % 1_000_000_000),
+            frame_id=FRAME_ID, data=jpeg.tobytes(), format="jpeg")
+        self.image.log(msg, log_time=ns)
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def close(self) -> None:
+        self._close_writer()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self) -> FoxgloveSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to an event")
