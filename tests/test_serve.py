@@ -40,7 +40,7 @@ def _image_req(frame: np.ndarray, **more):
      "not a decodable image"),
     ({"boxes": np.array([[[500, 500, 600, 600]]])}, "lies outside the 64x48 image"),
     ({"boxes": np.array([[[10, 10, 5, 20]]])}, "is empty"),
-    ({"regions": np.array([["mouthh".encode()]], dtype=object)}, "unknown region 'mouthh'"),
+    ({"regions": np.array([[b"mouthh"]], dtype=object)}, "unknown region 'mouthh'"),
     ({"boxes": np.array([[[1, 1, 5, 5]]]), "schema": np.array([[b"{not json"]], dtype=object)},
      "schema does not compile"),
     ({"boxes": np.array([[[1, 1, 5, 5]]]), "prompt": np.array([[b"x" * 3000]], dtype=object)},
@@ -154,6 +154,8 @@ def test_named_regions_and_faces_model_find_the_face(client, astronaut_bgr):
     faces = client.faces(astronaut_bgr, regions=["mouth"])
     assert len(faces) == 1 and faces[0]["landmarks"].shape == (468, 3)
     assert faces[0]["regions"]["mouth"] == mouth
+    blank = np.zeros((120, 160, 3), np.uint8)  # no face: no results, and no error
+    assert client.faces(blank) == [] and client.describe(blank, regions=["mouth"]) == []
 
 
 def test_malformed_requests_get_clear_errors_and_the_rest_are_served(client, astronaut_bgr):

@@ -153,14 +153,15 @@ class ServerClient:
         error = result.as_numpy("error").reshape(-1)[0]
         if error:
             raise ServeError(error.decode())
-        names = [n.decode() for n in result.as_numpy("region").reshape(-1)]
+        count = int(result.as_numpy("count").reshape(-1)[0])  # rows past count are placeholders
+        names = [n.decode() for n in result.as_numpy("region").reshape(-1) if n]
         boxes, scores = result.as_numpy("boxes")[0], result.as_numpy("scores")[0]
         keypoints, landmarks = result.as_numpy("keypoints")[0], result.as_numpy("landmarks")[0]
         region_boxes = result.as_numpy("region_boxes")[0]
         return [{"box": boxes[i].tolist(), "score": float(scores[i]), "keypoints": keypoints[i],
                  "landmarks": landmarks[i], "regions": {n: tuple(region_boxes[i, r].tolist())
                                                         for r, n in enumerate(names)}}
-                for i in range(len(boxes))]
+                for i in range(count)]
 
 
 def parse_describe(result) -> list[Result]:
@@ -174,10 +175,11 @@ def parse_describe(result) -> list[Result]:
     face_ids = result.as_numpy("face_id").reshape(-1)
     boxes = result.as_numpy("box")[0]
     timings = result.as_numpy("timings").reshape(-1)
+    count = int(result.as_numpy("count").reshape(-1)[0])  # rows past count are placeholders
     return [Result(region=names[i].decode(), face_id=int(face_ids[i]), box=tuple(int(v) for v in boxes[i]),
                    text=texts[i].decode(), token_ids=[int(t) for t in tokens[i] if t >= 0],
                    finish_reason=finish[i].decode(), timings_ms=json.loads(timings[i]))
-            for i in range(len(texts))]
+            for i in range(count)]
 
 
 class RemotePipeline:

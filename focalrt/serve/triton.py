@@ -52,16 +52,16 @@ class BatchStats:
 
 
 def _bytes_array(items: list[str]) -> np.ndarray:
-    if not items:  # PyTriton reads an object array's first item to check its type: an empty one needs dtype S
-        return np.zeros((1, 0), dtype="S1")
     return np.array([[s.encode() for s in items]], dtype=object).reshape(1, len(items))
 
 
+# PyTriton 0.7 cannot send a zero-size tensor (its shared-memory copy fails on a zero in the shape), so a
+# response with no results carries one placeholder row and `count` says how many rows are real.
 def _error_response(message: str) -> dict[str, np.ndarray]:
-    return {"text": _bytes_array([]), "token_ids": np.zeros((1, 0, 0), np.int64),
-            "finish_reason": _bytes_array([]), "region": _bytes_array([]),
-            "face_id": np.zeros((1, 0), np.int64), "box": np.zeros((1, 0, 4), np.int64),
-            "timings": _bytes_array([]), "error": np.array([[message.encode()]], dtype=object)}
+    return {"count": np.zeros((1, 1), np.int64), "text": _bytes_array([""]), "token_ids": np.full((1, 1, 1), -1),
+            "finish_reason": _bytes_array([""]), "region": _bytes_array([""]),
+            "face_id": np.full((1, 1), NO_FACE, np.int64), "box": np.zeros((1, 1, 4), np.int64),
+            "timings": _bytes_array(["{}"]), "error": np.array([[message.encode()]], dtype=object)}
 
 
 class DescribeModel:
@@ -158,8 +158,10 @@ class DescribeModel:
 
     @staticmethod
     def _response(results: list[tuple], batch_requests: int, t_batch: float) -> dict[str, np.ndarray]:
+        if not results:  # named regions only, and no face in the image
+            return {**_error_response(""), "error": np.array([[b""]], dtype=object)}
         n = len(results)
-        longest = max((len(d.token_ids) for *_, d in results), default=0)
+        longest = max(1, max(len(d.token_ids) for *_, d in results))
         token_ids = np.full((1, n, longest), -1, np.int64)
         for row, (*_, d) in enumerate(results):
             token_ids[0, row, :len(d.token_ids)] = d.token_ids
@@ -169,7 +171,8 @@ class DescribeModel:
             t["batch_requests"] = batch_requests
             t["server_ms"] = round((time.perf_counter() - t_batch) * 1e3, 3)
             timings.append(json.dumps(t))
-        return {"text": _bytes_array([d.text for *_, d in results]), "token_ids": token_ids,
+        return {"count": np.array([[n]], np.int64), "text": _bytes_array([d.text for *_, d in results]),
+                "token_ids": token_ids,
                 "finish_reason": _bytes_array([d.finish_reason for *_, d in results]),
                 "region": _bytes_array([name for _, name, _, _ in results]),
                 "face_id": np.array([[fid for fid, *_ in results]], np.int64).reshape(1, n),
@@ -208,16 +211,17 @@ class FacesModel:
             found, names, error = [], [], str(e)
         else:
             error = ""
-        n = len(found)
-        region_boxes = np.zeros((1, n, len(names), 4), np.int64)
+        n, rows = len(found), max(1, len(found))  # one placeholder row when no face (see _error_response)
+        region_boxes = np.zeros((1, rows, max(1, len(names)), 4), np.int64)
+        boxes, scores = np.zeros((1, rows, 4), np.float32), np.zeros((1, rows), np.float32)
+        keypoints, landmarks = np.zeros((1, rows, 6, 2), np.float32), np.zeros((1, rows, 468, 3), np.float32)
         for f, face in enumerate(found):
+            boxes[0, f], scores[0, f], keypoints[0, f], landmarks[0, f] = (face.box, face.score, face.keypoints,
+                                                                           face.landmarks)
             for r, name in enumerate(names):
                 region_boxes[0, f, r] = region_box(name, face.landmarks, image.shape)
-        return {"boxes": np.array([[f.box for f in found]], np.float32).reshape(1, n, 4),
-                "scores": np.array([[f.score for f in found]], np.float32).reshape(1, n),
-                "keypoints": np.array([[f.keypoints for f in found]], np.float32).reshape(1, n, 6, 2),
-                "landmarks": np.array([[f.landmarks for f in found]], np.float32).reshape(1, n, 468, 3),
-                "region": _bytes_array(names), "region_boxes": region_boxes,
+        return {"count": np.array([[n]], np.int64), "boxes": boxes, "scores": scores, "keypoints": keypoints,
+                "landmarks": landmarks, "region": _bytes_array(names or [""]), "region_boxes": region_boxes,
                 "error": np.array([[error.encode()]], dtype=object)}
 
 
@@ -233,7 +237,8 @@ def describe_tensors() -> tuple[list, list]:
               Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True),
               Tensor(name="schema", dtype=bytes, shape=(1,), optional=True),
               Tensor(name="max_new_tokens", dtype=np.int64, shape=(1,), optional=True)]
-    outputs = [Tensor(name="text", dtype=bytes, shape=(-1,)),
+    outputs = [Tensor(name="count", dtype=np.int64, shape=(1,)),
+               Tensor(name="text", dtype=bytes, shape=(-1,)),
                Tensor(name="token_ids", dtype=np.int64, shape=(-1, -1)),
                Tensor(name="finish_reason", dtype=bytes, shape=(-1,)),
                Tensor(name="region", dtype=bytes, shape=(-1,)),
@@ -250,7 +255,8 @@ def faces_tensors() -> tuple[list, list]:
     inputs = [Tensor(name="image", dtype=bytes, shape=(1,)),
               Tensor(name="image_shape", dtype=np.int64, shape=(2,), optional=True),
               Tensor(name="regions", dtype=bytes, shape=(-1,), optional=True)]
-    outputs = [Tensor(name="boxes", dtype=np.float32, shape=(-1, 4)),
+    outputs = [Tensor(name="count", dtype=np.int64, shape=(1,)),
+               Tensor(name="boxes", dtype=np.float32, shape=(-1, 4)),
                Tensor(name="scores", dtype=np.float32, shape=(-1,)),
                Tensor(name="keypoints", dtype=np.float32, shape=(-1, 6, 2)),
                Tensor(name="landmarks", dtype=np.float32, shape=(-1, 468, 3)),
