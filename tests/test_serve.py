@@ -69,6 +69,29 @@ def test_raw_image_of_wrong_size_and_schema_not_supported_are_explained():
     assert ok.boxes == [(-5, 1, 5, 5)] and ok.image.shape == (48, 64, 3)  # partly outside: clipped later
 
 
+def test_client_without_tritonclient_names_the_extra(monkeypatch):
+    from focalrt.runtime.client import ServerClient
+
+    monkeypatch.setitem(sys.modules, "tritonclient", None)
+    monkeypatch.setitem(sys.modules, "tritonclient.http", None)
+    with pytest.raises(RuntimeError, match=r'needs tritonclient: pip install -e "\.\[client\]"'):
+        ServerClient("http://127.0.0.1:9")
+
+
+def test_serve_under_an_unusable_environment_says_why_in_one_line(tmp_path):
+    """Under numpy 2 (PyTriton 0.7's stub returns empty outputs) or without PyTriton: exit 2, one line."""
+    from focalrt.serve.process import serve_python_problem
+
+    if serve_python_problem(sys.executable) is None:
+        pytest.skip("this interpreter can serve; the refusal is for numpy 2 or a missing serve extra")
+    done = subprocess.run([sys.executable, "-m", "focalrt.cli", "serve", str(tmp_path / "no-bundle")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("focalrt serve: ")
+    assert 'pip install -e ".[serve]"' in lines[0]
+
+
 # ---- the server ----
 
 def _require_serve():
