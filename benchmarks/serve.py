@@ -5,7 +5,7 @@ then stops. Reported per level: descriptions/s, p50/p99 latency, errors, answers
 Triton formed (from the `batch_requests` each answer carries: how many requests shared its describe_views call).
 
     PYTHONPATH=. FOCALRT_SERVE_PYTHON=.venv-serve/bin/python python benchmarks/serve.py BUNDLE \
-        --requests-per-client 8 --max-new-tokens 16
+        --requests-per-client 6 --max-new-tokens 64
 
 The server runs under FOCALRT_SERVE_PYTHON (PyTriton 0.7 needs numpy<2; see docs/serving.md). Loopback only.
 """
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("bundle")
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--requests-per-client", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="64: the bundles' default")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--queue-delay-us", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=None, help="server's onnxruntime threads")

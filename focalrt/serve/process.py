@@ -63,8 +63,10 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def ready(self) -> bool:
+        """The `describe` model is ready. Triton's server-level /v2/health/ready turns 200 a moment earlier:
+        PyTriton starts Triton with no model and loads them right after."""
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.url}/v2/models/describe/ready", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
