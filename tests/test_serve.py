@@ -92,6 +92,20 @@ def test_serve_under_an_unusable_environment_says_why_in_one_line(tmp_path):
     assert 'pip install -e ".[serve]"' in lines[0]
 
 
+def test_run_with_no_server_at_the_url_says_so_in_one_line(tiny_bundle, tmp_path):
+    pytest.importorskip("tritonclient.http")
+    from focalrt.serve.process import free_ports
+
+    url = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source",
+                           str(tmp_path), "--box", "1,1,50,50", "--server", url],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"focalrt run: error: no focalrt server is ready at {url} (GET /v2/models/describe/ready failed); "
+        f"start one with `focalrt serve BUNDLE` or fix --server")
+
+
 # ---- the server ----
 
 def _require_serve():

@@ -195,6 +195,9 @@ class RemotePipeline:
         self.adapter = adapter_for(self.bundle.manifest)
         self.providers = resolve_providers(provider)
         self.client = ServerClient(url)
+        if not self.client.is_ready():
+            raise RuntimeError(f"no focalrt server is ready at {url} (GET /v2/models/describe/ready failed); "
+                               f"start one with `focalrt serve BUNDLE` or fix --server")
 
     @property
     def image_size(self) -> int:
@@ -206,8 +209,14 @@ class RemotePipeline:
             raise ValueError(f"--server does not pass {sorted(unsupported)} yet")
         requests = [dict(image=image, boxes=[tuple(int(v) for v in b) for b in boxes], prompt=prompt,
                          max_new_tokens=max_new_tokens, landmarks68=lm) for image, boxes, lm in views]
+        try:
+            answers = self.client.describe_many(requests)
+        except ServeError:
+            raise
+        except Exception as e:  # connection lost, server stopped, timeout: one line, not a traceback
+            raise RuntimeError(f"server {self.client.url}: {type(e).__name__}: {str(e)[:300]}") from None
         out = []
-        for results in self.client.describe_many(requests):
+        for results in answers:
             out.append([Description(text=r.text, token_ids=r.token_ids, prompt_token_ids=[],
                                     finish_reason=r.finish_reason, box=r.box, model_box=None,
                                     timings_ms=r.timings_ms) for r in results])

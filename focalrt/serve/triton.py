@@ -78,6 +78,14 @@ class DescribeModel:
         self.schema_supported = "schema" in inspect.signature(pipeline.describe_views).parameters
 
     def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        try:
+            return self._answer(requests)
+        except Exception as e:  # a bug of ours: every request still gets one answer, and no traceback
+            log.exception("describe: batch of %d failed", len(requests))
+            return [_error_response(f"internal server error ({type(e).__name__}); see the server log")
+                    for _ in requests]
+
+    def _answer(self, requests: list) -> list[dict[str, np.ndarray]]:
         t_batch = time.perf_counter()
         self.stats.sizes[len(requests)] += 1
         self.stats.requests += len(requests)
@@ -321,7 +329,8 @@ def serve(pipeline: Pipeline, faces: FaceAnalyzer | None, options: ServeOptions,
         triton.run()  # returns once the server is up and the models are loaded (ready)
         if on_ready is not None:
             on_ready(triton)
-        while triton.is_alive() and not (stop is not None and stop.wait(0.5)):
+        stop = stop or threading.Event()
+        while triton.is_alive() and not stop.wait(0.5):
             pass
     finally:
         triton.stop()  # SIGINT to tritonserver: no new requests, in-flight ones finish (exit_timeout_s)
