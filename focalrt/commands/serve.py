@@ -7,29 +7,35 @@ import signal
 import sys
 import threading
 
+from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_int, positive_int
+
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a bundle on Triton Inference Server (needs the serve extra)",
-                       description="Models `describe` and `faces` over KServe v2 HTTP/gRPC with dynamic batching; "
-                                   "health at /v2/health/ready, Prometheus metrics at :METRICS_PORT/metrics. "
-                                   "See docs/serving.md.")
-    p.add_argument("bundle")
+    p = add_parser(sub, "serve", help="serve a bundle on Triton Inference Server (needs the serve extra)",
+                   description="Models `describe` and `faces` over KServe v2 HTTP/gRPC with dynamic batching; "
+                               "readiness at /v2/models/describe/ready, Prometheus metrics at "
+                               ":METRICS_PORT/metrics. See docs/serving.md.")
+    p.add_argument("bundle", help="bundle directory written by `focalrt export`")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind HTTP, gRPC and metrics to (default 127.0.0.1: this machine only; "
+                   help="address HTTP, gRPC and metrics bind to (default: 127.0.0.1, this machine only; "
                         "0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--max-batch", type=int, default=16, help="most requests Triton merges into one batch")
-    p.add_argument("--queue-delay-us", type=int, default=2000,
-                   help="how long Triton's dynamic batcher waits to fill a batch, in microseconds")
-    p.add_argument("--provider", default=None, help="cpu, cuda or tensorrt (default: best available)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--max-image-bytes", type=int, default=16 * 1024 * 1024, help="largest image a request may carry")
-    p.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_new_tokens a request may ask")
-    p.add_argument("--max-prompt-chars", type=int, default=2000)
-    p.add_argument("--exit-timeout", type=int, default=30,
-                   help="seconds SIGTERM waits for in-flight requests before the server exits")
+    p.add_argument("--http-port", type=positive_int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--grpc-port", type=positive_int, default=8001, help="gRPC port (default: 8001)")
+    p.add_argument("--metrics-port", type=positive_int, default=8002, help="Prometheus port (default: 8002)")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="most requests Triton merges into one batch (default: 16)")
+    p.add_argument("--queue-delay-us", type=non_negative_int, default=2000,
+                   help="how long Triton's dynamic batcher waits to fill a batch, in microseconds (default: 2000)")
+    add_provider(p)
+    add_threads(p)
+    p.add_argument("--max-image-bytes", type=positive_int, default=16 * 1024 * 1024,
+                   help="largest image a request may carry (default: 16777216)")
+    p.add_argument("--max-new-tokens-limit", type=positive_int, default=256,
+                   help="largest max_new_tokens a request may ask for (default: 256)")
+    p.add_argument("--max-prompt-chars", type=positive_int, default=2000,
+                   help="longest prompt a request may carry, in characters (default: 2000)")
+    p.add_argument("--exit-timeout", type=positive_int, default=30,
+                   help="seconds SIGTERM waits for in-flight requests before the server exits (default: 30)")
     p.set_defaults(func=run)
 
 
@@ -46,9 +52,6 @@ def run(args) -> int:
     from focalrt.serve.requests import Limits
     from focalrt.serve.triton import ServeOptions, serve, warm_up
 
-    if args.max_batch < 1 or args.queue_delay_us < 0:
-        raise ValueError(f"--max-batch must be >= 1 and --queue-delay-us >= 0, got {args.max_batch}, "
-                         f"{args.queue_delay_us}")
     print(f"focalrt serve: {libpython.message()}", file=sys.stderr)
     pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads,
                                     max_batch=args.max_batch)
