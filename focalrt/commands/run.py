@@ -66,6 +66,7 @@ def register(sub) -> None:
     add_threads(p)
     p.add_argument("--quiet", action="store_true",
                    help="no progress line; without --out, print only fresh events")
+    p.add_argument("--server", help="describe on a `focalrt serve` at this URL (http://HOST:8000); faces stay local")
     p.set_defaults(func=run)
 
 
@@ -79,8 +80,8 @@ examples:
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
+    from focalrt.runtime.client import open_pipeline
     from focalrt.runtime.face_state import FaceStateEstimator
-    from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
     from focalrt.runtime.run import RegionRunner
     from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
@@ -92,7 +93,7 @@ def run(args) -> int:
     locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
     try:
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
-        pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
+        pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=args.threads)
         warn_if_random(pipeline.bundle)
         faces_entry = pipeline.bundle.manifest.get("face_models")
         state = (FaceStateEstimator.from_bundle_entry(pipeline.bundle.path, faces_entry, pipeline.providers,

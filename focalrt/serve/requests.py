@@ -1,0 +1,193 @@
+"""Request decoding and checking for the served models, with no Triton in sight (unit-testable, torch-free).
+
+Every check raises RequestError with a message that names the input, the value and the fix; the server turns
+it into that request's `error` output while the other requests of the same batch are answered normally.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from focalrt.runtime.regions import REGIONS, parse_regions
+
+
+class RequestError(ValueError):
+    """A malformed request; its message goes back to the client as the `error` output."""
+
+
+@dataclass
+class Limits:
+    """Per-request limits; the server refuses anything larger with a clear error instead of working on it."""
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_boxes: int = 16
+    max_prompt_chars: int = 2000
+    max_new_tokens: int = 256
+    max_schema_chars: int = 16384
+
+
+@dataclass
+class DescribeRequest:
+    image: np.ndarray                      # HxWx3 uint8 BGR
+    boxes: list[tuple[int, int, int, int]]
+    regions: list[str]
+    landmarks68: np.ndarray | None
+    prompt: str | None
+    max_new_tokens: int | None
+    schema: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _one(request: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """The request's `name` input without its batch dimension, or None when absent; one row per request."""
+    value = request.get(name)
+    if value is None:
+        return None
+    value = np.asarray(value)
+    if value.ndim == 0 or value.shape[0] != 1:
+        raise RequestError(f"input {name!r} has batch size {value.shape[0] if value.ndim else 0}; send one image "
+                           f"per request (Triton batches requests together)")
+    return value[0]
+
+
+def _bytes_scalar(request: dict[str, np.ndarray], name: str) -> bytes | None:
+    value = _one(request, name)
+    if value is None:
+        return None
+    item = value.reshape(-1)
+    if item.size != 1:
+        raise RequestError(f"input {name!r} must hold one BYTES element, got {item.size}")
+    item = item[0]
+    return item if isinstance(item, bytes) else str(item).encode()
+
+
+def _text(request: dict[str, np.ndarray], name: str, limit: int) -> str | None:
+    raw = _bytes_scalar(request, name)
+    if raw is None or raw == b"":
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"input {name!r} is not UTF-8 text") from None
+    if len(text) > limit:
+        raise RequestError(f"input {name!r} has {len(text)} characters; the server accepts at most {limit}")
+    return text
+
+
+def decode_image(request: dict[str, np.ndarray], limits: Limits) -> np.ndarray:
+    """`image` as encoded file bytes (JPEG, PNG, ...), or raw BGR pixels when `image_shape` (H, W) is given."""
+    data = _bytes_scalar(request, "image")
+    if data is None or not data:
+        raise RequestError("input 'image' is missing or empty; send the encoded image file bytes (JPEG/PNG) or "
+                           "raw BGR pixels with image_shape=[H, W]")
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(f"image has {len(data)} bytes; the server accepts at most {limits.max_image_bytes}")
+    shape = _one(request, "image_shape")
+    if shape is not None:
+        shape = [int(v) for v in np.asarray(shape).reshape(-1)]
+        if len(shape) != 2 or min(shape) < 1:
+            raise RequestError(f"image_shape must be [height, width] with both >= 1, got {shape}")
+        h, w = shape
+        if h * w > limits.max_pixels:
+            raise RequestError(f"image of {w}x{h} pixels; the server accepts at most {limits.max_pixels} pixels")
+        if len(data) != h * w * 3:
+            raise RequestError(f"raw BGR image of {w}x{h} needs {h * w * 3} bytes, got {len(data)}; "
+                               f"send frame.tobytes() of an HxWx3 uint8 array with image_shape=[H, W]")
+        return np.frombuffer(data, np.uint8).reshape(h, w, 3)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise RequestError(f"image bytes ({len(data)} bytes, starting {data[:8]!r}) are not a decodable image; "
+                           f"send a JPEG/PNG file's bytes, or raw BGR pixels with image_shape=[H, W]")
+    if image.shape[0] * image.shape[1] > limits.max_pixels:
+        raise RequestError(f"image of {image.shape[1]}x{image.shape[0]} pixels; the server accepts at most "
+                           f"{limits.max_pixels} pixels")
+    return image
+
+
+def check_boxes(raw: np.ndarray | None, width: int, height: int, limits: Limits) -> list[tuple[int, int, int, int]]:
+    """Boxes x1, y1, x2, y2 in image pixels. A box must overlap the image and have positive size; the part
+    outside the frame is clipped later, as a local run does."""
+    if raw is None:
+        return []
+    arr = np.asarray(raw)
+    if arr.size == 0:
+        return []
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise RequestError(f"boxes must have shape [N, 4] (x1, y1, x2, y2), got {list(arr.shape)}")
+    if arr.shape[0] > limits.max_boxes:
+        raise RequestError(f"{arr.shape[0]} boxes; the server accepts at most {limits.max_boxes} per request")
+    boxes = []
+    for i, row in enumerate(arr.tolist()):
+        x1, y1, x2, y2 = (int(v) for v in row)
+        if x2 <= x1 or y2 <= y1:
+            raise RequestError(f"box {i} {[x1, y1, x2, y2]} is empty: need x1 < x2 and y1 < y2")
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise RequestError(f"box {i} {[x1, y1, x2, y2]} lies outside the {width}x{height} image")
+        boxes.append((x1, y1, x2, y2))
+    return boxes
+
+
+def check_regions(request: dict[str, np.ndarray], limits: Limits) -> list[str]:
+    value = _one(request, "regions")
+    if value is None:
+        return []
+    names = [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(value).reshape(-1)]
+    names = [n for n in names if n]
+    if not names:
+        return []
+    if len(names) > limits.max_boxes:
+        raise RequestError(f"{len(names)} regions; the server accepts at most {limits.max_boxes} per request")
+    try:
+        return parse_regions(",".join(names))
+    except ValueError as e:
+        raise RequestError(f"{e} (known regions: {', '.join(REGIONS)})") from None
+
+
+def check_schema(request: dict[str, np.ndarray], limits: Limits, supported: bool) -> dict[str, Any] | None:
+    text = _text(request, "schema", limits.max_schema_chars)
+    if text is None:
+        return None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"schema does not compile: not JSON ({e.msg} at line {e.lineno} column {e.colno})") \
+            from None
+    if not isinstance(schema, dict):
+        raise RequestError(f"schema does not compile: a JSON Schema is an object, got {type(schema).__name__}")
+    if not supported:
+        raise RequestError("schema-constrained descriptions are not supported by this server's runtime yet; "
+                           "send the request without `schema`")
+    return schema
+
+
+def decode_describe(request: dict[str, np.ndarray], limits: Limits, schema_supported: bool = False,
+                    has_faces: bool = True) -> DescribeRequest:
+    image = decode_image(request, limits)
+    h, w = image.shape[:2]
+    boxes = check_boxes(_one(request, "boxes"), w, h, limits)
+    regions = check_regions(request, limits)
+    if regions and not has_faces:
+        raise RequestError("this bundle has no face models, so named regions cannot be found; send boxes")
+    if not boxes and not regions:
+        raise RequestError("nothing to describe: send boxes [N, 4] and/or regions (e.g. ['mouth', 'left_eye'])")
+    if len(boxes) + len(regions) > limits.max_boxes:
+        raise RequestError(f"{len(boxes)} boxes + {len(regions)} regions; at most {limits.max_boxes} per request")
+    lm = _one(request, "landmarks68")
+    if lm is not None:
+        lm = np.asarray(lm, np.float32)
+        if lm.shape != (68, 2) or not np.isfinite(lm).all():
+            raise RequestError(f"landmarks68 must be 68 finite (x, y) points, got shape {list(lm.shape)}")
+    prompt = _text(request, "prompt", limits.max_prompt_chars)
+    max_new = _one(request, "max_new_tokens")
+    max_new_tokens = None
+    if max_new is not None:
+        max_new_tokens = int(np.asarray(max_new).reshape(-1)[0])
+        if not 1 <= max_new_tokens <= limits.max_new_tokens:
+            raise RequestError(f"max_new_tokens={max_new_tokens}; the server accepts 1..{limits.max_new_tokens}")
+    schema = check_schema(request, limits, schema_supported)
+    return DescribeRequest(image, boxes, regions, lm, prompt, max_new_tokens, schema)

@@ -1,0 +1,337 @@
+"""A bundle served on Triton Inference Server through PyTriton: models `describe` and `faces`.
+
+Triton's dynamic batcher gathers requests from many clients; `describe` hands all of a batch's images and
+regions to one `Pipeline.describe_views` call, so they share every decode step. Malformed requests never reach
+the model: each gets its own `error` output while the rest of the batch is answered. If the merged call still
+fails (something only the model can find, e.g. a prompt longer than the context), the batch is split and each
+request runs alone, so one bad request costs only its own answer.
+
+The Pipeline is not thread-safe: one lock serialises every call into it (and one into the face models).
+Nothing here writes files or loads anything named by a request.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.landmarks68 import to_68
+from focalrt.runtime.pipeline import Pipeline
+from focalrt.runtime.regions import region_box
+from focalrt.runtime.run import face_crop_transform, map_box, map_points
+from focalrt.serve.requests import DescribeRequest, Limits, RequestError, decode_describe, decode_image
+
+log = logging.getLogger(__name__)
+
+NO_FACE = -1  # face_id of a result for a box the client gave (not a detected face)
+
+
+@dataclass
+class BatchStats:
+    """How many requests each call into the model received: Triton's batches as the model saw them."""
+    sizes: Counter = field(default_factory=Counter)
+    requests: int = 0
+    errors: int = 0
+    splits: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "requests": self.requests,
+                "errors": self.errors, "batch_splits": self.splits}
+
+
+def _bytes_array(items: list[str]) -> np.ndarray:
+    return np.array([[s.encode() for s in items]], dtype=object).reshape(1, len(items))
+
+
+# PyTriton 0.7 cannot send a zero-size tensor (its shared-memory copy fails on a zero in the shape), so a
+# response with no results carries one placeholder row and `count` says how many rows are real.
+def _error_response(message: str) -> dict[str, np.ndarray]:
+    return {"count": np.zeros((1, 1), np.int64), "text": _bytes_array([""]), "token_ids": np.full((1, 1, 1), -1),
+            "finish_reason": _bytes_array([""]), "region": _bytes_array([""]),
+            "face_id": np.full((1, 1), NO_FACE, np.int64), "box": np.zeros((1, 1, 4), np.int64),
+            "timings": _bytes_array(["{}"]), "error": np.array([[message.encode()]], dtype=object)}
+
+
+class DescribeModel:
+    """The `describe` inference callable: a list of Triton requests in, one response dict per request out."""
+
+    def __init__(self, pipeline: Pipeline, faces: FaceAnalyzer | None, limits: Limits, lock: threading.Lock,
+                 face_lock: threading.Lock):
+        self.pipeline = pipeline
+        self.faces = faces
+        self.limits = limits
+        self.lock = lock
+        self.face_lock = face_lock
+        self.stats = BatchStats()
+        self.schema_supported = "schema" in inspect.signature(pipeline.describe_views).parameters
+
+    def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        try:
+            return self._answer(requests)
+        except Exception as e:  # a bug of ours: every request still gets one answer, and no traceback
+            log.exception("describe: batch of %d failed", len(requests))
+            return [_error_response(f"internal server error ({type(e).__name__}); see the server log")
+                    for _ in requests]
+
+    def _answer(self, requests: list) -> list[dict[str, np.ndarray]]:
+        t_batch = time.perf_counter()
+        self.stats.sizes[len(requests)] += 1
+        self.stats.requests += len(requests)
+        responses: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        jobs: list[tuple[int, DescribeRequest, list[tuple]]] = []  # (index, request, views)
+        for i, request in enumerate(requests):
+            try:
+                req = decode_describe(request.data, self.limits, self.schema_supported, self.faces is not None)
+                jobs.append((i, req, self._views(req)))
+            except RequestError as e:
+                responses[i] = _error_response(str(e))
+            except Exception as e:  # never let one request's surprise fail its neighbours
+                log.exception("describe: request %d could not be prepared", i)
+                responses[i] = _error_response(f"the server could not prepare this request: {e}")
+        groups: dict[tuple, list] = {}
+        for job in jobs:  # one describe_views call per (prompt, max tokens, schema): they are per call
+            req = job[1]
+            groups.setdefault((req.prompt, req.max_new_tokens, json.dumps(req.schema, sort_keys=True)), []).append(job)
+        for group in groups.values():
+            for i, response in self._run_group(group, t_batch).items():
+                responses[i] = response
+        self.stats.errors += sum(1 for r in responses if r is not None and r["error"][0, 0])
+        return responses  # type: ignore[return-value]
+
+    def _views(self, req: DescribeRequest) -> list[tuple]:
+        """(image, boxes, landmarks68, [(face_id, region, frame_box)]) per view: the boxes on the whole image,
+        then one square face crop per detected face with its named regions, as a local `focalrt run` does."""
+        views = []
+        if req.boxes:
+            names = [f"box{i}" if len(req.boxes) > 1 else "box" for i in range(len(req.boxes))]
+            views.append((req.image, list(req.boxes), req.landmarks68,
+                          [(NO_FACE, n, None) for n in names]))  # box: as the model clipped it
+        if req.regions:
+            with self.face_lock:
+                found = self.faces.analyze(req.image)
+            size = self.pipeline.image_size
+            for face_id, face in enumerate(found):
+                m = face_crop_transform(face.box, size)
+                crop = cv2.warpAffine(req.image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
+                                      borderMode=cv2.BORDER_CONSTANT)
+                boxes, meta = [], []
+                for name in req.regions:
+                    frame_box = region_box(name, face.landmarks, req.image.shape)
+                    x1, y1, x2, y2 = map_box(frame_box, m)
+                    boxes.append((round(x1), round(y1), round(x2), round(y2)))
+                    meta.append((face_id, name, frame_box))
+                lm = map_points(to_68(face.landmarks), m) if self.pipeline.adapter.uses_landmarks else None
+                views.append((crop, boxes, lm, meta))
+        return views
+
+    def _describe(self, group: list) -> list[list]:
+        views = [(image, boxes, lm) for _, _, vs in group for image, boxes, lm, _ in vs]
+        req = group[0][1]
+        kwargs = {"schema": req.schema} if req.schema is not None else {}
+        with self.lock:
+            return self.pipeline.describe_views(views, req.prompt, req.max_new_tokens, **kwargs) if views else []
+
+    def _run_group(self, group: list, t_batch: float) -> dict[int, dict[str, np.ndarray]]:
+        try:
+            described = self._describe(group)
+        except Exception as e:
+            if len(group) == 1:
+                return {group[0][0]: _error_response(_model_error(e))}
+            self.stats.splits += 1  # find the culprit: each request alone
+            out = {}
+            for job in group:
+                out.update(self._run_group([job], t_batch))
+            return out
+        out, k = {}, 0
+        for i, _, views in group:
+            results = []
+            for *_, meta in views:
+                for d, (face_id, name, frame_box) in zip(described[k], meta, strict=True):
+                    results.append((face_id, name, frame_box, d))
+                k += 1
+            out[i] = self._response(results, len(group), t_batch)
+        return out
+
+    @staticmethod
+    def _response(results: list[tuple], batch_requests: int, t_batch: float) -> dict[str, np.ndarray]:
+        if not results:  # named regions only, and no face in the image
+            return {**_error_response(""), "error": np.array([[b""]], dtype=object)}
+        n = len(results)
+        longest = max(1, max(len(d.token_ids) for *_, d in results))
+        token_ids = np.full((1, n, longest), -1, np.int64)
+        for row, (*_, d) in enumerate(results):
+            token_ids[0, row, :len(d.token_ids)] = d.token_ids
+        timings = []
+        for *_, d in results:
+            t = {k: v for k, v in d.timings_ms.items() if k != "decode_steps"}
+            t["batch_requests"] = batch_requests
+            t["server_ms"] = round((time.perf_counter() - t_batch) * 1e3, 3)
+            timings.append(json.dumps(t))
+        return {"count": np.array([[n]], np.int64), "text": _bytes_array([d.text for *_, d in results]),
+                "token_ids": token_ids,
+                "finish_reason": _bytes_array([d.finish_reason for *_, d in results]),
+                "region": _bytes_array([name for _, name, _, _ in results]),
+                "face_id": np.array([[fid for fid, *_ in results]], np.int64).reshape(1, n),
+                "box": np.array([[list(fb) if fb is not None else list(d.box) for _, _, fb, d in results]],
+                                np.int64).reshape(1, n, 4),
+                "timings": _bytes_array(timings), "error": np.array([[b""]], dtype=object)}
+
+
+def _model_error(e: Exception) -> str:
+    if isinstance(e, (ValueError, RequestError)):
+        return str(e).replace("shorten --prompt", "shorten the prompt")
+    log.error("describe failed: %r", e)
+    return f"the model failed on this request ({type(e).__name__}: {e})"
+
+
+class FacesModel:
+    """The `faces` inference callable: detection, landmarks and named-region boxes, no VLM."""
+
+    def __init__(self, faces: FaceAnalyzer, limits: Limits, lock: threading.Lock):
+        self.faces = faces
+        self.limits = limits
+        self.lock = lock
+
+    def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        return [self._one(r.data) for r in requests]
+
+    def _one(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from focalrt.serve.requests import check_regions
+
+        try:
+            image = decode_image(request, self.limits)
+            names = check_regions(request, self.limits)
+            with self.lock:
+                found = self.faces.analyze(image)
+        except RequestError as e:
+            found, names, error = [], [], str(e)
+        else:
+            error = ""
+        n, rows = len(found), max(1, len(found))  # one placeholder row when no face (see _error_response)
+        region_boxes = np.zeros((1, rows, max(1, len(names)), 4), np.int64)
+        boxes, scores = np.zeros((1, rows, 4), np.float32), np.zeros((1, rows), np.float32)
+        keypoints, landmarks = np.zeros((1, rows, 6, 2), np.float32), np.zeros((1, rows, 468, 3), np.float32)
+        for f, face in enumerate(found):
+            boxes[0, f], scores[0, f], keypoints[0, f], landmarks[0, f] = (face.box, face.score, face.keypoints,
+                                                                           face.landmarks)
+            for r, name in enumerate(names):
+                region_boxes[0, f, r] = region_box(name, face.landmarks, image.shape)
+        return {"count": np.array([[n]], np.int64), "boxes": boxes, "scores": scores, "keypoints": keypoints,
+                "landmarks": landmarks, "region": _bytes_array(names or [""]), "region_boxes": region_boxes,
+                "error": np.array([[error.encode()]], dtype=object)}
+
+
+def describe_tensors() -> tuple[list, list]:
+    """Inputs and outputs of `describe` (shapes without the batch dimension)."""
+    from pytriton.model_config import Tensor
+
+    inputs = [Tensor(name="image", dtype=bytes, shape=(1,)),
+              Tensor(name="image_shape", dtype=np.int64, shape=(2,), optional=True),
+              Tensor(name="boxes", dtype=np.int64, shape=(-1, 4), optional=True),
+              Tensor(name="regions", dtype=bytes, shape=(-1,), optional=True),
+              Tensor(name="landmarks68", dtype=np.float32, shape=(68, 2), optional=True),
+              Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True),
+              Tensor(name="schema", dtype=bytes, shape=(1,), optional=True),
+              Tensor(name="max_new_tokens", dtype=np.int64, shape=(1,), optional=True)]
+    outputs = [Tensor(name="count", dtype=np.int64, shape=(1,)),
+               Tensor(name="text", dtype=bytes, shape=(-1,)),
+               Tensor(name="token_ids", dtype=np.int64, shape=(-1, -1)),
+               Tensor(name="finish_reason", dtype=bytes, shape=(-1,)),
+               Tensor(name="region", dtype=bytes, shape=(-1,)),
+               Tensor(name="face_id", dtype=np.int64, shape=(-1,)),
+               Tensor(name="box", dtype=np.int64, shape=(-1, 4)),
+               Tensor(name="timings", dtype=bytes, shape=(-1,)),
+               Tensor(name="error", dtype=bytes, shape=(1,))]
+    return inputs, outputs
+
+
+def faces_tensors() -> tuple[list, list]:
+    from pytriton.model_config import Tensor
+
+    inputs = [Tensor(name="image", dtype=bytes, shape=(1,)),
+              Tensor(name="image_shape", dtype=np.int64, shape=(2,), optional=True),
+              Tensor(name="regions", dtype=bytes, shape=(-1,), optional=True)]
+    outputs = [Tensor(name="count", dtype=np.int64, shape=(1,)),
+               Tensor(name="boxes", dtype=np.float32, shape=(-1, 4)),
+               Tensor(name="scores", dtype=np.float32, shape=(-1,)),
+               Tensor(name="keypoints", dtype=np.float32, shape=(-1, 6, 2)),
+               Tensor(name="landmarks", dtype=np.float32, shape=(-1, 468, 3)),
+               Tensor(name="region", dtype=bytes, shape=(-1,)),
+               Tensor(name="region_boxes", dtype=np.int64, shape=(-1, -1, 4)),
+               Tensor(name="error", dtype=bytes, shape=(1,))]
+    return inputs, outputs
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 16
+    queue_delay_us: int = 2000
+    exit_timeout_s: int = 30
+    limits: Limits = field(default_factory=Limits)
+
+
+def warm_up(pipeline: Pipeline, faces: FaceAnalyzer | None) -> float:
+    """One short description and one face pass before Triton starts, so `ready` means warm. Returns ms."""
+    import focalrt.data
+
+    t0 = time.perf_counter()
+    image = cv2.imread(str(Path(focalrt.data.__file__).parent / "astronaut.jpg"))
+    h, w = image.shape[:2]
+    pipeline.describe_views([(image, [(w // 4, h // 4, w // 2, h // 2)], None)], max_new_tokens=2)
+    if faces is not None:
+        faces.analyze(image)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def serve(pipeline: Pipeline, faces: FaceAnalyzer | None, options: ServeOptions,
+          on_ready: Callable[[Any], None] | None = None, stop: threading.Event | None = None) -> BatchStats:
+    """Bind `describe` (and `faces` when the bundle has face models) and serve until Triton stops.
+
+    `stop` set from another thread (the SIGTERM handler) stops Triton, which first stops taking requests and
+    waits for the ones in flight (up to exit_timeout_s), then the call returns.
+    """
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(http_address=options.host, grpc_address=options.host, metrics_address=options.host,
+                          http_port=options.http_port, grpc_port=options.grpc_port,
+                          metrics_port=options.metrics_port, allow_metrics=True, allow_cpu_metrics=True,
+                          allow_gpu_metrics=pipeline.device == "cuda", strict_readiness=True,
+                          exit_timeout_secs=options.exit_timeout_s, allow_sagemaker=False, allow_vertex_ai=False)
+    lock, face_lock = threading.Lock(), threading.Lock()
+    describe = DescribeModel(pipeline, faces, options.limits, lock, face_lock)
+    batcher = DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us)
+    triton = Triton(config=config)
+    try:
+        inputs, outputs = describe_tensors()
+        triton.bind("describe", describe, inputs=inputs, outputs=outputs,
+                    config=ModelConfig(max_batch_size=options.max_batch, batcher=batcher), strict=True)
+        if faces is not None:
+            inputs, outputs = faces_tensors()
+            triton.bind("faces", FacesModel(faces, options.limits, face_lock), inputs=inputs, outputs=outputs,
+                        config=ModelConfig(max_batch_size=options.max_batch, batcher=batcher), strict=True)
+        triton.run()  # returns once the server is up and the models are loaded (ready)
+        if on_ready is not None:
+            on_ready(triton)
+        stop = stop or threading.Event()
+        while triton.is_alive() and not stop.wait(0.5):
+            pass
+    finally:
+        triton.stop()  # SIGINT to tritonserver: no new requests, in-flight ones finish (exit_timeout_s)
+    return describe.stats
