@@ -63,7 +63,7 @@ def frames_dir(tmp_path_factory, astronaut_bgr) -> Path:
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, tiny_bundle, frames_dir) -> Path:
     # The gate thresholds stay as they were. With onnxruntime 1.32's quantizer the tiny random decoder needs
-    # 8 of its 33 quantized nodes kept in float to reach 0.98 (1.31 needed 4), above the default 25% cap.
+    # 8 nodes per component kept in float to reach 0.98 (1.31 needed 4), above the default 25% cap.
     out = tmp_path_factory.mktemp("int8") / "bundle"
     code = run_cli(["calibrate", str(tiny_bundle), "--data", str(frames_dir), "--precision", "int8", "--out", str(out),
                     "--samples", "6", "--holdout", "3", "--max-new-tokens", "8", "--quiet", *TINY_GATE,
