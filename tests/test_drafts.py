@@ -247,3 +247,53 @@ def test_smollm2_greedy_identical_with_drafts(request):
         got = run(p, [row], 40, stop_ids=p.stop_ids, draft=[hook], max_context=p.max_context)
         assert got.tokens == plain.tokens
         answers.append(plain.tokens[0])
+
+
+# ---------------------------------------------------------------- run, describe and bench with --draft
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, astronaut_bgr):
+    from focalrt.demo import pan_zoom_frames, write_clip
+
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", pan_zoom_frames(astronaut_bgr, 4))
+
+
+def test_run_keeps_a_history_per_face_and_region(tiny_bundle, clip, pipe):
+    from focalrt.runtime.run import RegionRunner, iter_events
+    from focalrt.runtime.sources import open_source
+
+    texts = {}
+    for mode in ("off", "temporal"):
+        runner = RegionRunner(pipe, regions="mouth,left_eye", max_new_tokens=6, draft=mode)
+        with open_source(str(clip)) as frames:
+            texts[mode] = [(e["face_id"], e["region"], e["text"]) for e in iter_events(runner, frames)]
+        if mode == "temporal":
+            assert set(runner.drafts.states) == {(1, "mouth"), (1, "left_eye")}
+            assert runner.drafts.stats()["proposed"] > 0
+    assert texts["temporal"] == texts["off"] and len(texts["off"]) == 8
+
+
+def test_describe_and_bench_take_draft(tiny_bundle, capsys, tmp_path):
+    import json
+
+    from focalrt import cli
+    from focalrt.data import __file__ as data_init  # noqa: F401  (the packaged astronaut photo lives there)
+
+    image = str(__import__("pathlib").Path(data_init).parent / "astronaut.jpg")
+    out = {}
+    for mode in ("off", "prompt"):
+        assert cli.main(["describe", str(tiny_bundle), "--image", image, "--box", "170,80,280,200",
+                         "--max-new-tokens", "6", "--json", "--draft", mode]) == 0
+        out[mode] = json.loads(capsys.readouterr().out)
+    assert out["prompt"]["token_ids"] == out["off"]["token_ids"]
+    json_path = tmp_path / "bench.json"
+    # A still image: each frame's description repeats the last, so the drafts are proposed and accepted.
+    assert cli.main(["bench", str(tiny_bundle), "--source", image, "--regions", "mouth", "--runs", "2",
+                     "--warmup", "1", "--max-new-tokens", "6", "--contexts", "16", "--context-steps", "2",
+                     "--region-counts", "1", "--face-counts", "1", "--scaling-runs", "1", "--scaling-tokens", "2",
+                     "--draft", "temporal", "--json", str(json_path)]) == 0
+    report = capsys.readouterr().out
+    assert "draft acceptance" in report and "draft tokens accepted / proposed" in report
+    drafts = json.loads(json_path.read_text())["drafts"]
+    assert drafts["mode"] == "temporal" and drafts["accepted"] == drafts["proposed"] > 0

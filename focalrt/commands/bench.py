@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
+
 
 def int_list(text: str) -> list[int]:
     try:
@@ -38,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--scaling-tokens", type=int, default=16, help="tokens per region in the scaling curves")
     p.add_argument("--provider", default=None, help="cpu, cuda or tensorrt (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     p.add_argument("--json", dest="json_out", help="write every figure and the environment here")
     p.add_argument("--plot", help="write a PNG with stage bars, latency CDF, context and region scaling")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print the ratios B/A and exit")
@@ -61,7 +64,8 @@ def run(args) -> int:
                         boxes=[parse_box(b) for b in args.box], contexts=int_list(args.contexts),
                         context_steps=args.context_steps, region_counts=int_list(args.region_counts),
                         face_counts=int_list(args.face_counts), scaling_runs=args.scaling_runs,
-                        scaling_tokens=args.scaling_tokens, provider=args.provider, threads=args.threads)
+                        scaling_tokens=args.scaling_tokens, provider=args.provider, threads=args.threads,
+                        draft=args.draft)
     result = run_bench(args.bundle, args.source, settings)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")

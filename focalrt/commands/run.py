@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="describe face regions in a camera, stream, video, folder or image")
@@ -31,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--show", action="store_true", help="live window (needs a display and GUI OpenCV)")
     p.add_argument("--provider", default=None, help="cpu, cuda or tensorrt (default: best available)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     p.set_defaults(func=run)
 
 
@@ -48,7 +51,7 @@ def run(args) -> int:
     pipeline = Pipeline.from_bundle(args.bundle, provider=args.provider)
     runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                           min_interval_s=args.min_interval, change_threshold=args.change_threshold,
-                          prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+                          prompt=args.prompt, max_new_tokens=args.max_new_tokens, draft=args.draft)
     source = open_source(args.source, every=args.every)
     jsonl = JsonlSink(args.out) if args.out else None
     video = None
@@ -106,6 +109,6 @@ def run(args) -> int:
             video.close()
         if show:
             show.close()
-    summary = {**runner.stats.as_dict(), "source": source.stats}
+    summary = {**runner.stats.as_dict(), "source": source.stats, "drafts": runner.drafts.stats()}
     print(("\n" if not args.quiet else "") + "summary " + json.dumps(summary), file=sys.stderr)
     return code

@@ -509,8 +509,8 @@ def decode(model: TextModel, cache: PromptCache, first_logits: np.ndarray, delta
             still = []
             for slot, token in zip(choosing, (int(t) for t in sampled), strict=True):
                 row, m = rows[slot], drafts[slot].size
-                agree = pos < m and token == drafts[slot][pos]
-                agreed[slot], judged[slot] = agreed[slot] + agree, min(m, pos + 1)
+                agree = pos < m and token == int(drafts[slot][pos])
+                agreed[slot], judged[slot] = agreed[slot] + int(agree), min(m, pos + 1)
                 if token in stop_ids:
                     finish[row], done[row] = "stop", True
                     continue
