@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -333,6 +334,10 @@ class Pipeline:
             positions, delta = self.adapter.positions(region.prompt.token_ids)
             rows.append(Row(region.prompt.token_ids, positions, delta, region.prompt.prefix_len,
                             encoded[id(region.view)][0], id(region.view), self.image_token_id))
+        if drafts is not None and drafts.mode != "off" and self.model.names.logits_to_keep is None:
+            warnings.warn("this bundle's decoder returns the last token's logits only, so drafts cannot be "
+                          "verified; decoding without them (re-export the bundle to use --draft)", stacklevel=2)
+            drafts.mode = "off"
         hooks = ([drafts.drafter(key, region.prompt.token_ids) for key, region in zip(keys, planned, strict=True)]
                  if drafts is not None and drafts.mode != "off" else None)
         out = generate(self.model, self.cache, rows, max_new_tokens, self.stop_ids, sampler, processors, on_token,
