@@ -48,6 +48,7 @@ class Settings:
     provider: str | None = None
     threads: int | None = None
     seed: int = 0
+    draft: str = "off"  # draft decoding mode (runtime/drafts.py)
 
     def check(self) -> None:
         if self.runs < 1 or self.warmup < 0:
@@ -207,7 +208,7 @@ class Bench:
         from focalrt.runtime.run import RegionRunner
 
         return RegionRunner(self.pipe, regions=regions or None, boxes=boxes or None,
-                            max_new_tokens=max_new_tokens, faces=self.analyzer)
+                            max_new_tokens=max_new_tokens, faces=self.analyzer, draft=self.settings.draft)
 
     def process_frame(self, runner, frame, samples: dict[str, list[float]]) -> dict[str, Any]:
         """One frame through RegionRunner, its stage timings added to `samples`.
@@ -241,6 +242,7 @@ class Bench:
                 if not batched or i == 0:
                     samples["decode_step"].extend(t["decode_steps"])
                     samples.setdefault("_decode_ms", []).append(t["decode"])
+                    samples.setdefault("_decode_calls", []).append(t["decode_calls"])
                 samples["region_end_to_end"].append(t["total"])
                 samples["detokenize"].append(detokenize_ms(self.pipe.tokenizer, d.token_ids))
         if described:  # frame in hand -> first token of its first region
@@ -304,6 +306,7 @@ def measure_frames(bench: Bench, frames: list[Any]) -> dict[str, Any]:
     tokens = samples.pop("_tokens", [])
     prompt_tokens = samples.pop("_prompt_tokens", [])
     decode_ms = samples.pop("_decode_ms", [])
+    decode_calls = samples.pop("_decode_calls", [])
     stages = {k: (summarize(v, st.warmup) if v else None) for k, v in samples.items()}
     frame_p50 = stages["frame_end_to_end"]["p50_ms"]
     regions_per_frame = float(np.mean([f["regions"] for f in per_frame]))
@@ -323,8 +326,10 @@ def measure_frames(bench: Bench, frames: list[Any]) -> dict[str, Any]:
         "prompt_tokens": int(np.median(prompt_tokens)),
         "regions_per_frame": regions_per_frame,
         "faces_per_frame": float(np.mean([f["faces"] for f in per_frame])),
+        "decode_steps_per_call": float(np.mean(decode_calls)) if decode_calls else None,
     }
     return {"stages": stages, "throughput": throughput, "regions": regions, "boxes": [list(b) for b in boxes],
+            "drafts": runner.drafts.stats(),  # over warm-up and timed frames
             "samples_ms": {k: samples[k] for k in ("decode_step", "prefill", "vision", "region_end_to_end",
                                                    "frame_end_to_end", "face_detect")}}
 

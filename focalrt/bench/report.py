@@ -59,6 +59,9 @@ def bench_report(result: dict[str, Any]) -> str:
          else "n/a (weights fit in cache)"],
         ["tokens per region (mean)", t["tokens_per_region"]],
         ["prompt tokens", t["prompt_tokens"]],
+        ["decode steps per describe call (mean)", t.get("decode_steps_per_call")],
+        *([["draft mode", dr["mode"]], ["draft tokens accepted / proposed", f"{dr['accepted']} / {dr['proposed']}"],
+           ["draft acceptance", dr["acceptance"]]] if (dr := result.get("drafts")) and dr["mode"] != "off" else []),
     ]), ""]
     sc = result["scaling"]
     if sc["context"]:

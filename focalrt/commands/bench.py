@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_int, positive_int
+from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def int_list(text: str) -> list[int]:
@@ -47,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--scaling-tokens", type=positive_int, default=16, help="tokens per region in the scaling curves")
     add_provider(p)
     add_threads(p)
+    p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     p.add_argument("--json", dest="json_out", help="write every figure and the environment here")
     p.add_argument("--plot", help="write a PNG with stage bars, latency CDF, context and region scaling "
                                   "(needs the [bench] extra: matplotlib)")
@@ -91,7 +93,8 @@ def _bench(args) -> int:
                         boxes=[parse_box(b) for b in args.box], contexts=args.contexts,
                         context_steps=args.context_steps, region_counts=args.region_counts,
                         face_counts=args.face_counts, scaling_runs=args.scaling_runs,
-                        scaling_tokens=args.scaling_tokens, provider=args.provider, threads=args.threads)
+                        scaling_tokens=args.scaling_tokens, provider=args.provider, threads=args.threads,
+                        draft=args.draft)
     warn_if_random(args.bundle)
     progress = None if args.quiet else (lambda line: print(f"focalrt bench: {line}", file=sys.stderr, flush=True))
     result = run_bench(args.bundle, args.source, settings, progress=progress)

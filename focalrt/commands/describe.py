@@ -18,6 +18,7 @@ from focalrt.commands.args import (
     positive_int,
     probability,
 )
+from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def register(sub) -> None:
@@ -39,11 +40,13 @@ def register(sub) -> None:
     add_provider(p)
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
+    from focalrt.runtime.drafts import Drafts
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
 
@@ -53,7 +56,7 @@ def run(args) -> int:
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     d = pipe.describe(args.image, box=box, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      on_text=stream)
+                      on_text=stream, drafts=Drafts(args.draft))
     if args.json:
         print(json.dumps(d.to_json()))
     else:

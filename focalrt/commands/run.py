@@ -13,6 +13,7 @@ import signal
 import sys
 
 from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_float, positive_int, unlimited_int
+from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def signature_distance(text: str) -> float:
@@ -67,6 +68,7 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true",
                    help="no progress line; without --out, print only fresh events")
     p.add_argument("--server", help="describe on a `focalrt serve` at this URL (http://HOST:8000); faces stay local")
+    p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     p.set_defaults(func=run)
 
 
@@ -102,7 +104,7 @@ def run(args) -> int:
         runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                               min_interval_s=args.min_interval, change_threshold=args.change_threshold,
                               prompt=args.prompt, max_new_tokens=args.max_new_tokens, state=state,
-                              state_every=max(1, args.state_every))
+                              state_every=max(1, args.state_every), draft=args.draft)
         source = open_source(args.source, every=args.every, loop=args.loop)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None
@@ -188,7 +190,7 @@ def run(args) -> int:
             code = 4
         for lock in locks:  # a video that never got a frame is not left behind as an empty file
             lock.release(remove_if_new_and_empty=lock.flag == "--write-video" and video is None)
-    summary = {**runner.stats.as_dict(), "source": source.stats}
+    summary = {**runner.stats.as_dict(), "source": source.stats, "drafts": runner.drafts.stats()}
     progress.end()
     print("summary " + json.dumps(summary), file=sys.stderr)
     bad = {k: source.stats[k] for k in ("corrupt_frames", "frames_missing") if source.stats.get(k)}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -305,7 +305,8 @@ def decode_one_token(model: TextModel, cache: PromptCache, token_ids: np.ndarray
     return model.forward(embeds, step_positions(model, cache, delta), cache, 1, step=step)[:, 0, :]
 
 
-def verify(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: np.ndarray) -> np.ndarray:
+def verify(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: np.ndarray,
+           step: int = 0) -> np.ndarray:
     """Feed k tokens per row ([B, k]) at each row's next positions; logits after each of them, [B, k, V].
 
     `logits[:, i]` equals what `decode_one_token` would return after feeding tokens 0..i one at a time.
@@ -321,7 +322,8 @@ def verify(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: n
     for row in range(cache.batch):
         view = cache.view(row, row + 1)
         embeds = model.embed_tokens(token_ids[row:row + 1])
-        out.append(model.forward(embeds, step_positions(model, view, delta[row:row + 1], k), view, k, keep=k)[0])
+        out.append(model.forward(embeds, step_positions(model, view, delta[row:row + 1], k), view, k, keep=k,
+                                 step=step)[0])
     return np.stack(out)
 
 
@@ -374,6 +376,18 @@ LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens so f
 TokenCallback = Callable[[int, int], None]  # (row, token id), for every emitted token (stop tokens excluded)
 
 
+class DraftHook(Protocol):
+    """Proposes tokens for `decode` to verify (drafts.Drafter is one); hears how many were accepted."""
+
+    def propose(self, generated: np.ndarray, limit: int) -> np.ndarray:
+        """Up to `limit` token ids to follow `generated` (the row's emitted ids so far)."""
+        ...
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        """Of the `proposed` draft tokens the verifier judged, `accepted` were the model's own."""
+        ...
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -399,7 +413,9 @@ class Generation:
     logits: list[list[np.ndarray]] | None  # raw model logits of every sampled step (stop step included)
     prefill_ms: list[float]
     decode_ms: float
-    step_ms: list[float]  # one entry per decoder step after prefill
+    step_ms: list[float]  # one entry per decoder step after prefill (a step may feed several tokens per row)
+    drafted: list[int] = field(default_factory=list)  # per row: draft tokens the verifier judged
+    accepted: list[int] = field(default_factory=list)  # per row: of which the model agreed with
 
 
 def prefill_rows(model: TextModel, cache: PromptCache, rows: Sequence[Row],
@@ -440,50 +456,83 @@ def prefill_rows(model: TextModel, cache: PromptCache, rows: Sequence[Row],
 def decode(model: TextModel, cache: PromptCache, first_logits: np.ndarray, delta: np.ndarray,
            max_new_tokens: int, stop_ids: set[int], sampler: SamplerFn,
            logits_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
-           on_token: TokenCallback | None = None, keep_logits: bool = False) -> Generation:
-    """Decode every row of `cache` together, one token per row per step, until each stops or hits a limit.
+           on_token: TokenCallback | None = None, keep_logits: bool = False,
+           draft: Sequence[DraftHook | None] | None = None) -> Generation:
+    """Decode every row of `cache` together until each stops or hits a limit; drafts only change speed.
 
-    Per step: keep the raw logits (if asked), let each row's processors rewrite its logits, sample, emit
-    (`on_token`), then feed the new tokens. A row stops on a stop token (not emitted), at
-    `max_new_tokens`, or when the context is full. On host buffers the rows still running are compacted
-    into the front slots, so each step binds only live sequences; device buffers keep finished rows in
-    place and ignore their output.
+    Each step has three parts.
+    1. Choose. Every live row holds logits for each position it was fed: one without a draft, 1 + m
+       after its next token and m drafted ones. Position by position (the rows still choosing sampled
+       together): keep the raw logits (if asked), let the row's processors rewrite them, sample, emit
+       (`on_token`). A sampled token equal to the drafted one is accepted and the row moves on to the
+       next position's logits; otherwise (or after the last drafted token) it is the row's next token to
+       feed, and the cache is trimmed past the rejected drafts. So processors and sampler see exactly
+       the calls plain decoding makes (accepted tokens only, in order), and the output is the same:
+       with a greedy sampler token for token, with a random one in distribution (accepting a drafted
+       token exactly when a sample equals it is the speculative rule min(1, p/q) for a one-token draft).
+       A row stops on a stop token (not emitted), at `max_new_tokens`, or when the context is full.
+    2. Draft. Each live row's `draft` hook may propose up to what still fits (tokens and context).
+    3. Feed. Without drafts, one batched call of one token per row. With any draft, one `verify` call
+       per row over [next token + its draft] (ONNX Runtime's GroupQueryAttention takes several new tokens
+       over a past only one row at a time, so rows of different draft lengths need no padding).
+    On host buffers the rows still running are compacted into the front slots, so each step binds only
+    live sequences; device buffers keep finished rows in place and ignore their output.
     """
     n = cache.batch
     tokens: list[list[int]] = [[] for _ in range(n)]
     kept: list[list[np.ndarray]] | None = [[] for _ in range(n)] if keep_logits else None
     finish = ["length"] * n
     done = [False] * n
+    drafted, accepted = [0] * n, [0] * n
     rows = list(range(n))  # rows[slot] = the sequence held in that slot
-    view, delta, logits = cache, np.asarray(delta, np.int64).copy(), first_logits
+    view, delta = cache, np.asarray(delta, np.int64).copy()
+    fed_logits = [first_logits[slot:slot + 1] for slot in range(n)]  # per slot: [positions fed, V]
+    drafts = [np.zeros(0, np.int64)] * n  # per slot: the drafted tokens fed after its next token
+    next_ids = np.zeros(n, np.int64)  # per slot: the token to feed next
+    batched = draft is None  # the last feed bound every row in one call (then the longest row bounds all)
     step_ms: list[float] = []
     t_start = time.perf_counter()
-    for step in range(max_new_tokens):
+    for step in range(1, max_new_tokens + 1):  # every step emits at least one token per live row
         t0 = time.perf_counter()
+        # 1. Choose, position by position; a row leaves `choosing` at its first token that is not its draft's.
+        choosing, pos = [slot for slot, row in enumerate(rows) if not done[row]], 0
+        agreed, judged = [0] * len(rows), [0] * len(rows)  # per slot: draft tokens matched, and looked at
+        while choosing:
+            for slot in choosing:
+                row, logits = rows[slot], fed_logits[slot][pos]
+                if kept is not None:
+                    kept[row].append(logits.copy())
+                for process in (logits_processors[row] if logits_processors else ()):
+                    logits = process(np.asarray(tokens[row], np.int64), logits)
+                fed_logits[slot][pos] = logits
+            sampled = sampler(np.stack([fed_logits[slot][pos] for slot in choosing]))
+            still = []
+            for slot, token in zip(choosing, (int(t) for t in sampled), strict=True):
+                row, m = rows[slot], drafts[slot].size
+                agree = pos < m and token == int(drafts[slot][pos])
+                agreed[slot], judged[slot] = agreed[slot] + int(agree), min(m, pos + 1)
+                if token in stop_ids:
+                    finish[row], done[row] = "stop", True
+                    continue
+                tokens[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+                # Where this token would be written: after the row's accepted tokens (or the longest bound row).
+                at = int(view.lengths.max()) if batched else int(view.lengths[slot]) - (m - pos)
+                if len(tokens[row]) >= max_new_tokens or at >= cache.max_context:
+                    done[row] = True
+                elif agree:
+                    still.append(slot)
+                else:
+                    next_ids[slot] = token
+                    view.trim(m - pos, rows=[slot])
+            choosing, pos = still, pos + 1
         for slot, row in enumerate(rows):
-            if done[row]:
-                continue
-            if kept is not None:
-                kept[row].append(logits[slot].copy())
-            for process in (logits_processors[row] if logits_processors else ()):
-                logits[slot] = process(np.asarray(tokens[row], np.int64), logits[slot])
-        next_ids = sampler(logits)
-        live = []
-        for slot, row in enumerate(rows):
-            if done[row]:
-                continue
-            token = int(next_ids[slot])
-            if token in stop_ids:
-                finish[row], done[row] = "stop", True
-                continue
-            tokens[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-            # Every bound row is written at its next position, so the longest one bounds the batch.
-            if step == max_new_tokens - 1 or int(view.lengths.max()) >= cache.max_context:
-                done[row] = True
-                continue
-            live.append(slot)
+            if judged[slot]:
+                drafted[row] += judged[slot]
+                accepted[row] += agreed[slot]
+                draft[row].feedback(judged[slot], agreed[slot])
+        live = [slot for slot, row in enumerate(rows) if not done[row]]
         if not live:
             break
         if cache.on_host and len(live) < len(rows):
@@ -492,16 +541,33 @@ def decode(model: TextModel, cache: PromptCache, first_logits: np.ndarray, delta
                     view.copy_rows(old_slot, new_slot, int(view.lengths[old_slot]))
             rows, next_ids, delta = [rows[s] for s in live], next_ids[live], delta[live]
             view = cache.view(0, len(live))
-        logits = decode_one_token(model, view, next_ids, delta, step=step + 1)
+        # 2. Draft: what each live row's hook proposes, within its token and context limits.
+        drafts = [np.zeros(0, np.int64)] * len(rows)
+        for slot, row in enumerate(rows):
+            if draft is not None and draft[row] is not None and not done[row]:
+                limit = min(max_new_tokens - len(tokens[row]), cache.max_context - int(view.lengths[slot]) - 1)
+                if limit > 0:
+                    drafts[slot] = np.asarray(draft[row].propose(np.asarray(tokens[row], np.int64), limit),
+                                              np.int64)[:limit]
+        # 3. Feed: one call for all rows, or one verify call per live row over [next token + draft].
+        batched = not any(d.size for d in drafts) and (cache.on_host or len(live) == len(rows))
+        if batched:
+            logits = decode_one_token(model, view, next_ids[:len(rows)], delta, step=step)
+            fed_logits = [logits[slot:slot + 1] for slot in range(len(rows))]
+        else:
+            fed_logits = [verify(model, view.view(slot, slot + 1), np.concatenate([next_ids[slot:slot + 1],
+                                 drafts[slot]])[None], delta[slot:slot + 1], step=step)[0]
+                          if not done[row] else None for slot, row in enumerate(rows)]
         step_ms.append((time.perf_counter() - t0) * 1e3)
-    return Generation(tokens, finish, kept, [], (time.perf_counter() - t_start) * 1e3, step_ms)
+    return Generation(tokens, finish, kept, [], (time.perf_counter() - t_start) * 1e3, step_ms, drafted, accepted)
 
 
 def generate(model: TextModel, cache: PromptCache, rows: Sequence[Row], max_new_tokens: int, stop_ids: set[int],
              sampler: SamplerFn, logits_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
              on_token: TokenCallback | None = None, keep_logits: bool = False,
-             share_prefix: bool = True) -> Generation:
-    """Prefill `rows` into the first len(rows) slots of `cache`, then decode them together."""
+             share_prefix: bool = True, draft: Sequence[DraftHook | None] | None = None) -> Generation:
+    """Prefill `rows` into the first len(rows) slots of `cache`, then decode them together (drafting per row
+    through `draft`, see `decode`)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if cache.batch < len(rows):
@@ -509,12 +575,14 @@ def generate(model: TextModel, cache: PromptCache, rows: Sequence[Row], max_new_
     if logits_processors is not None and len(logits_processors) != len(rows):
         raise ValueError(f"logits_processors has {len(logits_processors)} entries for {len(rows)} rows; "
                          f"give one list of processors per row")
+    if draft is not None and len(draft) != len(rows):
+        raise ValueError(f"draft has {len(draft)} entries for {len(rows)} rows; give one hook (or None) per row")
     view = cache.view(0, len(rows))
     view.lengths[:] = 0
     first, prefill_ms = prefill_rows(model, view, rows, share_prefix)
     delta = np.array([r.delta for r in rows], np.int64)
     out = decode(model, view, first, delta, max_new_tokens, stop_ids, sampler, logits_processors, on_token,
-                 keep_logits)
+                 keep_logits, draft)
     out.prefill_ms = prefill_ms
     return out
 

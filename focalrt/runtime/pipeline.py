@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 
 from focalrt.bundle import Bundle, BundleError, load
 from focalrt.runtime import prompt as prompts
+from focalrt.runtime.drafts import Drafts
 from focalrt.runtime.families import adapter_for
 from focalrt.runtime.generate import (
     LogitsProcessor,
@@ -224,13 +226,15 @@ class Pipeline:
                  on_text: Callable[[str], None] | None = None, return_logits: bool = False,
                  landmarks68: np.ndarray | None = None, sampler: SamplerFn | None = None,
                  logits_processors: list[LogitsProcessor] | None = None,
-                 on_token: Callable[[int], None] | None = None, **sampling: Any) -> Description:
+                 on_token: Callable[[int], None] | None = None, drafts: Drafts | None = None,
+                 draft_key: Any = None, **sampling: Any) -> Description:
         """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box.
 
         A batch of one through the same loop as `describe_views`; the whole prompt is prefilled in one
         call. `options` (or the keywords max_new_tokens, temperature, top_k, top_p, seed) say how to
         sample; `sampler` replaces the sampler they build; `logits_processors` rewrite the logits before
-        each sampling step; `on_text` streams text and `on_token` token ids.
+        each sampling step; `on_text` streams text and `on_token` token ids. `drafts` proposes draft
+        tokens (from `draft_key`'s last description, or the prompt): same output, fewer decoder calls.
         """
         stream = TextStream(self.tokenizer) if on_text else None
 
@@ -242,7 +246,7 @@ class Pipeline:
 
         return self._describe([(image, box, landmarks68)], prompt, self.options(options, **sampling), sampler=sampler,
                               processors=[logits_processors or []], on_token=emit, return_logits=return_logits,
-                              share_prefix=False)[0]
+                              share_prefix=False, drafts=drafts, draft_keys=[draft_key])[0]
 
     def describe_regions(self, image: np.ndarray | str | os.PathLike, boxes: list[tuple[int, int, int, int] | None],
                          prompt: str | None = None, options: GenerationOptions | None = None, *,
@@ -256,15 +260,18 @@ class Pipeline:
         return self.describe_views([ImageRegions(image, boxes, landmarks68)], prompt, options, **sampling)[0]
 
     def describe_views(self, views: list[ImageRegions], prompt: str | None = None,
-                       options: GenerationOptions | None = None, **sampling: Any) -> list[list[Description]]:
+                       options: GenerationOptions | None = None, *, drafts: Drafts | None = None,
+                       draft_keys: list[list[Any]] | None = None, **sampling: Any) -> list[list[Description]]:
         """Several images (e.g. one crop per face), each with its regions and landmarks, in one batch.
 
         Decode is batched across every region of every image, so three faces with three regions each
         share each decode step. Plain (image, boxes, landmarks68) tuples work as well. Returns one list of
-        descriptions per image, in order.
+        descriptions per image, in order. `drafts` with `draft_keys` (one key per box, e.g. (face id,
+        region)) drafts each region from its last description.
         """
         requests = [(image, box, lm) for image, boxes, lm in views for box in boxes]
-        flat = self._describe(requests, prompt, self.options(options, **sampling))
+        keys = [key for per_view in draft_keys for key in per_view] if draft_keys else None
+        flat = self._describe(requests, prompt, self.options(options, **sampling), drafts=drafts, draft_keys=keys)
         out, i = [], 0
         for _, boxes, _ in views:
             out.append(flat[i:i + len(boxes)])
@@ -290,7 +297,8 @@ class Pipeline:
     def _describe(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt: str | None,
                   options: GenerationOptions, sampler: SamplerFn | None = None,
                   processors: list[list[LogitsProcessor]] | None = None, on_token: TokenCallback | None = None,
-                  return_logits: bool = False, share_prefix: bool = True) -> list[Description]:
+                  return_logits: bool = False, share_prefix: bool = True, drafts: Drafts | None = None,
+                  draft_keys: list[Any] | None = None) -> list[Description]:
         t_start = time.perf_counter()
         if options.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {options.max_new_tokens}")
@@ -306,15 +314,16 @@ class Pipeline:
         results: list[Description] = []
         for i in range(0, len(planned), self.max_batch):
             chunk = slice(i, i + self.max_batch)
+            keys = draft_keys[chunk] if draft_keys else [None] * len(planned[chunk])
             results += self._generate(planned[chunk], encoded, options.max_new_tokens, sampler,
                                       processors[chunk] if processors else None, on_token, return_logits,
-                                      share_prefix, prep_ms if i == 0 else 0.0)
+                                      share_prefix, prep_ms if i == 0 else 0.0, drafts, keys)
         return results
 
     def _generate(self, planned: list[PlannedRegion], encoded: dict[int, tuple[ort.OrtValue, float]],
                   max_new_tokens: int, sampler: SamplerFn, processors: list[list[LogitsProcessor]] | None,
                   on_token: TokenCallback | None, return_logits: bool, share_prefix: bool,
-                  prep_ms: float) -> list[Description]:
+                  prep_ms: float, drafts: Drafts | None = None, keys: list[Any] | None = None) -> list[Description]:
         """One batch through `generate.generate`, and a Description per row with its timings."""
         t0 = time.perf_counter()
         n = len(planned)
@@ -325,8 +334,17 @@ class Pipeline:
             positions, delta = self.adapter.positions(region.prompt.token_ids)
             rows.append(Row(region.prompt.token_ids, positions, delta, region.prompt.prefix_len,
                             encoded[id(region.view)][0], id(region.view), self.image_token_id))
+        if drafts is not None and drafts.mode != "off" and self.model.names.logits_to_keep is None:
+            warnings.warn("this bundle's decoder returns the last token's logits only, so drafts cannot be "
+                          "verified; decoding without them (re-export the bundle to use --draft)", stacklevel=2)
+            drafts.mode = "off"
+        hooks = ([drafts.drafter(key, region.prompt.token_ids) for key, region in zip(keys, planned, strict=True)]
+                 if drafts is not None and drafts.mode != "off" else None)
         out = generate(self.model, self.cache, rows, max_new_tokens, self.stop_ids, sampler, processors, on_token,
-                       return_logits, share_prefix)
+                       return_logits, share_prefix, hooks)
+        if drafts is not None:
+            for key, tokens in zip(keys, out.tokens, strict=True):
+                drafts.remember(key, tokens)
         t_decode = time.perf_counter() - out.decode_ms / 1e3  # when the first token was chosen
         results = []
         seen_views: set[int] = set()
@@ -336,6 +354,8 @@ class Pipeline:
             shared = prep_ms if row == 0 else 0.0
             timings = {"preprocess_and_vision": round(vision_ms, 3), "prefill": round(out.prefill_ms[row], 3),
                        "decode": round(out.decode_ms, 3), "decode_steps": [round(x, 3) for x in out.step_ms],
+                       "decode_calls": len(out.step_ms),
+                       **({"draft_proposed": out.drafted[row], "draft_accepted": out.accepted[row]} if hooks else {}),
                        "ttft": round(shared + vision_ms + (t_decode - t0) * 1e3, 3),
                        "total": round(shared + vision_ms + (time.perf_counter() - t0) * 1e3, 3), "batch": n}
             results.append(Description(text=self.tokenizer.decode(out.tokens[row], skip_special_tokens=True),

@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from focalrt.runtime.drafts import Drafts
 from focalrt.runtime.face_state import FaceStateEstimator
 from focalrt.runtime.faces import FaceAnalyzer
 from focalrt.runtime.landmarks68 import to_68
@@ -107,7 +108,7 @@ class RegionRunner:
                  min_interval_s: float = 0.0, change_threshold: float | None = None,
                  prompt: str | None = None, max_new_tokens: int | None = None,
                  faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
-                 state_every: int = 1):
+                 state_every: int = 1, draft: str = "off"):
         self.pipeline = pipeline
         self.regions = parse_regions(regions) if isinstance(regions, str) else list(regions or [])
         if isinstance(regions, list):
@@ -132,6 +133,7 @@ class RegionRunner:
         self.max_new_tokens = max_new_tokens
         self.options = GenerationOptions(max_new_tokens=max_new_tokens)
         self.stats = RunStats()
+        self.drafts = Drafts(draft)  # "temporal": each (face id, region) drafts from its last description
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
         """Events for one frame: one per (face, region), fresh or carried over from an earlier frame.
@@ -175,6 +177,7 @@ class RegionRunner:
         ids = self.tracker.update([det.box for det, _ in found])
         for gone in self.tracker.retired:
             self.scheduler.forget_face(gone)
+            self.drafts.forget_face(gone)
         if not found:
             self.stats.frames_without_face += 1
             return [], []
@@ -223,7 +226,10 @@ class RegionRunner:
             plan.append((view, decided))
         batch = [ImageRegions(view.image, [d.job.view_box for d in decided if d.due], view.landmarks68)
                  for view, decided in plan if any(d.due for d in decided)]
-        described = iter(self.pipeline.describe_views(batch, self.prompt, self.options) if batch else [])
+        keys = [[(view.face_id, d.job.name) for d in decided if d.due] for view, decided in plan
+                if any(d.due for d in decided)]
+        described = iter(self.pipeline.describe_views(batch, self.prompt, self.options, drafts=self.drafts,
+                                                      draft_keys=keys) if batch else [])
         events = []
         for view, decided in plan:
             face_id = view.face_id
