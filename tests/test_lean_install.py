@@ -146,7 +146,8 @@ def test_device_commands_run_with_core_dependencies_only(guard, tiny_bundle, tmp
     out = lean_cli(guard, "run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth",
                    "--max-new-tokens", "2", "--out", str(events))
     assert out.returncode == 0, out.stderr
-    assert [json.loads(line)["region"] for line in events.read_text().splitlines()] == ["mouth", "mouth"]
+    described = [e for e in map(json.loads, events.read_text().splitlines()) if e["type"] == "description"]
+    assert [e["region"] for e in described] == ["mouth", "mouth"]
 
     out = lean_cli(guard, "doctor", str(tiny_bundle), "--json", "--no-cameras")
     assert out.returncode == 0, out.stderr

@@ -25,7 +25,7 @@ def _run(*args):
 
 
 def test_jsonl_has_typed_state_and_description_events(tiny_bundle, clip, tmp_path):
-    events_path, video = tmp_path / "e.jsonl", tmp_path / "out.mp4"
+    events_path, video = tmp_path / "e.jsonl", tmp_path / "out.avi"
     out = _run(tiny_bundle, "--source", clip, "--regions", "mouth", "--out", events_path, "--max-new-tokens", "2",
                "--state-every", "2", "--write-video", video)
     assert out.returncode == 0, out.stderr

@@ -111,7 +111,8 @@ def run(args) -> int:
         if mcap_out or args.foxglove is not None:
             from focalrt.runtime.robotics import FoxgloveSink
 
-            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host)
+            # claim_outputs already refused an existing --out without --overwrite and locked (created) the file
+            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True)
             if robot.port is not None:
                 print(f"Foxglove WebSocket on ws://{args.host}:{robot.port}", file=sys.stderr, flush=True)
         jsonl = JsonlSink(args.out, append=args.append) if args.out and not mcap_out else None

@@ -203,8 +203,13 @@ class RemotePipeline:
     def image_size(self) -> int:
         return self.adapter.image_size
 
-    def describe_views(self, views: list[tuple], prompt: str | None = None, max_new_tokens: int | None = None,
+    def describe_views(self, views: list[tuple], prompt: str | None = None, max_new_tokens: Any = None,
                        **unsupported: Any) -> list[list[Description]]:
+        # RegionRunner passes GenerationOptions; drafts change only how many decoder calls a description takes,
+        # never its tokens, so a server that does not draft gives the same events.
+        max_new_tokens = getattr(max_new_tokens, "max_new_tokens", max_new_tokens)
+        unsupported.pop("drafts", None)
+        unsupported.pop("draft_keys", None)
         if unsupported:
             raise ValueError(f"--server does not pass {sorted(unsupported)} yet")
         requests = [dict(image=image, boxes=[tuple(int(v) for v in b) for b in boxes], prompt=prompt,
