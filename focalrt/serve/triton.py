@@ -141,7 +141,9 @@ class DescribeModel:
         req = group[0][1]
         kwargs = {"schema": req.schema} if req.schema is not None else {}
         with self.lock:
-            return self.pipeline.describe_views(views, req.prompt, max_new_tokens=req.max_new_tokens, **kwargs) if views else []
+            if not views:
+                return []
+            return self.pipeline.describe_views(views, req.prompt, max_new_tokens=req.max_new_tokens, **kwargs)
 
     def _run_group(self, group: list, t_batch: float) -> dict[int, dict[str, np.ndarray]]:
         try:
