@@ -157,13 +157,13 @@ def test_int8_bundle_has_a_signed_copy_for_tensorrt(int8_bundle):
         changed = [x.name for x, y in zip(a.initializer, b.initializer, strict=True) if x != y]
         assert changed and all(n.endswith("zero_point") for n in changed)  # only the encoding differs
 
+        # Compared as written (no graph optimization): bit-identical. ORT's fused x86 int8 kernels are not a
+        # fair referee: without VNNI they saturate signed activations (VPMADDUBSW), so the optimized s8 graph
+        # drifts from the u8 one on some CPUs and not others; the signed copy is for TensorRT, not for them.
         feeds = _feeds(comps[name], rng)
-        for options in (literal, None):
-            ref = ort.InferenceSession(str(plain), options, providers=["CPUExecutionProvider"]).run([output], feeds)[0]
-            got = ort.InferenceSession(str(signed), options, providers=["CPUExecutionProvider"]).run([output], feeds)[0]
-            if options is literal:
-                np.testing.assert_array_equal(got, ref)
-            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+        ref = ort.InferenceSession(str(plain), literal, providers=["CPUExecutionProvider"]).run([output], feeds)[0]
+        got = ort.InferenceSession(str(signed), literal, providers=["CPUExecutionProvider"]).run([output], feeds)[0]
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_tensorrt_copy_shares_the_external_weights(int8_bundle, tmp_path):
@@ -194,9 +194,11 @@ def test_tensorrt_copy_shares_the_external_weights(int8_bundle, tmp_path):
 
     manifest = json.loads((int8_bundle / "manifest.json").read_text())["components"]["decoder"]
     feeds = _feeds(manifest, np.random.default_rng(1))
-    ref = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-    got = ort.InferenceSession(str(copy), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+    literal = ort.SessionOptions()  # as written: see test_int8_bundle_has_a_signed_copy_for_tensorrt
+    literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(plain), literal, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    got = ort.InferenceSession(str(copy), literal, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    np.testing.assert_array_equal(got, ref)
 
     # A graph without uint8 activations (the fp16 embedding) gets no copy, and an outdated one is removed.
     other = tmp_path / "fp16"
