@@ -47,7 +47,7 @@ def bundle_run(bundle: Path, tokens: int, threads: int | None) -> dict:
     compiled = compile_schema("face_state", pipe.tokenizer, vocab, sorted(pipe.stop_ids))
     compile_s = time.perf_counter() - t0
     ids = np.asarray(prompt_ids(bundle, region_prompt_length(bundle)), np.int64)[None]
-    positions = batch_positions(text_positions(ids.shape[1], pipe.sessions.rope_axes), 1)
+    positions = batch_positions(text_positions(ids.shape[1], pipe.model.rope_axes), 1)
     delta = np.zeros(1, np.int64)
     cache = pipe.cache.view(0, 1)
     decode_s: list[float] = []
@@ -57,7 +57,7 @@ def bundle_run(bundle: Path, tokens: int, threads: int | None) -> dict:
         cache.lengths[:] = 0
         processor = compiled.processor()
         history = ids[0].tolist()
-        logits = prefill(pipe.sessions, cache, ids, positions)
+        logits = prefill(pipe.model, cache, ids, positions)
         for _ in range(512):
             s = time.perf_counter()
             masked = processor(history, logits[0])
@@ -67,7 +67,7 @@ def bundle_run(bundle: Path, tokens: int, threads: int | None) -> dict:
                 break
             history.append(token)
             s = time.perf_counter()
-            logits = decode_one_token(pipe.sessions, cache, np.array([token], np.int64), delta)
+            logits = decode_one_token(pipe.model, cache, np.array([token], np.int64), delta)
             decode_s.append(time.perf_counter() - s)
         objects += 1
     decode_ms, mask_ms = _median_ms(decode_s), _median_ms(mask_s)
