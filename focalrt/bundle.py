@@ -19,8 +19,11 @@ from typing import Any
 FORMAT = "focalrt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-FAMILIES = ("qwen2_5_vl", "face_llava")
-REQUIRED_COMPONENTS = ("vision", "embed", "decoder")
+FAMILIES = ("qwen2_5_vl", "face_llava", "text")
+# Every bundle has a token embedding and a decoder. Vision-language families also have a vision encoder;
+# the "text" family (a Llama / Qwen2 causal LM, e.g. from a GGUF) has none, and its `preprocess` is null.
+REQUIRED_COMPONENTS = ("embed", "decoder")
+VISION_FAMILIES = ("qwen2_5_vl", "face_llava")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")  # the one declared manifest schema (JSON Schema 2020-12)
 
 
@@ -36,6 +39,11 @@ class Bundle:
     @property
     def family(self) -> str:
         return self.manifest["family"]
+
+    @property
+    def has_vision(self) -> bool:
+        """False for a text-only bundle: no image input, no `run`/`regions`."""
+        return "vision" in self.manifest["components"]
 
     def file(self, relative: str) -> Path:
         return self.path / relative
@@ -169,7 +177,8 @@ def load(path: str | os.PathLike, verify_hashes: bool = False) -> Bundle:
     if manifest.get("family") not in FAMILIES:
         raise BundleError(f"{mpath}: unknown family {manifest.get('family')!r}; known: {list(FAMILIES)}")
     validate_manifest(manifest, mpath)
-    for name in REQUIRED_COMPONENTS:
+    required = REQUIRED_COMPONENTS + (("vision",) if manifest["family"] in VISION_FAMILIES else ())
+    for name in required:
         if name not in manifest["components"]:
             raise BundleError(f"{mpath}: component {name!r} is missing; re-export the bundle")
     for key, rec in _listed_files(manifest):

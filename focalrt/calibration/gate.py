@@ -90,9 +90,10 @@ def reference_runs(ref_pipe, requests: list, max_new_tokens: int, progress: bool
 
     out = []
     for req in tqdm(requests, desc="fp32 reference on held-out frames", unit="frame", disable=not progress):
-        vision = ref_pipe.encode_image(req.image, req.landmarks68).numpy().copy()
+        vision = ref_pipe.encode_image(req.image, req.landmarks68).numpy().copy() if req.image is not None \
+            else np.zeros(0, np.float32)  # a text-only bundle has no vision component
         d = ref_pipe.describe(req.image, box=req.box, max_new_tokens=max_new_tokens, temperature=0.0,
-                              return_logits=True, landmarks68=req.landmarks68)
+                              return_logits=True, landmarks68=req.landmarks68, prompt=req.prompt)
         tokens = [int(np.argmax(lg)) for lg in d.logits]
         out.append(Reference(req, vision, tokens, [lg.copy() for lg in d.logits], d.text))
     return out
@@ -114,7 +115,7 @@ class ReplaySampler:
 def teacher_forced_logits(pipe, ref: Reference) -> list[np.ndarray]:
     sampler = ReplaySampler(ref.tokens)
     d = pipe.describe(ref.request.image, box=ref.request.box, max_new_tokens=len(ref.tokens), return_logits=True,
-                      landmarks68=ref.request.landmarks68, sampler=sampler)
+                      landmarks68=ref.request.landmarks68, prompt=ref.request.prompt, sampler=sampler)
     if sampler.step == 0:
         raise RuntimeError("teacher forcing: describe did not use the given sampler; the gate cannot compare the "
                            "models step by step")
@@ -131,19 +132,21 @@ def evaluate(candidate, references: list[Reference], thresholds: Thresholds, pro
     all_top1: list[bool] = []
     for ref in tqdm(references, desc=desc, unit="frame", disable=not progress):
         req = ref.request
-        v_cos = cosine(ref.vision, candidate.encode_image(req.image, req.landmarks68).numpy())
+        v_cos = cosine(ref.vision, candidate.encode_image(req.image, req.landmarks68).numpy()) \
+            if req.image is not None else None  # text-only: nothing to compare
         forced = teacher_forced_logits(candidate, ref)
         steps = min(len(forced), len(ref.logits))
         cos = [cosine(ref.logits[i], forced[i]) for i in range(steps)]
         top1 = [int(np.argmax(forced[i])) == ref.tokens[i] for i in range(steps)]
         free = candidate.describe(req.image, box=req.box, max_new_tokens=len(ref.logits), temperature=0.0,
-                                  return_logits=True, landmarks68=req.landmarks68)
+                                  return_logits=True, landmarks68=req.landmarks68, prompt=req.prompt)
         free_tokens = [int(np.argmax(lg)) for lg in free.logits]
         agreement, first = greedy_agreement(ref.tokens, free_tokens)
         all_cos += cos
         all_top1 += top1
         per_request.append({"frame": req.frame_index, "region": req.region,
-                            "box": list(req.box) if req.box else None, "vision_cosine": round(v_cos, 6),
+                            "box": list(req.box) if req.box else None,
+                            "vision_cosine": None if v_cos is None else round(v_cos, 6),
                             "logit_cosine_mean": round(float(np.mean(cos)), 6),
                             "logit_cosine_min": round(float(np.min(cos)), 6),
                             "top1_agreement": round(float(np.mean(top1)), 4), "steps": steps,
@@ -155,9 +158,10 @@ def evaluate(candidate, references: list[Reference], thresholds: Thresholds, pro
 
 def summarize(per_request: list[dict], all_cos: list[float], all_top1: list[bool]) -> dict[str, Any]:
     firsts = [r["first_divergence"] for r in per_request if r["first_divergence"] is not None]
+    vision = [r["vision_cosine"] for r in per_request if r["vision_cosine"] is not None]  # none: text-only
     return {"requests": len(per_request), "teacher_forced_steps": len(all_cos),
-            "vision_cosine_mean": round(float(np.mean([r["vision_cosine"] for r in per_request])), 6),
-            "vision_cosine_min": round(float(np.min([r["vision_cosine"] for r in per_request])), 6),
+            "vision_cosine_mean": round(float(np.mean(vision)), 6) if vision else None,
+            "vision_cosine_min": round(float(np.min(vision)), 6) if vision else None,
             "logit_cosine_mean": round(float(np.mean(all_cos)), 6),
             "logit_cosine_min": round(float(np.min(all_cos)), 6),
             "top1_agreement": round(float(np.mean(all_top1)), 4),
@@ -173,7 +177,7 @@ def failures(metrics: dict[str, Any], t: Thresholds) -> list[str]:
               ("top1_agreement", t.min_top1, "--min-top1"),
               ("greedy_agreement_mean", t.min_greedy_agreement, "--min-greedy-agreement")]
     return [f"{name} {metrics[name]:.4f} < {limit:g} ({flag})" for name, limit, flag in checks
-            if metrics[name] < limit]
+            if metrics[name] is not None and metrics[name] < limit]
 
 
 def open_candidate(bundle_dir: Path, ref_pipe, emulate_fp8: bool = False):

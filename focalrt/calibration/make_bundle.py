@@ -23,7 +23,7 @@ from focalrt.bundle import atomic_output_dir, file_record, load, write_manifest
 from focalrt.calibration import quantize as qz
 from focalrt.calibration import report as reports
 from focalrt.calibration.gate import GateResult, Thresholds, evaluate, open_candidate, reference_runs
-from focalrt.calibration.record import Recording, plan_requests, read_frames, record
+from focalrt.calibration.record import Recording, plan_requests, prompt_requests, read_frames, read_prompts, record
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Options:
     fallback: bool = True
     max_fallback_fraction: float = 0.25
     int4_block_size: int = qz.INT4_BLOCK_SIZE
+    int4_algorithm: str = "rtn"
     force: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -87,18 +88,23 @@ def make_bundle(src: str | Path, out: str | Path, data: str | Path | int, opts: 
     pipe = Pipeline.from_bundle(src, provider="cpu")
 
     t = time.perf_counter()
-    frames = read_frames(data, opts.samples, opts.holdout, opts.seed)
-    calib_requests = plan_requests(pipe, frames.calibration, opts.seed)
-    held_requests = plan_requests(pipe, frames.holdout, opts.seed + 7919, first_index=len(frames.calibration))
+    if pipe.vision is None:  # a text-only bundle: prompts from a text file instead of frames
+        frames = read_prompts(data, opts.samples, opts.holdout, opts.seed)
+        calib_requests = prompt_requests(frames.calibration)
+        held_requests = prompt_requests(frames.holdout, first_index=len(frames.calibration))
+    else:
+        frames = read_frames(data, opts.samples, opts.holdout, opts.seed)
+        calib_requests = plan_requests(pipe, frames.calibration, opts.seed)
+        held_requests = plan_requests(pipe, frames.holdout, opts.seed + 7919, first_index=len(frames.calibration))
     recording = Recording()
-    if opts.precision in CALIBRATED:
+    if opts.precision in CALIBRATED or opts.int4_algorithm == "gptq":
         recording = record(pipe, calib_requests, opts.max_new_tokens, progress=opts.progress)
     timings["record"] = time.perf_counter() - t
     t = time.perf_counter()
     references = reference_runs(pipe, held_requests, opts.max_new_tokens, opts.progress)
     timings["reference"] = time.perf_counter() - t
 
-    plan = PLAN[opts.precision]
+    plan = {name: kind for name, kind in PLAN[opts.precision].items() if name in source.manifest["components"]}
     vocab = int(source.manifest["text"]["vocab_size"])
     exclude: dict[str, list[str]] = {name: [] for name in plan}
     if opts.exclude_lm_head and "decoder" in plan:
@@ -179,7 +185,8 @@ def transform_component(source, tmp: Path, name: str, kind: str, recording: Reco
         info = qz.quantize_qdq(src, dst, feeds, kind, method, exclude, tmp / reports.REPORT_DIR /
                                f"{name}.ranges.json", opts.progress, f"calibrating {name} ({kind})")
     elif kind == "int4":
-        info = qz.quantize_int4(src, dst, exclude, opts.int4_block_size)
+        info = qz.quantize_int4(src, dst, exclude, opts.int4_block_size, opts.int4_algorithm,
+                                recording.decoder if opts.int4_algorithm == "gptq" else None)
     elif name == "embed":
         info = qz.convert_fp16_storage(src, dst)
     else:

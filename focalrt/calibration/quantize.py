@@ -202,27 +202,50 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], preci
                             if precision == "int8" else "fp8 e4m3 per tensor")}
 
 
+# onnxruntime's MatMulNBits quantizer algorithms: "rtn" (round to nearest, symmetric, QDQ: one file for ORT and
+# TensorRT), "rtn_asym" (with a zero point per block, QDQ), "hqq" (half-quadratic: scales and zero points
+# optimized per block, no data), "gptq" (second-order error correction from calibration feeds), "k_quant"
+# (its k-quant search). The last three write MatMulNBits directly (ONNX Runtime only).
+INT4_ALGORITHMS = ("rtn", "rtn_asym", "hqq", "gptq", "k_quant")
+
+
 def quantize_int4(src: Path, dst: Path, exclude: list[str] | None = None,
-                  block_size: int = INT4_BLOCK_SIZE) -> dict[str, Any]:
-    """INT4 weight-only QDQ (blocked DequantizeLinear + MatMul) for every MatMul with constant weights."""
+                  block_size: int = INT4_BLOCK_SIZE, algorithm: str = "rtn",
+                  feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """INT4 weight-only for every MatMul with constant weights, by one of onnxruntime's algorithms."""
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     if block_size not in INT4_BLOCK_SIZES:
         raise ValueError(f"int4 block size {block_size} is not one of {list(INT4_BLOCK_SIZES)}")
+    if algorithm not in INT4_ALGORITHMS:
+        raise ValueError(f"int4 algorithm {algorithm!r} is not one of {list(INT4_ALGORITHMS)}")
     model = onnx.load(str(src))
     candidates = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in set(quantizable_nodes(model))]
     exclude = sorted(set(exclude or []) & set(candidates))
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     nodes_to_exclude=exclude, quant_format=QuantFormat.QDQ)
+    algo = None
+    if algorithm == "hqq":
+        algo = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    elif algorithm == "gptq":
+        if not feeds:
+            raise ValueError("int4 GPTQ needs calibration feeds (recorded decoder inputs)")
+        algo = nbits.GPTQWeightOnlyQuantConfig(FeedReader(feeds, input_names(src), "GPTQ", False),
+                                               block_size=block_size)
+    elif algorithm == "k_quant":
+        algo = nbits.KQuantWeightOnlyQuantConfig(customized_weight_config={})
+    fmt = QuantFormat.QDQ if algorithm in ("rtn", "rtn_asym") else QuantFormat.QOperator
+    quantizer = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=algorithm == "rtn",
+                                           nodes_to_exclude=exclude, quant_format=fmt, algo_config=algo)
     with quiet_onnxruntime_quantization():
         quantizer.process()
-    out = quantizer.model.model
+    out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     save_model(out, dst, is_large(src))
-    done = sum(1 for n in out.graph.node if n.op_type == "DequantizeLinear"
-               and any(a.name == "block_size" for a in n.attribute))
-    return {"precision": "int4", "quantized_nodes": done, "excluded_nodes": exclude,
-            "weights": f"int4 symmetric, blocks of {block_size} along the input dimension (QDQ)",
+    done = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits" or (
+        n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)))
+    kind = {"rtn": "symmetric round-to-nearest (QDQ)", "rtn_asym": "asymmetric round-to-nearest (QDQ)",
+            "hqq": "HQQ (MatMulNBits)", "gptq": "GPTQ (MatMulNBits)", "k_quant": "k-quant (MatMulNBits)"}
+    return {"precision": "int4", "quantized_nodes": done, "excluded_nodes": exclude, "algorithm": algorithm,
+            "weights": f"int4 {kind[algorithm]}, blocks of {block_size} along the input dimension",
             "activations": "float32"}
 
 

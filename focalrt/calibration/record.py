@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,9 @@ class Request:
     frame_index: int
     image: np.ndarray
     box: tuple[int, int, int, int] | None
-    region: str  # a named region, "box" for a sampled box, "frame" for the whole frame
+    region: str  # a named region, "box" for a sampled box, "frame" for the whole frame, "prompt" (text-only)
     landmarks68: np.ndarray | None = None
+    prompt: str | None = None  # text-only bundles: the user prompt (image is None)
 
 
 @dataclass
@@ -122,6 +124,33 @@ def read_frames(data: str | os.PathLike | int, samples: int, holdout: int, seed:
     calibration = [kept[i][1] for i in calib]
     held_out = [kept[i][1] for i in held]
     return Frames(calibration, held_out, name, seen, frames_sha256(calibration), frames_sha256(held_out))
+
+
+def read_prompts(path: str | os.PathLike, samples: int, holdout: int, seed: int) -> Frames:
+    """Calibration data of a text-only bundle: a UTF-8 text file of prompts, one per paragraph (blank-line
+    separated) or, without blank lines, one per line. A seeded split keeps `holdout` of them for the gate."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--data {p}: a text-only bundle calibrates on a UTF-8 text file of prompts ({e})") from None
+    blocks = [b.strip() for b in text.split("\n\n")] if "\n\n" in text else [ln.strip() for ln in text.splitlines()]
+    prompts = [" ".join(b.split())[:2000] for b in blocks if b.strip()]
+    if samples < 1 or holdout < 1 or len(prompts) < holdout + 1:
+        raise ValueError(f"--data {p} has {len(prompts)} prompt(s); calibration needs --holdout {holdout} held-out "
+                         f"prompts plus at least one (--samples {samples}) to calibrate on")
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    held = [prompts[i] for i in sorted(order[:holdout].tolist())]
+    calib = [prompts[i] for i in sorted(order[holdout:holdout + samples].tolist())]
+
+    def digest(items: list[str]) -> str:
+        return hashlib.sha256("\x00".join(items).encode()).hexdigest()
+
+    return Frames(calib, held, str(p), len(prompts), digest(calib), digest(held))
+
+
+def prompt_requests(prompts: list[str], first_index: int = 0) -> list[Request]:
+    return [Request(first_index + i, None, None, "prompt", None, text) for i, text in enumerate(prompts)]
 
 
 def plan_requests(pipe, frames: list[np.ndarray], seed: int, regions: tuple[str, ...] = DEFAULT_REGIONS,
@@ -234,7 +263,7 @@ def record(pipe, requests: list[Request], max_new_tokens: int = 16,
     with recording(pipe, decode_steps) as recorder:
         for req in tqdm(requests, desc="recording calibration inputs", unit="frame", disable=not progress):
             d = pipe.describe(req.image, box=req.box, max_new_tokens=max_new_tokens, temperature=0.0,
-                              landmarks68=req.landmarks68)
+                              landmarks68=req.landmarks68, prompt=req.prompt)
             recorder.recording.prompt_lengths.append(len(d.prompt_token_ids))
             recorder.recording.requests.append({"frame": req.frame_index, "region": req.region,
                                                 "box": list(req.box) if req.box else None,

@@ -36,7 +36,8 @@ def markdown(report: dict[str, Any]) -> str:
         if key == "identical_outputs":
             shown = f"{value} of {m['requests']}"
         if limit:
-            ok = "yes" if value is not None and value >= t[limit] else "no"
+            ok = "n/a (no vision)" if value is None and key.startswith("vision") else \
+                "yes" if value is not None and value >= t[limit] else "no"
             lines.append(f"| {label} | {shown} | >= {t[limit]:g} | {ok} |")
         else:
             lines.append(f"| {label} | {shown} | | |")

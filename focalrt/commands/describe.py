@@ -22,11 +22,13 @@ from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "describe", help="describe a region of one image", description=__doc__)
+    p = add_parser(sub, "describe", help="describe a region of one image, or answer a prompt (text-only bundle)",
+                   description=__doc__)
     p.add_argument("bundle", help="bundle directory written by `focalrt export`")
-    p.add_argument("--image", required=True, help="image file (JPEG/PNG/...)")
+    p.add_argument("--image", help="image file (JPEG/PNG/...); required unless the bundle is text-only")
     p.add_argument("--box", help="x1,y1,x2,y2 in image pixels (default: the whole image)")
     p.add_argument("--prompt", help="instruction (default: the bundle's)")
+    p.add_argument("--system", help="system prompt instead of the bundle's (text-only bundles)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="most tokens to generate (default: the bundle's generation setting)")
     p.add_argument("--temperature", type=non_negative_float, default=None,
@@ -53,10 +55,16 @@ def run(args) -> int:
     box = parse_box(args.box) if args.box else None
     pipe = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
     warn_if_random(pipe.bundle)
+    if pipe.vision is None and (args.image or box):
+        raise ValueError(f"{args.bundle} is a text-only bundle: drop --image/--box and give --prompt TEXT")
+    if pipe.vision is not None and not args.image:
+        raise ValueError(f"{args.bundle} describes images: give --image FILE")
+    if pipe.vision is not None and args.system:
+        raise ValueError("--system applies to text-only bundles; an image bundle's system prompt is set at export")
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     d = pipe.describe(args.image, box=box, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      on_text=stream, drafts=Drafts(args.draft))
+                      on_text=stream, system=args.system, drafts=Drafts(args.draft))
     if args.json:
         print(json.dumps(d.to_json()))
     else:

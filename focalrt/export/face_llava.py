@@ -31,7 +31,7 @@ from focalrt.export.face_llava_modules import (
     REPOSITORY_BRANCH_SCALE,
     FaceLandmarkPathway,
 )
-from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder
+from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
 log = logging.getLogger(__name__)
@@ -541,38 +541,9 @@ def export_decoder(model: FaceLlava, out: Path, max_context: int) -> dict[str, A
 
 def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: int = 7, steps: int = 3,
                      buf: int = 32) -> float:
-    """Prefill (logits at every prompt position) then cached single-token steps through ONNX, against
-    transformers with a DynamicCache."""
-    from transformers import DynamicCache
-
-    tcfg = model.config.text_config
-    n_layers, kv = tcfg.num_hidden_layers, tcfg.num_key_value_heads
-    total = prompt_len + steps
-    embeds = torch.randn(1, total, tcfg.hidden_size, generator=torch.Generator().manual_seed(3))
-    pos = torch.arange(total).view(1, -1)
-    sess = cpu_session(path)
-    cache = [np.zeros((1, kv, buf, head_dim), np.float32) for _ in range(2 * n_layers)]
-    lm = model.llava.model.language_model
-    ref_cache = DynamicCache(config=tcfg)
-    worst, start = 0.0, 0
-    for end in [prompt_len] + list(range(prompt_len + 1, total + 1)):
-        feeds = {"inputs_embeds": embeds[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64),
-                 "position_ids": pos[:, start:end].numpy()}
-        feeds["logits_to_keep"] = np.array([end - start], np.int64)  # every prefill position, then the one step
-        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": c
-                      for i, c in enumerate(cache)})
-        outs = sess.run(None, feeds)
-        cache = outs[1:]
-        with torch.no_grad():
-            h = lm(inputs_embeds=embeds[:, start:end], position_ids=pos[:, start:end],
-                   attention_mask=torch.ones(1, end, dtype=torch.long), past_key_values=ref_cache,
-                   use_cache=True).last_hidden_state
-            ref = model.llava.lm_head(h).numpy()
-        worst = max(worst, compare(f"decoder logits at length {end}", outs[0], ref, atol=1e-4))
-        ref_k = ref_cache.layers[0].keys.numpy()
-        worst = max(worst, compare(f"decoder KV cache at length {end}", cache[0][:, :, :end], ref_k, atol=1e-4))
-        start = end
-    return worst
+    """Prefill then cached single-token steps through ONNX, against transformers with a DynamicCache."""
+    return validate_kv_decoder(model.llava.model.language_model, model.llava.lm_head, path, head_dim, prompt_len,
+                               steps, buf)
 
 
 # ---------------------------------------------------------------------------------------------------------

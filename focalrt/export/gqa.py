@@ -271,3 +271,43 @@ def export_kv_decoder(module: KVCachedDecoder, path) -> dict[str, Any]:
     return {"rotary": "MRotaryEmbedding" if module.sections else "RotaryEmbedding",
             "rotary_table_positions": int(module.cos_cache.shape[0]),
             "norms": "SkipSimplifiedLayerNormalization (residual add fused)"}
+
+
+def validate_kv_decoder(language_model: torch.nn.Module, lm_head: torch.nn.Module, path, head_dim: int,
+                        prompt_len: int = 7, steps: int = 3, buf: int = 32) -> float:
+    """A plain-RoPE decoder.onnx (Llama, Qwen2) against transformers with a DynamicCache: prefill, then
+    cached single-token steps; logits and the first layer's KV cache. The prefill asks (`logits_to_keep`)
+    for every prompt position's logits and checks them all."""
+    import numpy as np
+    from transformers import DynamicCache
+
+    from focalrt.export.onnx_io import compare, cpu_session
+
+    tcfg = language_model.config
+    n_layers, kv = tcfg.num_hidden_layers, tcfg.num_key_value_heads
+    total = prompt_len + steps
+    embeds = torch.randn(1, total, tcfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(total).view(1, -1)
+    sess = cpu_session(path)
+    cache = [np.zeros((1, kv, buf, head_dim), np.float32) for _ in range(2 * n_layers)]
+    ref_cache = DynamicCache(config=tcfg)
+    worst, start = 0.0, 0
+    for end in [prompt_len] + list(range(prompt_len + 1, total + 1)):
+        keep = end - start  # every prefill position, then the one step
+        feeds = {"inputs_embeds": embeds[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64),
+                 "position_ids": pos[:, start:end].numpy()}
+        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": c
+                      for i, c in enumerate(cache)})
+        feeds["logits_to_keep"] = np.array([keep], np.int64)
+        outs = sess.run(None, feeds)
+        cache = outs[1:]
+        with torch.no_grad():
+            h = language_model(inputs_embeds=embeds[:, start:end], position_ids=pos[:, start:end],
+                               attention_mask=torch.ones(1, end, dtype=torch.long), past_key_values=ref_cache,
+                               use_cache=True).last_hidden_state
+            ref = lm_head(h[:, -keep:]).numpy()
+        worst = max(worst, compare(f"decoder logits at length {end}", outs[0], ref, atol=1e-4))
+        ref_k = ref_cache.layers[0].keys.numpy()
+        worst = max(worst, compare(f"decoder KV cache at length {end}", cache[0][:, :, :end], ref_k, atol=1e-4))
+        start = end
+    return worst

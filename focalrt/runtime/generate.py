@@ -44,7 +44,7 @@ class TensorNames:
 
     vision_embeds: str = "image_embeds"  # the vision encoder's output
     token_ids: str = "input_ids"
-    image_embeds: str = "image_embeds"
+    image_embeds: str | None = "image_embeds"  # None: a text-only bundle's embedding takes token ids alone
     token_embeds: str = "inputs_embeds"  # the embedding's output
     inputs_embeds: str = "inputs_embeds"
     attention_mask: str = "attention_mask"
@@ -69,8 +69,9 @@ class TensorNames:
         names = cls(past=default_past, present=default_present)
         if v_out:
             names = replace(names, vision_embeds=v_out[0])
-        if len(e_in) == 2 and e_out:
-            names = replace(names, token_ids=e_in[0], image_embeds=e_in[1], token_embeds=e_out[0])
+        if len(e_in) in (1, 2) and e_out:
+            names = replace(names, token_ids=e_in[0], image_embeds=e_in[1] if len(e_in) == 2 else None,
+                            token_embeds=e_out[0])
         if d_in and (len(d_in) not in (kv + 3, kv + 4) or len(d_out) != kv + 1):
             raise BundleError(f"the manifest's decoder record lists {len(d_in)} inputs and {len(d_out)} outputs; a "
                               f"{num_layers}-layer decoder has {kv + 3} or {kv + 4} inputs and {kv + 1} outputs "
@@ -231,16 +232,17 @@ class TextModel:
 
     def embed_tokens(self, input_ids: np.ndarray, image_embeds: ort.OrtValue | None = None) -> ort.OrtValue:
         """Token embeddings [B, S, H] on the device, with image embeddings at the image-pad positions."""
-        if image_embeds is None:
-            # The graph gathers from image_embeds even where no image token is present: feed one zero row.
-            if self.empty_image is None:
-                zeros = np.zeros((1, self.hidden_size), np.float32)
-                self.empty_image = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
-            image_embeds = self.empty_image
         n = self.names
         io = self.embed.io_binding()
         io.bind_cpu_input(n.token_ids, np.ascontiguousarray(input_ids, np.int64))
-        io.bind_ortvalue_input(n.image_embeds, image_embeds)
+        if n.image_embeds is not None:  # a text-only bundle's embedding takes token ids alone
+            if image_embeds is None:
+                # The graph gathers from image_embeds even where no image token is present: feed one zero row.
+                if self.empty_image is None:
+                    zeros = np.zeros((1, self.hidden_size), np.float32)
+                    self.empty_image = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+                image_embeds = self.empty_image
+            io.bind_ortvalue_input(n.image_embeds, image_embeds)
         io.bind_output(n.token_embeds, self.device)
         self.embed.run_with_iobinding(io)
         return io.get_outputs()[0]

@@ -58,7 +58,7 @@ class ImageRegions(NamedTuple):
 class PlannedRegion:
     """One region ready to generate: the image the encoder sees, its prompt, and the box in both pixels."""
 
-    view: np.ndarray  # the encoder's input image (the frame, a crop, or a copy with the box drawn)
+    view: np.ndarray | None  # the encoder's input image (frame, crop, or copy with the box drawn); None: text
     prompt: prompts.Prompt
     image_box: tuple[int, int, int, int] | None  # in the input image's pixels, after clipping
     model_box: tuple[int, int, int, int] | None  # in the encoder image's pixels (what the prompt says)
@@ -104,13 +104,12 @@ class Pipeline:
         self.device = device_for(self.providers)
         self.max_batch = max(1, int(max_batch))
         self.max_context = min(max_context or m["text"]["max_context"], m["text"]["max_context"])
-        self.vision = self._session("vision", threads)
+        self.vision = self._session("vision", threads) if bundle.has_vision else None  # None: text-only
         embed, decoder = self._session("embed", threads), self._session("decoder", threads)
         # Tensor names by role from the manifest's records; a manifest without them: the graphs' own.
+        parts = (("embed", embed), ("decoder", decoder)) + ((("vision", self.vision),) if self.vision else ())
         records = {name: rec if "inputs" in rec and "outputs" in rec else io_record(session)
-                   for name, rec, session in (("vision", m["components"]["vision"], self.vision),
-                                              ("embed", m["components"]["embed"], embed),
-                                              ("decoder", m["components"]["decoder"], decoder))}
+                   for name, session in parts for rec in [m["components"][name]]}
         self.model = TextModel(embed=embed, decoder=decoder,
                                names=TensorNames.from_manifest(records, int(m["text"]["num_layers"])),
                                hidden_size=int(m["text"]["hidden_size"]), device=self.device,
@@ -126,7 +125,7 @@ class Pipeline:
         self.text_cfg = m["text"]
         self.generation = m["generation"]
         self.stop_ids = {self._token_id(t) for t in self.profile["stop_tokens"]}
-        self.image_token_id = int(self.text_cfg["image_token_id"])
+        self.image_token_id = int(self.text_cfg.get("image_token_id", -1))  # -1: no image token (text-only)
         self.cache = PromptCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
                                           self.text_cfg["head_dim"], self.max_context, self.device)
 
@@ -185,6 +184,22 @@ class Pipeline:
         prompt = prompts.encode(self.tokenizer, self.profile, self.adapter.image_tokens, instruction, model_box)
         return prompt, box, model_box
 
+    def build_text_prompt(self, instruction: str | None, system: str | None = None) -> prompts.Prompt:
+        """Token ids of a text-only bundle's chat prompt: the checkpoint's chat template, no image."""
+        profile = self.profile if system is None else {**self.profile, "system": system}
+        return prompts.encode(self.tokenizer, profile, 0, instruction, None)  # BOS, if any, is in the template
+
+    def describe_text(self, prompt: str | None = None, options: GenerationOptions | None = None, *,
+                      system: str | None = None, **kwargs: Any) -> Description:
+        """Answer one prompt with a text-only bundle (no image); `options` and keywords as for `describe`."""
+        return self.describe(None, prompt=prompt, options=options, system=system, **kwargs)
+
+    def describe_texts(self, texts: list[str], options: GenerationOptions | None = None, *,
+                       system: str | None = None, **sampling: Any) -> list[Description]:
+        """Several prompts decoded together, one token per prompt per step (the batched path of `describe`)."""
+        return self._describe([(None, None, None)] * len(texts), list(texts), self.options(options, **sampling),
+                              system=system)
+
     def options(self, options: GenerationOptions | None = None, **sampling: Any) -> GenerationOptions:
         """`options` with keyword overrides, then the bundle's `generation` defaults for what is still unset."""
         unknown = set(sampling) - {f.name for f in fields(GenerationOptions)}
@@ -227,8 +242,9 @@ class Pipeline:
                  landmarks68: np.ndarray | None = None, sampler: SamplerFn | None = None,
                  logits_processors: list[LogitsProcessor] | None = None,
                  on_token: Callable[[int], None] | None = None, drafts: Drafts | None = None,
-                 draft_key: Any = None, **sampling: Any) -> Description:
-        """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box.
+                 draft_key: Any = None, system: str | None = None, **sampling: Any) -> Description:
+        """Describe `box` (pixels of `image`, BGR array or file) or the whole image when no box. A text-only
+        bundle takes `image=None` and answers `prompt` (with `system` instead of the bundle's system prompt).
 
         A batch of one through the same loop as `describe_views`; the whole prompt is prefilled in one
         call. `options` (or the keywords max_new_tokens, temperature, top_k, top_p, seed) say how to
@@ -246,7 +262,7 @@ class Pipeline:
 
         return self._describe([(image, box, landmarks68)], prompt, self.options(options, **sampling), sampler=sampler,
                               processors=[logits_processors or []], on_token=emit, return_logits=return_logits,
-                              share_prefix=False, drafts=drafts, draft_keys=[draft_key])[0]
+                              share_prefix=False, drafts=drafts, draft_keys=[draft_key], system=system)[0]
 
     def describe_regions(self, image: np.ndarray | str | os.PathLike, boxes: list[tuple[int, int, int, int] | None],
                          prompt: str | None = None, options: GenerationOptions | None = None, *,
@@ -278,11 +294,23 @@ class Pipeline:
             i += len(boxes)
         return out
 
-    def plan(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt: str | None) -> list[PlannedRegion]:
-        """Each (image, box, landmarks) as the view the encoder sees and the prompt for its region."""
+    def plan(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt: str | list[str] | None,
+             system: str | None = None) -> list[PlannedRegion]:
+        """Each (image, box, landmarks) as the view the encoder sees and the prompt for its region; a text-only
+        request (image None) has no view and the chat prompt of `prompt` (one per request when a list)."""
         images: dict[int, np.ndarray] = {}
         planned = []
-        for image, box, landmarks68 in requests:
+        for i, (image, box, landmarks68) in enumerate(requests):
+            if (image is None) != (self.vision is None):
+                raise ValueError(f"{self.bundle.path} is a text-only bundle: it takes a prompt and no image"
+                                 if self.vision is None else "this bundle describes images: give an image")
+            if image is None:
+                p = self.build_text_prompt(prompt[i] if isinstance(prompt, list) else prompt, system)
+                if p.token_ids.size + 1 > self.max_context:
+                    raise ValueError(f"the prompt has {p.token_ids.size} tokens but the context holds "
+                                     f"{self.max_context}; shorten the prompt or export with a larger --max-context")
+                planned.append(PlannedRegion(None, p, None, None, None))
+                continue
             if id(image) not in images:  # read or check each distinct input image once
                 images[id(image)] = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
             view, view_box, image_box = self._region_views(images[id(image)], [box])[0]
@@ -294,18 +322,19 @@ class Pipeline:
             planned.append(PlannedRegion(view, p, image_box, model_box, landmarks68))
         return planned
 
-    def _describe(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt: str | None,
+    def _describe(self, requests: list[tuple[Any, Any, np.ndarray | None]], prompt: str | list[str] | None,
                   options: GenerationOptions, sampler: SamplerFn | None = None,
                   processors: list[list[LogitsProcessor]] | None = None, on_token: TokenCallback | None = None,
                   return_logits: bool = False, share_prefix: bool = True, drafts: Drafts | None = None,
-                  draft_keys: list[Any] | None = None) -> list[Description]:
+                  draft_keys: list[Any] | None = None, system: str | None = None) -> list[Description]:
         t_start = time.perf_counter()
         if options.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {options.max_new_tokens}")
         sampler = sampler or Sampler(options.temperature, options.top_k, options.top_p, options.seed)
-        planned = self.plan(requests, prompt)
+        planned = self.plan(requests, prompt, system)
         prep_ms = (time.perf_counter() - t_start) * 1e3
-        encoded: dict[int, tuple[ort.OrtValue, float]] = {}  # view -> (image embeddings, encoder ms)
+        # view -> (image embeddings, encoder ms); a text-only request has no view and no image
+        encoded: dict[int, tuple[ort.OrtValue | None, float]] = {id(None): (None, 0.0)}
         for region in planned:
             if id(region.view) not in encoded:
                 t0 = time.perf_counter()
@@ -332,6 +361,9 @@ class Pipeline:
         rows = []
         for region in planned:
             positions, delta = self.adapter.positions(region.prompt.token_ids)
+            if region.view is None:  # text-only: no image, the whole prompt is prefilled
+                rows.append(Row(region.prompt.token_ids, positions, delta))
+                continue
             rows.append(Row(region.prompt.token_ids, positions, delta, region.prompt.prefix_len,
                             encoded[id(region.view)][0], id(region.view), self.image_token_id))
         if drafts is not None and drafts.mode != "off" and self.model.names.logits_to_keep is None:

@@ -41,14 +41,24 @@ def box_to_model(box: Box, image_wh: tuple[int, int], model_size: int) -> Box:
 
 def render(profile: dict[str, Any], image_tokens: int, instruction: str | None,
            model_box: Box | None) -> tuple[str, str]:
-    """The prompt text, split into the image prefix and the per-region suffix."""
+    """The prompt text, split into the image prefix and the per-region suffix.
+
+    A text-only profile (no {image} in its template) splits before the instruction instead, so the
+    system turn is the prefix that requests share.
+    """
+    instruction = instruction or profile["default_instruction"]
+    if "{image}" not in profile["template"]:
+        head, tail = profile["template"].split("{instruction}", 1)
+        system = profile.get("system", "")
+        return (head.format(system=system, instruction=instruction),
+                ("{instruction}" + tail).format(system=system, instruction=instruction))
     region = ""
     if model_box is not None:  # draw/crop profiles word the region without coordinates
         x1, y1, x2, y2 = model_box
         region = profile["region_template"].format(x1=x1, y1=y1, x2=x2, y2=y2)
     image = profile["image_token"] * image_tokens
     text = profile["template"].format(system=profile.get("system", ""), image=image, region=region,
-                                      instruction=instruction or profile["default_instruction"])
+                                      instruction=instruction)
     cut = text.index(image) + len(image)
     return text[:cut], text[cut:]
 
@@ -59,7 +69,8 @@ def encode(tokenizer: Tokenizer, profile: dict[str, Any], image_tokens: int, ins
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
     suffix_ids = tokenizer.encode(suffix, add_special_tokens=False).ids
     ids = np.asarray(prefix_ids + suffix_ids, np.int64)
-    return Prompt(ids, prefix + suffix, len(prefix_ids))
+    # Never an empty shared prefix: the batched path prefills it on its own.
+    return Prompt(ids, prefix + suffix, max(1, len(prefix_ids)))
 
 
 def draw_box(image: np.ndarray, box: Box, color: tuple[int, int, int] = (0, 0, 255)) -> np.ndarray:

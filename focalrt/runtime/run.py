@@ -109,6 +109,9 @@ class RegionRunner:
                  prompt: str | None = None, max_new_tokens: int | None = None,
                  faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
                  state_every: int = 1, draft: str = "off"):
+        if not pipeline.bundle.has_vision:
+            raise ValueError(f"{pipeline.bundle.path} is a text-only bundle (no vision component): it cannot "
+                             f"describe camera frames; ask it with `focalrt describe BUNDLE --prompt TEXT`")
         self.pipeline = pipeline
         self.regions = parse_regions(regions) if isinstance(regions, str) else list(regions or [])
         if isinstance(regions, list):

@@ -1,0 +1,194 @@
+"""A trained text model side by side in one run: SmolLM2-135M-Instruct from its GGUF.
+
+    python benchmarks/compare_text.py --bundle BUNDLE [--int8 B] [--int4 B] [--llama-cpp DIR] [--rounds 2]
+
+Rows (each in its own subprocess, rounds in alternating order, same threads, same prompt token ids):
+  - focalrt fp32 (the exported bundle) and, when given, our int8 / int4 bundles;
+  - transformers fp32 on the same GGUF (dequantized by transformers; generate());
+  - onnxruntime-genai fp32 and int4 (block 32 and its default algorithm), built by its own model builder
+    from a dequantized HF directory written here (safetensors + config.json + tokenizer), since
+    transformers' save_pretrained refuses a GGUF-loaded model;
+  - with --llama-cpp DIR (built with cmake): llama.cpp's llama-bench on the very GGUF file (Q4_1 as
+    shipped), plus F32 and Q8_0 made from it by its own llama-quantize (--allow-requantize).
+Reported: prefill ms, decode tok/s (median step), peak RSS, and how many greedy tokens agree with ours.
+The prompt is the chat-template prompt of a question; generation is forced to --new-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402  (benchmarks/compare.py: the genai and llama.cpp workers)
+import decode  # noqa: E402  (benchmarks/decode.py: ours, orchestration)
+
+CACHE = decode.CACHE
+QUESTION = "Write a short story about a robot who learns to paint."
+
+
+def worker_transformers_gguf(spec: dict[str, Any]) -> None:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from focalrt.bench.memory import current_rss_bytes
+    from focalrt.export.causal_lm import load_checkpoint
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model, _ = load_checkpoint(spec["gguf"])
+    load_s, rss = time.perf_counter() - t0, current_rss_bytes()
+    ids = torch.tensor([spec["ids"]])
+    n, runs, tokens = spec["new_tokens"], [], []
+    for i in range(spec["warmup"] + spec["runs"]):
+        clock = Clock()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, streamer=clock)
+        t = clock.times
+        tokens = out[0, ids.shape[1]:].tolist()
+        if i >= spec["warmup"]:
+            steps = [(b - a) * 1e3 for a, b in zip(t[1:], t[2:], strict=False)]
+            runs.append(decode.one_run((t[1] - t[0]) * 1e3, steps))
+    decode.finish_worker(runs, tokens, load_s, rss, {"torch": torch.__version__})
+
+
+def worker_hf_dir(spec: dict[str, Any]) -> None:
+    """The GGUF's dequantized weights as a plain HF checkpoint directory (what genai's builder reads)."""
+    from safetensors.torch import save_file
+
+    from focalrt.export.causal_lm import load_checkpoint
+
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_checkpoint(spec["gguf"])
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: shares the embedding's memory, which safetensors refuses
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    cfg["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok.save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.bos_token_id,
+                                                            "eos_token_id": tok.eos_token_id}))
+    print(json.dumps({"checkpoint": str(out)}))
+
+
+decode.WORKERS.update({"transformers_gguf": worker_transformers_gguf, "hf_dir": worker_hf_dir,
+                       "genai": compare.worker_genai, "llamacpp": compare.worker_llamacpp})
+
+
+def ensure_hf_dir(gguf: Path) -> Path:
+    out = CACHE / "checkpoints" / gguf.stem
+    if not (out / "model.safetensors").is_file():
+        print(f"writing the dequantized HF directory {out} (once) ...", file=sys.stderr, flush=True)
+        decode.run_worker(Path(__file__).resolve(), "hf_dir", {"gguf": str(gguf), "out": str(out)})
+    return out
+
+
+def ensure_llamacpp_gguf(gguf: Path, llama_cpp: Path, kind: str) -> Path:
+    """F32 / Q8_0 from the shipped Q4_1 file by llama.cpp's own quantizer (requantizing, as it must)."""
+    if kind == "Q4_1":
+        return gguf
+    out = CACHE / "llamacpp" / f"{gguf.stem}-{kind}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([str(llama_cpp / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gguf),
+                               str(out), kind], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-quantize {kind} failed: {proc.stderr[-800:]}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, help="our fp32 text bundle (focalrt export --preset smollm2-135m)")
+    p.add_argument("--int8", type=Path, help="our int8 bundle")
+    p.add_argument("--int4", type=Path, help="our int4 bundle")
+    p.add_argument("--llama-cpp", type=Path, help="llama.cpp tree with build/bin/llama-bench and llama-quantize")
+    p.add_argument("--skip-genai", action="store_true")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--worker")
+    p.add_argument("--spec")
+    args = p.parse_args()
+    if args.worker:
+        decode.WORKERS[args.worker](json.loads(args.spec))
+        return
+    from focalrt.bench.environment import describe, environment
+    from focalrt.bench.report import markdown_table, mib
+    from focalrt.export.causal_lm import locate_preset
+    from focalrt.runtime.pipeline import Pipeline
+
+    gguf = locate_preset("smollm2-135m")
+    ids = Pipeline.from_bundle(args.bundle, provider="cpu").build_text_prompt(QUESTION).token_ids.tolist()
+    spec = {"ids": ids, "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
+            "threads": args.threads}
+    sides: dict[str, dict[str, Any]] = {"focalrt fp32": {**spec, "worker": "ours", "bundle": str(args.bundle)}}
+    for name, path in (("focalrt int8", args.int8), ("focalrt int4", args.int4)):
+        if path:
+            sides[name] = {**spec, "worker": "ours", "bundle": str(path)}
+    sides["transformers fp32 (GGUF dequantized)"] = {**spec, "worker": "transformers_gguf", "gguf": str(gguf)}
+    notes: list[str] = []
+    if not args.skip_genai:
+        hf = ensure_hf_dir(gguf)
+        for precision in ("fp32", "int4"):
+            try:
+                model_dir = compare.ensure_genai_model(hf, precision, 32)
+                sides[f"onnxruntime-genai {precision}"] = {**spec, "worker": "genai", "model_dir": str(model_dir)}
+            except RuntimeError as e:
+                notes.append(f"onnxruntime-genai {precision}: {e}")
+    if args.llama_cpp:
+        for kind in ("Q4_1", "Q8_0", "F32"):
+            try:
+                path = ensure_llamacpp_gguf(gguf, args.llama_cpp, kind)
+                sides[f"llama.cpp {kind}"] = {**spec, "worker": "llamacpp", "gguf": str(path),
+                                              "llama_cpp": str(args.llama_cpp)}
+            except RuntimeError as e:
+                notes.append(str(e))
+    results = decode.measure_sides(Path(__file__).resolve(), sides, args.rounds)
+    ours = results["focalrt fp32"]
+    rows = []
+    for name, r in results.items():
+        same = f"{decode.agreement(r['tokens'], ours['tokens'])}/{args.new_tokens}" if r["tokens"] else "-"
+        rows.append([name, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
+                     mib(r["peak_rss_bytes"]), same])
+    env = environment(["CPUExecutionProvider"], args.threads)
+    print(f"\nSmolLM2-135M-Instruct: prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
+          f"{args.rounds} rounds x {args.runs} runs after {args.warmup} warm-up; {args.threads} threads; "
+          f"'quiet' = median of the least disturbed round")
+    print(describe(env) + "\n")
+    print(markdown_table(["runtime", "prefill ms (quiet)", "decode tok/s (quiet)", "decode tok/s (all runs)",
+                          "peak RSS", "greedy tokens equal to focalrt fp32"], rows))
+    for note in notes:
+        print(f"- {note}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": results, "environment": env, "notes": notes,
+                                         "prompt_tokens": len(ids)}, indent=1, default=str) + "\n")
+
+
+
+if __name__ == "__main__":
+    main()

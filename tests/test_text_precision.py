@@ -1,0 +1,71 @@
+"""Precision on a text-only bundle: calibration data from a text file, and int4's block-size choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from focalrt.calibration.record import prompt_requests, read_prompts
+
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?",
+           "Write a haiku about rain.", "How many legs does a spider have?", "What is two plus two?"]
+
+
+def test_prompts_from_paragraphs_or_lines_split_seeded(tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(PROMPTS) + "\n")
+    a = read_prompts(lines, samples=4, holdout=2, seed=0)
+    assert len(a.calibration) == 4 and len(a.holdout) == 2
+    assert not set(a.calibration) & set(a.holdout) and set(a.calibration) | set(a.holdout) == set(PROMPTS)
+    assert read_prompts(lines, 4, 2, 0).holdout_sha256 == a.holdout_sha256
+    prose = tmp_path / "prose.txt"
+    prose.write_text("First paragraph,\nwrapped over lines.\n\nSecond one.\n\nThird.\n")
+    b = read_prompts(prose, samples=2, holdout=1, seed=0)
+    assert sorted(b.calibration + b.holdout) == sorted(["First paragraph, wrapped over lines.", "Second one.",
+                                                        "Third."])
+    requests = prompt_requests(b.holdout, first_index=2)
+    assert requests[0].image is None and requests[0].prompt == b.holdout[0] and requests[0].frame_index == 2
+    with pytest.raises(ValueError, match="held-out"):
+        read_prompts(prose, samples=2, holdout=3, seed=0)
+
+
+@pytest.mark.slow
+def test_int4_convert_of_a_text_bundle_chooses_the_block_and_says_which(smollm2, tmp_path, capsys):
+    from focalrt.cli import main
+    from focalrt.runtime.pipeline import Pipeline
+
+    data = tmp_path / "prompts.txt"
+    data.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "int4"
+    code = main(["convert", str(smollm2[0]), "--precision", "int4", "--data", str(data), "--out", str(out),
+                 "--holdout", "2", "--samples", "2", "--max-new-tokens", "8", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    chosen = int(captured.out.split("chose block size ")[1].split(",")[0])
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["components"]) == {"embed", "decoder"}
+    assert f"blocks of {chosen} " in m["components"]["decoder"]["quantization"]["weights"]
+    report = json.loads((out / "calibration" / "report.json").read_text())
+    assert report["gate"]["passed"] and report["gate"]["metrics"]["vision_cosine_min"] is None
+    for block in (128, 64, 32, 16):  # every coarser block was tried and failed first
+        if block == chosen:
+            break
+        assert f"int4 block {block}: gate failed" in captured.err
+    d = Pipeline.from_bundle(out, provider="cpu").describe_text("What is the capital of France?", max_new_tokens=16)
+    assert d.token_ids
+
+
+def test_text_family_is_chosen_by_the_top_level_architecture(tmp_path):
+    from focalrt.export.causal_lm import is_text_source
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"],
+                                                    "text_config": {"architectures": ["LlamaForCausalLM"]}}))
+    assert is_text_source(str(llama), None) and not is_text_source(str(llava), None)
+    assert is_text_source("x.GGUF", None) and is_text_source(None, "smollm2-135m")
+    assert not is_text_source(None, "tiny-random")
