@@ -49,13 +49,15 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from focalrt.export.causal_lm import load_checkpoint, locate_preset, write_text_bundle
+    from focalrt.cli import main
+    from focalrt.export.causal_lm import load_checkpoint, locate_preset
 
     try:
         gguf_path = locate_preset("smollm2-135m")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    model, tokenizer = load_checkpoint(gguf_path)
     out = tmp_path_factory.mktemp("smollm2") / "bundle"
-    write_text_bundle(out, model, tokenizer, gguf_path, preset="smollm2-135m")
+    # the user's path: the export command with the preset (it validates every component against PyTorch)
+    assert main(["export", "--preset", "smollm2-135m", "--out", str(out), "--quiet"]) == 0
+    model, tokenizer = load_checkpoint(gguf_path)
     return out, model, tokenizer

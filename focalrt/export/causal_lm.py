@@ -216,11 +216,11 @@ def write_text_tokenizer(tokenizer, out: Path, source: str) -> dict[str, Any]:
 def export_causal_lm(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
                      max_context: int | None = None, profile: dict[str, Any] | None = None,
                      overwrite: bool = False, image_size: int | None = None, face_models: bool = False,
-                     seed: int = 0) -> Path:
+                     face_heads: bool = False, seed: int = 0) -> Path:
     """A validated text bundle (embed + decoder, no vision) from a GGUF file, a preset or a checkpoint dir.
 
-    `face_models` and `seed` are accepted so every family takes the same export options; a text bundle has
-    no face models and its weights are the checkpoint's.
+    `face_models`, `face_heads` and `seed` are accepted so every family takes the same export options; a
+    text bundle has no face models or heads, and its weights are the checkpoint's.
     """
     if (model_id is None) == (preset is None):
         raise ValueError("give exactly one of --model (a .gguf file or checkpoint directory) or --preset")
