@@ -207,3 +207,18 @@ def test_generation_options_and_keywords_are_the_same_request(pipe, astronaut_bg
     assert views[0][0].token_ids == pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=4).token_ids
     with pytest.raises(TypeError, match="unknown generation option"):
         pipe.describe(astronaut_bgr, box=BOX, max_tokens=4)
+
+
+def test_cached_decoder_bindings_follow_the_cache_they_were_made_for(pipe):
+    """The decoder keeps its KV bindings between calls; a second cache (new buffers) must not decode into the
+    first one's memory, and going back to the first must resume it exactly."""
+    cache_a, first_a = _two_rows(pipe)
+    tokens_a, logits_a = _greedy_steps(pipe, cache_a, first_a, 3)
+    cache_b, first_b = _two_rows(pipe, lengths=(23, 11))  # other buffers, same view shapes
+    _greedy_steps(pipe, cache_b, first_b, 2)
+    more_a = _greedy_steps(pipe, cache_a, logits_a[:, -1], 3)
+    fresh, fresh_first = _two_rows(pipe)
+    np.testing.assert_array_equal(_greedy_steps(pipe, fresh, fresh_first, 3)[0], tokens_a)
+    expected = _greedy_steps(pipe, fresh, logits_a[:, -1], 3)
+    np.testing.assert_array_equal(more_a[0], expected[0])
+    np.testing.assert_allclose(more_a[1], expected[1], atol=1e-4)
