@@ -21,10 +21,10 @@ def astronaut_bgr() -> np.ndarray:
 
 def _export(tmp_path_factory, preset: str, **kwargs) -> Path:
     pytest.importorskip("torch")
-    from focalrt.export.build import export_qwen2_5_vl
+    from focalrt.export.build import export_bundle
 
     out = tmp_path_factory.mktemp(preset) / "bundle"
-    return export_qwen2_5_vl(out, preset=preset, **kwargs)
+    return export_bundle(out, preset=preset, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,8 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from focalrt.export.causal_lm import load_checkpoint, locate_preset, write_text_bundle
+    from focalrt.export.build import export_bundle
+    from focalrt.export.causal_lm import load_checkpoint, locate_preset, text_source
 
     try:
         gguf_path = locate_preset("smollm2-135m")
@@ -57,5 +58,5 @@ def smollm2(tmp_path_factory):
         pytest.skip(str(e))
     model, tokenizer = load_checkpoint(gguf_path)
     out = tmp_path_factory.mktemp("smollm2") / "bundle"
-    write_text_bundle(out, model, tokenizer, gguf_path, preset="smollm2-135m")
+    export_bundle(out, family="text", source=text_source(model, tokenizer, gguf_path, preset="smollm2-135m"))
     return out, model, tokenizer

@@ -8,10 +8,20 @@ plain RoPE and 1D position ids [B, S].
 
 Real checkpoints use the Face-LLaVA (Video-LLaVA / LLaVA) parameter names; `convert_face_llava_state_dict`
 maps them onto ours and `to_original_face_llava_state_dict` back.
+
+The package follows the file's old sections: `model` (configs, presets, the PyTorch reference), `checkpoint`
+(names and loading), `tokenizer`, `components` (export wrappers, validated) and `bundle` (the family interface
+that `focalrt.export.build.export_bundle` drives).
 """
 
 
-from focalrt.export.face_llava.bundle import export_face_llava
+from focalrt.export.face_llava.bundle import (
+    FAMILY,
+    export_options,
+    load_source,
+    manifest_sections,
+    write_bundle_tokenizer,
+)
 from focalrt.export.face_llava.checkpoint import (
     convert_face_llava_state_dict,
     load_face_llava_checkpoint,
@@ -45,10 +55,11 @@ from focalrt.export.face_llava.model import (
 from focalrt.export.face_llava.tokenizer import build_preset_tokenizer, write_face_llava_tokenizer
 
 __all__ = [
+    "FAMILY", "export_options", "load_source", "manifest_sections", "write_bundle_tokenizer",
     "BOS_TOKEN", "DEFAULT_MAX_CONTEXT", "EOS_TOKEN", "FACE_LLAVA_PROMPT", "IMAGE_MEAN", "IMAGE_STD", "IMAGE_TOKEN",
     "LANGUAGEBIND_IMAGE_VISION", "LLAVA_V1_SYSTEM", "PRESETS", "PRESET_IMAGE_TOKEN_ID", "PRESET_VOCAB_SIZE",
     "FaceLlava", "TokenEmbedding", "VisionEncoder", "build_preset_tokenizer", "build_random_model",
-    "convert_face_llava_state_dict", "export_decoder", "export_embed", "export_face_llava", "export_vision",
+    "convert_face_llava_state_dict", "export_decoder", "export_embed", "export_vision",
     "image_token_count", "load_face_llava_checkpoint", "to_original_face_llava_state_dict", "validate_decoder",
     "write_face_llava_tokenizer",
 ]

@@ -80,8 +80,14 @@ def image_token_count(model: FaceLlava) -> int:
     return (v.image_size // v.patch_size) ** 2 + (0 if model.config.vision_feature_select_strategy == "default" else 1)
 
 
-def export_vision(model: FaceLlava, out: Path) -> dict[str, Any]:
+def export_vision(model: FaceLlava, out: Path, image_size: int | None = None) -> dict[str, Any]:
+    """vision.onnx at the tower's fixed size (`image_size`, if given, must be it), checked with and without
+    landmarks."""
     size = model.config.vision_config.image_size
+    if image_size not in (None, size):
+        raise ValueError(f"the CLIP tower takes {size} px images, not {image_size}")
+    log.info("exporting vision encoder (CLIP tower, projector%s)",
+             ", landmark pathway" if model.landmarks is not None else "")
     module = VisionEncoder(model).eval()
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(1, 3, size, size, generator=gen)
