@@ -219,7 +219,7 @@ def write_text_tokenizer(tokenizer, out: Path, source: str) -> dict[str, Any]:
 export_vision = None  # text-only: no vision encoder, and no face models in the bundle
 
 
-def load_source(model_id: str | None, preset: str | None, seed: int = 0) -> Source:
+def load_source(model_id: str | None, preset: str | None, seed: int) -> Source:
     """A GGUF file, a preset (a GGUF inside an installed package) or a checkpoint directory; `seed` is
     accepted so every family takes the same options: the weights are the checkpoint's."""
     if (model_id is None) == (preset is None):
