@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from focalrt.export.face_llava import build_random_model, export_face_llava, load_face_llava_checkpoint
+    from focalrt.export.build import export_bundle
+    from focalrt.export.face_llava import build_random_model, load_face_llava_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bundle is None:
         bundle = Path(tempfile.mkdtemp(prefix="focalrt-face-llava-")) / "bundle"
         print(f"exporting {args.preset} to {bundle} ...", file=sys.stderr)
-        export_face_llava(bundle, preset=args.preset, face_models=False)
+        export_bundle(bundle, preset=args.preset, face_models=False)
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest["family"] != "face_llava":
         sys.exit(f"{bundle} is a {manifest['family']} bundle, not face_llava")

@@ -21,10 +21,10 @@ def astronaut_bgr() -> np.ndarray:
 
 def _export(tmp_path_factory, preset: str, **kwargs) -> Path:
     pytest.importorskip("torch")
-    from focalrt.export.build import export_qwen2_5_vl
+    from focalrt.export.build import export_bundle
 
     out = tmp_path_factory.mktemp(preset) / "bundle"
-    return export_qwen2_5_vl(out, preset=preset, **kwargs)
+    return export_bundle(out, preset=preset, **kwargs)
 
 
 @pytest.fixture(scope="session")

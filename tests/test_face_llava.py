@@ -12,12 +12,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 cv2 = pytest.importorskip("cv2")
 
+from focalrt.export.build import export_bundle  # noqa: E402
 from focalrt.export.face_llava import (  # noqa: E402
     IMAGE_TOKEN,
     LLAVA_V1_SYSTEM,
     build_random_model,
     convert_face_llava_state_dict,
-    export_face_llava,
     export_vision,
     load_face_llava_checkpoint,
     to_original_face_llava_state_dict,
@@ -40,7 +40,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return export_face_llava(tmp_path_factory.mktemp("face_llava") / "bundle", preset=PRESET, face_models=False)
+    return export_bundle(tmp_path_factory.mktemp("face_llava") / "bundle", preset=PRESET, face_models=False)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, 
     tok = json.loads((bundle / "tokenizer.json").read_text())
     tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != IMAGE_TOKEN]
     (tmp_path / "ckpt" / "tokenizer.json").write_text(json.dumps(tok))
-    out = export_face_llava(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), face_models=False)
+    out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), family="face_llava", face_models=False)
     manifest = json.loads((out / "manifest.json").read_text())
     preset_manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["source"]["weights_fingerprint"] == preset_manifest["source"]["weights_fingerprint"]

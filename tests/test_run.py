@@ -200,12 +200,12 @@ def test_ctrl_c_or_sigterm_closes_the_video_and_keeps_events(tiny_bundle, tmp_pa
 def test_run_with_face_llava_bundle(tmp_path_factory, clip, tmp_path, monkeypatch):
     """The second family goes through the same run loop, fed the 68 landmarks of each tracked face."""
     pytest.importorskip("torch")
-    from focalrt.export.face_llava import export_face_llava
+    from focalrt.export.build import export_bundle
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.run import RegionRunner, iter_events
     from focalrt.runtime.sources import open_source
 
-    bundle = export_face_llava(tmp_path_factory.mktemp("fl") / "bundle", preset="tiny-random-face-llava")
+    bundle = export_bundle(tmp_path_factory.mktemp("fl") / "bundle", preset="tiny-random-face-llava")
     out = _run(bundle, "--source", clip, "--regions", "mouth,brows", "--out", tmp_path / "e.jsonl",
                "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr

@@ -12,22 +12,10 @@ from typing import Any
 
 from focalrt import __version__
 from focalrt.bundle import atomic_output_dir, file_record, write_manifest
+from focalrt.export.family import Options, Source, family_module
 
 log = logging.getLogger(__name__)
 
-QWEN_PROMPT: dict[str, Any] = {
-    "profile": "qwen2_5_vl_chat",
-    "system": "You are a helpful assistant.",
-    "template": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
-                 "<|vision_start|>{image}<|vision_end|>{region}{instruction}<|im_end|>\n"
-                 "<|im_start|>assistant\n"),
-    "image_token": "<|image_pad|>",
-    "region_mode": "text",
-    "region_template": "Focus on the face region [{x1}, {y1}, {x2}, {y2}]. ",
-    "default_instruction": ("Describe this face region: its facial action units, the emotion it shows "
-                            "and cues to the person's age."),
-    "stop_tokens": ["<|im_end|>", "<|endoftext|>"],
-}
 PROFILE_KEYS = ("system", "region_template", "default_instruction", "region_mode")
 REGION_MODES = ("text", "draw", "crop")
 # Wording when the region is shown in the image rather than given as coordinates.
@@ -79,80 +67,28 @@ def _weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def export_qwen2_5_vl(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
-                      image_size: int | None = None, max_context: int | None = None,
-                      profile: dict[str, Any] | None = None, face_models: bool = True,
-                      overwrite: bool = False, seed: int = 0, face_heads: bool = True) -> Path:
-    from focalrt.export import qwen2_5_vl as q
-    from focalrt.export.tokenizer import write_tokenizer
-
-    if (model_id is None) == (preset is None):
-        raise ValueError("give exactly one of --model (checkpoint dir or hub id) or --preset")
-    image_size = image_size or q.DEFAULT_IMAGE_SIZE
-    t0 = time.perf_counter()
-    model = q.build_random_model(preset, seed) if preset else q.load_model(model_id)
-    cfg, tcfg, vcfg = model.config, model.config.text_config, model.config.vision_config
-    q.grid_for(image_size, vcfg.patch_size, vcfg.spatial_merge_size)
-    max_context = min(max_context or q.DEFAULT_MAX_CONTEXT, tcfg.max_position_embeddings)
-    prompt = {**QWEN_PROMPT, **(profile or {})}
-
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        log.info("exporting vision encoder at %dx%d", image_size, image_size)
-        vision = q.export_vision(model, tmp, image_size)
-        log.info("exporting token embedding")
-        embed = q.export_embed(model, tmp)
-        log.info("exporting decoder (%d layers)", tcfg.num_hidden_layers)
-        decoder = q.export_decoder(model, tmp, max_context)
-        source_dir = Path(model_id) if model_id and Path(model_id).is_dir() else None
-        tok = write_tokenizer(tmp, source_dir)
-        if model_id and source_dir is None:
-            tok = _hub_tokenizer(model_id, tmp)
-        write_bundle_manifest(
-            tmp, t0, family="qwen2_5_vl", model=model, model_id=model_id, preset=preset, seed=seed,
-            architecture="Qwen2_5_VLForConditionalGeneration",
-            components={"vision": vision, "embed": embed, "decoder": decoder}, tok=tok, prompt=prompt,
-            preprocess={"image_size": image_size, "mean": q.IMAGE_MEAN, "std": q.IMAGE_STD,
-                        "rescale": 1 / 255, "patch_size": vcfg.patch_size,
-                        "merge_size": vcfg.spatial_merge_size,
-                        "temporal_patch_size": vcfg.temporal_patch_size,
-                        "image_tokens": (image_size // vcfg.patch_size // vcfg.spatial_merge_size) ** 2,
-                        "color": "RGB"},
-            text={"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
-                  "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
-                  "head_dim": tcfg.hidden_size // tcfg.num_attention_heads,
-                  "vocab_size": tcfg.vocab_size, "max_context": max_context, "rope_type": "mrope",
-                  "rope_theta": tcfg.rope_parameters["rope_theta"],
-                  "mrope_section": list(tcfg.rope_parameters["mrope_section"]),
-                  "image_token_id": cfg.image_token_id, "vision_start_token_id": cfg.vision_start_token_id},
-            face_models=face_models, face_heads=face_heads)
-    log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
-    return Path(out)
-
-
-def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id: str | None, preset: str | None,
-                          seed: int, architecture: str, components: dict[str, dict[str, Any]],
-                          tok: dict[str, Any], prompt: dict[str, Any], preprocess: dict[str, Any],
-                          text: dict[str, Any], face_models: bool, face_heads: bool = True,
-                          random_weights: bool | None = None) -> None:
+def write_bundle_manifest(tmp: Path, t0: float, *, family: str, source: Source, options: Options,
+                          components: dict[str, dict[str, Any]], tok: dict[str, Any], sections: dict[str, Any],
+                          face_models: bool, face_heads: bool = True) -> None:
     """The manifest parts every family shares (source, fp32 component records, tokenizer, generation,
-    provenance, face models and heads), around the family's own preprocess and text sections; written last.
-    `random_weights` defaults to "a preset"; a preset of trained weights (smollm2-135m) passes False."""
+    provenance, face models and heads), around the family's own preprocess and text sections; written last."""
     from focalrt.export.onnx_io import OPSET
 
     records = {name: {**file_record(tmp, f"{name}.onnx"), **info, "precision": "fp32"}
                for name, info in components.items()}
     records["decoder"].update(attention="GroupQueryAttention", kv_cache="shared_buffer", logits="last_n")
+    preset = source.preset
     manifest: dict[str, Any] = {
         "family": family,
-        "source": {"model": model_id or f"preset:{preset}", "preset": preset, "seed": seed if preset else None,
-                   "random_weights": bool(preset) if random_weights is None else random_weights,
-                   "architecture": architecture,
-                   "weights_fingerprint": _weights_fingerprint(model)},
+        "source": {"model": source.model_id or f"preset:{preset}", "preset": preset,
+                   "seed": source.seed if preset else None, "random_weights": source.random_weights,
+                   "architecture": sections["architecture"],
+                   "weights_fingerprint": _weights_fingerprint(source.model)},
         "components": records,
         "tokenizer": {**file_record(tmp, "tokenizer.json"), **{k: v for k, v in tok.items() if k != "file"}},
-        "prompt": prompt,
-        "preprocess": preprocess,
-        "text": text,
+        "prompt": options.prompt,
+        "preprocess": sections["preprocess"],
+        "text": sections["text"],
         "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
         "provenance": {**_versions(), "opset": OPSET, "created_unix": int(time.time()), "export_seconds": None},
     }
@@ -161,17 +97,6 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, model, model_id:
         manifest["face_models"] = _export_faces(tmp, face_heads)
     manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 1)
     write_manifest(tmp, manifest)
-
-
-def _hub_tokenizer(model_id: str, out: Path) -> dict[str, Any]:
-    """A hub checkpoint's own tokenizer, through transformers' cache (needs the hub)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_id)
-    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
-    from focalrt.export.tokenizer import QWEN2_SPECIAL_TOKENS
-
-    return {"file": "tokenizer.json", "special_tokens": QWEN2_SPECIAL_TOKENS, "source": f"hub:{model_id}"}
 
 
 def _export_faces(tmp: Path, heads: bool = True) -> dict[str, Any]:
@@ -211,15 +136,36 @@ def family_of(model_id: str | None, preset: str | None) -> str:
 
 
 def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
-                  family: str | None = None, **kwargs: Any) -> Path:
+                  family: str | None = None, source: Source | None = None, image_size: int | None = None,
+                  max_context: int | None = None, profile: dict[str, Any] | None = None, face_models: bool = True,
+                  face_heads: bool = True, overwrite: bool = False, seed: int = 0) -> Path:
+    """The one export driver: a model (preset, checkpoint, hub id or an already loaded `source`) -> one
+    validated bundle directory, through the family's functions (see `focalrt.export.family`).
+
+    Everything is written into a temporary sibling directory that is renamed into place only when the
+    manifest is written, so an error, Ctrl-C or SIGTERM leaves no half bundle.
+    """
+    if source is not None and family is None:
+        raise ValueError("export_bundle(source=...) needs the family the source belongs to")
     family = family or family_of(model_id, preset)
-    log.info("loading %s", f"the {preset} preset (random weights)" if preset else model_id)
-    if family == "qwen2_5_vl":
-        return export_qwen2_5_vl(out, model_id=model_id, preset=preset, **kwargs)
-    if family == "text":
-        from focalrt.export.causal_lm import export_causal_lm
-
-        return export_causal_lm(out, model_id=model_id, preset=preset, **kwargs)
-    from focalrt.export.face_llava import export_face_llava
-
-    return export_face_llava(out, model_id=model_id, preset=preset, **kwargs)
+    fam = family_module(family)
+    t0 = time.perf_counter()
+    if source is None:
+        log.info("loading %s", f"the {preset} preset (random weights)" if preset else model_id)
+        source = fam.load_source(model_id, preset, seed)
+    options = fam.export_options(source, image_size=image_size, max_context=max_context, profile=profile)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        tok = fam.write_bundle_tokenizer(source, tmp)  # first: Face-LLaVA's image token id comes from it
+        sections = fam.manifest_sections(source, options, tok)
+        components = {}
+        if fam.export_vision is not None:
+            components["vision"] = fam.export_vision(source.model, tmp, options.image_size)
+        log.info("exporting token embedding")
+        components["embed"] = fam.export_embed(source.model, tmp)
+        log.info("exporting decoder (%d layers)", sections["text"]["num_layers"])
+        components["decoder"] = fam.export_decoder(source.model, tmp, options.max_context)
+        write_bundle_manifest(tmp, t0, family=family, source=source, options=options, components=components,
+                              tok=tok, sections=sections, face_heads=face_heads,
+                              face_models=face_models and fam.export_vision is not None)  # image bundles only
+    log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
+    return Path(out)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from focalrt.export.family import Options, Source
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
@@ -213,56 +213,52 @@ def write_text_tokenizer(tokenizer, out: Path, source: str) -> dict[str, Any]:
             "bos_token": tokenizer.bos_token, "add_bos_token": add_bos}
 
 
-def export_causal_lm(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
-                     max_context: int | None = None, profile: dict[str, Any] | None = None,
-                     overwrite: bool = False, image_size: int | None = None, face_models: bool = False,
-                     face_heads: bool = False, seed: int = 0) -> Path:
-    """A validated text bundle (embed + decoder, no vision) from a GGUF file, a preset or a checkpoint dir.
+# ---------------------------------------------------------------------------------------------------------
+# The family interface (see focalrt.export.family), called by build.export_bundle.
 
-    `face_models`, `face_heads` and `seed` are accepted so every family takes the same export options; a
-    text bundle has no face models or heads, and its weights are the checkpoint's.
-    """
+export_vision = None  # text-only: no vision encoder, and no face models in the bundle
+
+
+def load_source(model_id: str | None, preset: str | None, seed: int) -> Source:
+    """A GGUF file, a preset (a GGUF inside an installed package) or a checkpoint directory; `seed` is
+    accepted so every family takes the same options: the weights are the checkpoint's."""
     if (model_id is None) == (preset is None):
         raise ValueError("give exactly one of --model (a .gguf file or checkpoint directory) or --preset")
+    path = locate_preset(preset) if preset else Path(model_id)
+    log.info("loading %s with transformers", path)
+    model, tokenizer = load_checkpoint(path)
+    return text_source(model, tokenizer, path, preset)
+
+
+def text_source(model, tokenizer, path: Path, preset: str | None = None) -> Source:
+    """An already loaded model and tokenizer (see `load_checkpoint`) as an export source."""
+    return Source(model, str(path), preset, seed=0, random_weights=False, tokenizer=tokenizer, path=path)
+
+
+def export_options(source: Source, *, image_size: int | None, max_context: int | None,
+                   profile: dict[str, Any] | None) -> Options:
+    """The context up to the model's position limit, and the prompt profile from its chat template."""
     if image_size is not None:
         raise ValueError("--image-size does not apply to a text-only model; leave it out")
-    source = locate_preset(preset) if preset else Path(model_id)
-    t0 = time.perf_counter()
-    log.info("loading %s with transformers", source)
-    model, tokenizer = load_checkpoint(source)
-    return write_text_bundle(out, model, tokenizer, source, preset=preset, max_context=max_context,
-                             profile=profile, overwrite=overwrite, t0=t0)
+    cfg = source.model.config
+    return Options(max_context=min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings),
+                   prompt=chat_profile(source.tokenizer, profile))
 
 
-def write_text_bundle(out: str | Path, model, tokenizer, source: Path, *, preset: str | None = None,
-                      max_context: int | None = None, profile: dict[str, Any] | None = None,
-                      overwrite: bool = False, t0: float | None = None) -> Path:
-    """Export an already loaded model and tokenizer (see `load_checkpoint`) as a validated text bundle."""
-    from focalrt.bundle import atomic_output_dir
-    from focalrt.export.build import write_bundle_manifest
+def write_bundle_tokenizer(source: Source, out: Path) -> dict[str, Any]:
+    kind = "gguf" if source.path.suffix.lower() == ".gguf" else "checkpoint"
+    return write_text_tokenizer(source.tokenizer, out, f"{kind} {source.path.name} via transformers")
 
-    t0 = time.perf_counter() if t0 is None else t0
-    cfg = model.config
-    max_context = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-    prompt = chat_profile(tokenizer, profile)
-    label = f"{'gguf' if source.suffix.lower() == '.gguf' else 'checkpoint'} {source.name} via transformers"
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        tok = write_text_tokenizer(tokenizer, tmp, label)
-        log.info("exporting token embedding")
-        embed = export_embed(model, tmp)
-        log.info("exporting decoder (%d layers)", cfg.num_hidden_layers)
-        decoder = export_decoder(model, tmp, max_context)
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        write_bundle_manifest(
-            tmp, t0, family=FAMILY, model=model, model_id=str(source), preset=preset, seed=0, random_weights=False,
-            architecture=type(model).__name__, components={"embed": embed, "decoder": decoder}, tok=tok,
-            prompt=prompt, preprocess=None,
-            text={"hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-                  "num_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads,
-                  "head_dim": head_dim_of(cfg), "vocab_size": cfg.vocab_size, "max_context": max_context,
-                  "rope_type": "rope", "rope_theta": rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
-                  "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))},
-            face_models=False)  # the face detector and landmarks serve image bundles only
-    log.info("bundle written to %s in %.1f s", out, time.perf_counter() - t0)
-    return Path(out)
+def manifest_sections(source: Source, options: Options, tok: dict[str, Any]) -> dict[str, Any]:
+    cfg = source.model.config
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return {
+        "architecture": type(source.model).__name__,
+        "preprocess": None,
+        "text": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
+                 "num_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads,
+                 "head_dim": head_dim_of(cfg), "vocab_size": cfg.vocab_size, "max_context": options.max_context,
+                 "rope_type": "rope", "rope_theta": rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
+                 "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))},
+    }

@@ -14,15 +14,31 @@ import numpy as np
 import torch
 from torch import nn
 
+from focalrt.export.family import Options, Source
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
 log = logging.getLogger(__name__)
 
+FAMILY = "qwen2_5_vl"
+
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 DEFAULT_IMAGE_SIZE = 336
 DEFAULT_MAX_CONTEXT = 4096
+QWEN_PROMPT: dict[str, Any] = {
+    "profile": "qwen2_5_vl_chat",
+    "system": "You are a helpful assistant.",
+    "template": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|>{image}<|vision_end|>{region}{instruction}<|im_end|>\n"
+                 "<|im_start|>assistant\n"),
+    "image_token": "<|image_pad|>",
+    "region_mode": "text",
+    "region_template": "Focus on the face region [{x1}, {y1}, {x2}, {y2}]. ",
+    "default_instruction": ("Describe this face region: its facial action units, the emotion it shows "
+                            "and cues to the person's age."),
+    "stop_tokens": ["<|im_end|>", "<|endoftext|>"],
+}
 
 # Random-weight models of the real architecture. `tiny-random` is the demo and test default;
 # `tiny-random-b` is a second, differently shaped config for parity tests; `small` has the decoder
@@ -133,6 +149,7 @@ def export_vision(model, out: Path, image_size: int) -> dict[str, Any]:
     module = VisionEncoder(model.model.visual, grid).eval()
     pixels = _sample_pixels(n_patches, dim)
     path = out / "vision.onnx"
+    log.info("exporting vision encoder at %dx%d", image_size, image_size)
     export_module(module, (pixels,), path, ["pixel_values"], ["image_embeds"], {})
     with torch.no_grad():
         ref = module(pixels).numpy()
@@ -210,3 +227,66 @@ def validate_decoder(model, path: Path, prompt_len: int = 7, steps: int = 3, buf
         worst = max(worst, compare(f"decoder KV cache at length {end}", cache[0][:, :, :end], ref_k, atol=1e-4))
         start = end
     return worst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The family interface (see focalrt.export.family), called by build.export_bundle.
+
+def load_source(model_id: str | None, preset: str | None, seed: int) -> Source:
+    """A preset's random-weight model or a checkpoint (local directory or hub id)."""
+    if (model_id is None) == (preset is None):
+        raise ValueError("give exactly one of --model (checkpoint dir or hub id) or --preset")
+    model = build_random_model(preset, seed) if preset else load_model(model_id)
+    return Source(model, model_id, preset, seed, random_weights=bool(preset),
+                  path=Path(model_id) if model_id and Path(model_id).is_dir() else None)
+
+
+def export_options(source: Source, *, image_size: int | None, max_context: int | None,
+                   profile: dict[str, Any] | None) -> Options:
+    """Any image size on the patch x merge grid; the context up to the model's position limit."""
+    image_size = image_size or DEFAULT_IMAGE_SIZE
+    vcfg, tcfg = source.model.config.vision_config, source.model.config.text_config
+    grid_for(image_size, vcfg.patch_size, vcfg.spatial_merge_size)
+    return Options(max_context=min(max_context or DEFAULT_MAX_CONTEXT, tcfg.max_position_embeddings),
+                   prompt={**QWEN_PROMPT, **(profile or {})}, image_size=image_size)
+
+
+def write_bundle_tokenizer(source: Source, out: Path) -> dict[str, Any]:
+    """The checkpoint's tokenizer, a hub checkpoint's through transformers, or the preset's Qwen2 BPE."""
+    from focalrt.export.tokenizer import write_tokenizer
+
+    if source.model_id and source.path is None:
+        return _hub_tokenizer(source.model_id, out)
+    return write_tokenizer(out, source.path)
+
+
+def _hub_tokenizer(model_id: str, out: Path) -> dict[str, Any]:
+    """A hub checkpoint's own tokenizer, through transformers' cache (needs the hub)."""
+    from transformers import AutoTokenizer
+
+    from focalrt.export.tokenizer import QWEN2_SPECIAL_TOKENS
+
+    tok = AutoTokenizer.from_pretrained(model_id)
+    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    return {"file": "tokenizer.json", "special_tokens": QWEN2_SPECIAL_TOKENS, "source": f"hub:{model_id}"}
+
+
+def manifest_sections(source: Source, options: Options, tok: dict[str, Any]) -> dict[str, Any]:
+    cfg = source.model.config
+    tcfg, vcfg, size = cfg.text_config, cfg.vision_config, options.image_size
+    return {
+        "architecture": "Qwen2_5_VLForConditionalGeneration",
+        "preprocess": {"image_size": size, "mean": IMAGE_MEAN, "std": IMAGE_STD,
+                       "rescale": 1 / 255, "patch_size": vcfg.patch_size,
+                       "merge_size": vcfg.spatial_merge_size,
+                       "temporal_patch_size": vcfg.temporal_patch_size,
+                       "image_tokens": (size // vcfg.patch_size // vcfg.spatial_merge_size) ** 2,
+                       "color": "RGB"},
+        "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
+                 "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
+                 "head_dim": tcfg.hidden_size // tcfg.num_attention_heads,
+                 "vocab_size": tcfg.vocab_size, "max_context": options.max_context, "rope_type": "mrope",
+                 "rope_theta": tcfg.rope_parameters["rope_theta"],
+                 "mrope_section": list(tcfg.rope_parameters["mrope_section"]),
+                 "image_token_id": cfg.image_token_id, "vision_start_token_id": cfg.vision_start_token_id},
+    }

@@ -1,0 +1,72 @@
+"""The Face-LLaVA bundle: the family interface (see focalrt.export.family) that build.export_bundle calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from focalrt.export.face_llava.checkpoint import load_face_llava_checkpoint
+from focalrt.export.face_llava.components import image_token_count
+from focalrt.export.face_llava.model import (
+    DEFAULT_MAX_CONTEXT,
+    FACE_LLAVA_PROMPT,
+    IMAGE_MEAN,
+    IMAGE_STD,
+    IMAGE_TOKEN,
+    build_random_model,
+)
+from focalrt.export.face_llava.tokenizer import write_face_llava_tokenizer
+from focalrt.export.family import Options, Source
+
+FAMILY = "face_llava"
+
+
+def load_source(model_id: str | None, preset: str | None, seed: int) -> Source:
+    """A preset's random-weight model or a local Face-LLaVA checkpoint directory."""
+    if (model_id is None) == (preset is None):
+        raise ValueError("give exactly one of --model (Face-LLaVA checkpoint directory) or --preset")
+    source_dir = Path(model_id) if model_id else None
+    if source_dir is not None and not source_dir.is_dir():
+        raise ValueError(f"--model {model_id}: Face-LLaVA checkpoints are read from a local directory "
+                         f"(config.json, weights, tokenizer); download it first")
+    model = build_random_model(preset, seed) if preset else load_face_llava_checkpoint(source_dir)
+    return Source(model, model_id, preset, seed, random_weights=bool(preset), path=source_dir)
+
+
+def export_options(source: Source, *, image_size: int | None, max_context: int | None,
+                   profile: dict[str, Any] | None) -> Options:
+    """The image size is the CLIP tower's; the context up to the model's position limit."""
+    vcfg, tcfg = source.model.config.vision_config, source.model.config.text_config
+    if image_size is not None and image_size != vcfg.image_size:
+        raise ValueError(f"--image-size {image_size}: the CLIP tower's position embeddings fix the input at "
+                         f"{vcfg.image_size} px; leave --image-size out")
+    return Options(max_context=min(max_context or DEFAULT_MAX_CONTEXT, tcfg.max_position_embeddings),
+                   prompt={**FACE_LLAVA_PROMPT, **(profile or {})}, image_size=vcfg.image_size)
+
+
+def write_bundle_tokenizer(source: Source, out: Path) -> dict[str, Any]:
+    """The tokenizer, and the model's image token id set to the tokenizer's <image> (the vision and embed
+    exports that follow place image embeddings at it)."""
+    tok = write_face_llava_tokenizer(out, source.path)
+    source.model.config.image_token_id = tok["special_tokens"][IMAGE_TOKEN]
+    return tok
+
+
+def manifest_sections(source: Source, options: Options, tok: dict[str, Any]) -> dict[str, Any]:
+    model = source.model
+    tcfg, vcfg = model.config.text_config, model.config.vision_config
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    return {
+        "architecture": "LlavaForConditionalGeneration + Face-LLaVA landmark pathway"
+        if model.landmarks is not None else "LlavaForConditionalGeneration",
+        # LanguageBind's image transform: bicubic resize of the shorter side, centre crop, CLIP mean/std.
+        "preprocess": {"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
+                       "center_crop": True, "interpolation": "bicubic", "mean": IMAGE_MEAN,
+                       "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,
+                       "image_tokens": image_token_count(model), "color": "RGB", "layout": "NCHW"},
+        "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
+                 "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
+                 "head_dim": head_dim, "vocab_size": tcfg.vocab_size, "max_context": options.max_context,
+                 "rope_type": "rope", "rope_theta": tcfg.rope_parameters["rope_theta"],
+                 "image_token_id": model.config.image_token_id},
+    }

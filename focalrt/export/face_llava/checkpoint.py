@@ -1,0 +1,218 @@
+"""Face-LLaVA checkpoint names and loading: the LLaVA layout mapped onto `FaceLlava` and back.
+
+Face-LLaVA saves the LLaVA layout: the Llama under `model.`, the projector as an
+nn.Sequential `model.mm_projector.{0,2}`, the LanguageBind tower as `model.image_tower.image_tower.`
+(LLaVA-1.5 uses `model.vision_tower.vision_tower.vision_model.`), and the landmark modules as
+`model.landmarks_projector.region_layers.<region>`, `model.global_landmarks_projector` and
+`model.landmarks_cross_attn` (an nn.MultiheadAttention with packed q/k/v, its LayerNorm, linear_proj).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from focalrt.export.face_llava.model import (
+    IMAGE_TOKEN,
+    LANGUAGEBIND_IMAGE_VISION,
+    TEXT_KEYS,
+    VISION_KEYS,
+    FaceLlava,
+    llava_config,
+)
+from focalrt.export.face_llava_modules import (
+    CROSS_ATTENTION_HEADS,
+    REGIONS,
+    REPOSITORY_BRANCH_SCALE,
+    FaceLandmarkPathway,
+)
+
+_ORIGINAL_REGIONS = dict(zip([name for name, _, _ in REGIONS],
+                             ["face", "eyebrow1", "eyebrow2", "nose", "nostril", "eye1", "eye2", "lips", "teeth"],
+                             strict=True))
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.image_tower.image_tower.", "llava.model.vision_tower."),
+    ("model.mm_projector.0.", "llava.model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "llava.model.multi_modal_projector.linear_2."),
+    ("model.embed_tokens.", "llava.model.language_model.embed_tokens."),
+    ("model.layers.", "llava.model.language_model.layers."),
+    ("model.norm.", "llava.model.language_model.norm."),
+    ("lm_head.", "llava.lm_head."),
+    ("model.global_landmarks_projector.", "landmarks.global_proj."),
+    ("model.landmarks_cross_attn.cross_attn.attn.out_proj.", "landmarks.cross_attn.o_proj."),
+    ("model.landmarks_cross_attn.cross_attn.ln.", "landmarks.cross_attn.norm."),
+    ("model.landmarks_cross_attn.linear_proj.", "landmarks.cross_attn.out_proj."),
+    *((f"model.landmarks_projector.region_layers.{orig}.", f"landmarks.region_proj.regions.{ours}.")
+      for ours, orig in _ORIGINAL_REGIONS.items()),
+)
+# Read as another spelling of a prefix above (LLaVA-1.5 layout), never written.
+_ALIASES = (("model.vision_tower.vision_tower.vision_model.", "model.image_tower.image_tower."),)
+_PACKED_QKV = "model.landmarks_cross_attn.cross_attn.attn.in_proj_"
+_OURS_QKV = ("landmarks.cross_attn.q_proj.", "landmarks.cross_attn.k_proj.", "landmarks.cross_attn.v_proj.")
+# In checkpoints but unused at inference: a LayerNorm the code never applies, the video tower (video is
+# not supported), and position-id buffers.
+_IGNORED_PREFIXES = ("model.landmarks_cross_attn.ln.", "model.video_tower.")
+_IGNORED_SUFFIXES = (".position_ids",)
+
+
+def convert_face_llava_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Face-LLaVA checkpoint names -> `FaceLlava` names. Unknown names are an error, not silently lost."""
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, tensor in sd.items():
+        for alias, canonical in _ALIASES:
+            if name.startswith(alias):
+                name = canonical + name[len(alias):]
+        if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name.startswith(_PACKED_QKV):
+            kind = name[len(_PACKED_QKV):]  # "weight" or "bias"
+            for prefix, part in zip(_OURS_QKV, tensor.chunk(3, dim=0), strict=True):
+                out[prefix + kind] = part.clone()
+            continue
+        for orig, ours in _PREFIXES:
+            if name.startswith(orig):
+                out[ours + name[len(orig):]] = tensor
+                break
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"{len(unknown)} checkpoint parameters have no place in the Face-LLaVA export model, "
+                         f"e.g. {unknown[:5]}; is this a Face-LLaVA (LLaVA-layout) checkpoint?")
+    return out
+
+
+def to_original_face_llava_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`FaceLlava` names -> Face-LLaVA checkpoint names (the inverse of convert_face_llava_state_dict)."""
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[str, list[torch.Tensor | None]] = {"weight": [None] * 3, "bias": [None] * 3}
+    for name, tensor in sd.items():
+        qkv = [i for i, prefix in enumerate(_OURS_QKV) if name.startswith(prefix)]
+        if qkv:
+            packed[name.rsplit(".", 1)[1]][qkv[0]] = tensor
+            continue
+        for orig, ours in _PREFIXES:
+            if name.startswith(ours):
+                out[orig + name[len(ours):]] = tensor
+                break
+        else:
+            raise ValueError(f"parameter {name!r} has no Face-LLaVA checkpoint name")
+    for kind, parts in packed.items():
+        if any(p is not None for p in parts):
+            if any(p is None for p in parts):
+                raise ValueError(f"cross-attention {kind}: q, k and v must all be present to pack them")
+            out[_PACKED_QKV + kind] = torch.cat(parts, dim=0)
+    return out
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd.update(load_file(str(f)))
+        else:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    return sd
+
+
+def _tower_dir(cfg: dict[str, Any], directory: Path) -> Path | None:
+    """The image tower named by the config (e.g. LanguageBind/LanguageBind_Image), if it is a local dir."""
+    name = cfg.get("mm_image_tower") or cfg.get("mm_vision_tower")
+    if not name:
+        return None
+    for candidate in (Path(name), directory / name):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _vision_config_dict(cfg: dict[str, Any], tower: Path | None) -> dict[str, Any]:
+    source = cfg.get("vision_config")
+    if source is None and tower is not None and (tower / "config.json").is_file():
+        tower_cfg = json.loads((tower / "config.json").read_text())
+        source = tower_cfg.get("vision_config", tower_cfg)
+    source = source or LANGUAGEBIND_IMAGE_VISION
+    return {k: source[k] for k in VISION_KEYS if k in source}
+
+
+def _check_supported(cfg: dict[str, Any], path: Path, has_landmarks: bool) -> None:
+    wanted = {"mm_projector_type": "mlp2x_gelu"}
+    if has_landmarks:
+        wanted.update(landmarks_projector_type="landmarks_region_projector",
+                      global_landmarks_projector_type="linear", cross_attn_type="simple")
+    for key, value in wanted.items():
+        if cfg.get(key, value) != value:
+            raise NotImplementedError(f"{path}: {key}={cfg[key]!r} is not supported; the Face-LLaVA export "
+                                      f"handles {key}={value!r}")
+    if cfg.get("use_landmark_tokens"):
+        raise NotImplementedError(f"{path}: use_landmark_tokens=true (a 257th image token) is not supported")
+    if cfg.get("mm_vision_select_layer", -2) != -2:
+        raise NotImplementedError(f"{path}: mm_vision_select_layer={cfg['mm_vision_select_layer']} is not "
+                                  f"supported; Face-LLaVA uses -2")
+
+
+def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
+    """A local Face-LLaVA checkpoint (config.json + weights, LLaVA layout) as a float32 `FaceLlava`.
+
+    The image tower's weights are taken from the checkpoint, or else from the local tower directory its
+    config names (`mm_image_tower`, LanguageBind_Image's `vision_model.*`).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} does not exist; pass a Face-LLaVA checkpoint directory")
+    cfg = json.loads(cfg_path.read_text())
+    sd = _read_weights(directory)
+    has_landmarks = any(k.startswith("model.landmarks_projector.") for k in sd)
+    _check_supported(cfg, cfg_path, has_landmarks)
+    tower = _tower_dir(cfg, directory)
+    tower_prefixes = ("model.image_tower.image_tower.", "model.vision_tower.vision_tower.vision_model.")
+    if not any(k.startswith(tower_prefixes) for k in sd):
+        tower_sd = _read_weights(tower) if tower is not None else {}
+        found = {k: v for k, v in tower_sd.items() if k.startswith("vision_model.")}
+        if not found:
+            raise FileNotFoundError(
+                f"{directory} holds no image tower weights (model.image_tower.image_tower.*) and its config's "
+                f"mm_image_tower {cfg.get('mm_image_tower')!r} is not a local directory with vision_model.* "
+                f"weights; download LanguageBind/LanguageBind_Image and set mm_image_tower to its path")
+        sd.update({"model.image_tower.image_tower." + k[len("vision_model."):]: v for k, v in found.items()})
+    converted = {k: v.float() for k, v in convert_face_llava_state_dict(sd).items()}
+
+    text = {k: cfg[k] for k in TEXT_KEYS if k in cfg and cfg[k] is not None}
+    tie = bool(text.pop("tie_word_embeddings", False))
+    tokenizer_json = directory / "tokenizer.json"
+    image_id = Tokenizer.from_file(str(tokenizer_json)).token_to_id(IMAGE_TOKEN) if tokenizer_json.is_file() else None
+    # Without an <image> token the export adds one after the vocabulary (see write_face_llava_tokenizer).
+    image_id = image_id if image_id is not None else int(text["vocab_size"])
+    select = "full" if cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default"
+    llava_cfg = llava_config(_vision_config_dict(cfg, tower), text, image_id, tie, select)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is loaded below; random init would only cost time
+        llava = LlavaForConditionalGeneration(llava_cfg)
+    scale = float(cfg.get("landmarks_branch_scale", REPOSITORY_BRANCH_SCALE))
+    pathway = FaceLandmarkPathway(llava_cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, scale) \
+        if has_landmarks else None
+    model = FaceLlava(llava, pathway)
+    if tie:
+        converted.pop("llava.lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if not (tie and k == "llava.lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if tie:
+        llava.tie_weights()
+    return model.float().eval()
+

@@ -1,0 +1,155 @@
+"""Face-LLaVA export wrappers: vision (CLIP tower + projector + landmark pathway), token embedding and
+decoder, each exported to ONNX and checked against the PyTorch reference right after export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from focalrt.export.face_llava.model import FaceLlava
+from focalrt.export.face_llava_modules import CROP_SIZE, NUM_LANDMARKS, REGIONS
+from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
+from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
+
+log = logging.getLogger(__name__)
+
+class VisionEncoder(nn.Module):
+    """pixel_values [1, 3, S, S] (+ landmarks [1, 68, 2] in 0..1 and use_landmarks [1] bool)
+    -> image_embeds [image_tokens, hidden].
+
+    Runs only the tower layers up to the selected one (the last layer's output is never used), and computes
+    both branches so that `use_landmarks=false` gives exactly the no-landmark path of the reference.
+    """
+
+    def __init__(self, model: FaceLlava):
+        super().__init__()
+        cfg = model.config
+        tower = model.llava.model.vision_tower
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+        count = len(tower.encoder.layers)
+        keep = count + 1 + layer if layer < 0 else layer
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        self.layers = nn.ModuleList(list(tower.encoder.layers)[:keep])
+        self.drop_cls = cfg.vision_feature_select_strategy == "default"
+        self.projector = model.llava.model.multi_modal_projector
+        self.landmarks = model.landmarks
+
+    def forward(self, pixel_values: torch.Tensor, landmarks: torch.Tensor | None = None,
+                use_landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+        if self.drop_cls:
+            hidden = hidden[:, 1:]
+        features = self.projector(hidden)
+        if self.landmarks is not None:
+            features = torch.where(use_landmarks.view(1, 1, 1), self.landmarks(features, landmarks), features)
+        return features[0]
+
+
+class TokenEmbedding(nn.Module):
+    """input_ids -> embeddings, with image embeddings at the image-token positions in order.
+
+    The image token may lie outside the embedding table (a checkpoint tokenizer with <image> appended), so
+    it is looked up as id 0 and then replaced.
+    """
+
+    def __init__(self, embed_tokens: nn.Embedding, image_token_id: int):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        is_image = input_ids == self.image_token_id
+        embeds = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+        index = (is_image.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
+        placed = image_embeds.index_select(0, index).view(embeds.shape)
+        return torch.where(is_image.unsqueeze(-1), placed, embeds)
+
+
+def image_token_count(model: FaceLlava) -> int:
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + (0 if model.config.vision_feature_select_strategy == "default" else 1)
+
+
+def export_vision(model: FaceLlava, out: Path, image_size: int | None = None) -> dict[str, Any]:
+    """vision.onnx at the tower's fixed size (`image_size`, if given, must be it), checked with and without
+    landmarks."""
+    size = model.config.vision_config.image_size
+    if image_size not in (None, size):
+        raise ValueError(f"the CLIP tower takes {size} px images, not {image_size}")
+    log.info("exporting vision encoder (CLIP tower, projector%s)",
+             ", landmark pathway" if model.landmarks is not None else "")
+    module = VisionEncoder(model).eval()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(1, 3, size, size, generator=gen)
+    path = out / "vision.onnx"
+    if model.landmarks is None:
+        export_module(module, (pixels,), path, ["pixel_values"], ["image_embeds"], {})
+        with torch.no_grad():
+            ref = model.image_features(pixels)[0].numpy()
+        got = cpu_session(path).run(None, {"pixel_values": pixels.numpy()})[0]
+        err = compare("vision encoder", got, ref, atol=1e-4)
+        return {"validation_max_abs_diff": err, "landmarks": None, **describe_io(path)}
+
+    landmarks = torch.rand(1, NUM_LANDMARKS, 2, generator=gen)
+    export_module(module, (pixels, landmarks, torch.tensor([True])), path,
+                  ["pixel_values", "landmarks", "use_landmarks"], ["image_embeds"], {})
+    sess = cpu_session(path)
+    worst = 0.0
+    for use in (True, False):
+        with torch.no_grad():
+            ref = model.image_features(pixels, landmarks if use else None)[0].numpy()
+        got = sess.run(None, {"pixel_values": pixels.numpy(), "landmarks": landmarks.numpy(),
+                              "use_landmarks": np.array([use])})[0]
+        worst = max(worst, compare(f"vision encoder ({'with' if use else 'without'} landmarks)", got, ref,
+                                   atol=1e-4))
+    log.info("vision.onnx matches PyTorch with and without landmarks (max abs diff %.2e)", worst)
+    landmark_facts = {"input": "landmarks", "flag": "use_landmarks", "points": NUM_LANDMARKS,
+                      "order": "iBUG 68", "normalised_by": "image width and height (0..1)",
+                      "reference_crop_size": CROP_SIZE, "regions": {n: [a, b] for n, a, b in REGIONS},
+                      "branch_scale": model.landmarks.cross_attn.branch_scale,
+                      "cross_attention_heads": model.landmarks.cross_attn.num_heads}
+    return {"validation_max_abs_diff": worst, "landmarks": landmark_facts, **describe_io(path)}
+
+
+def export_embed(model: FaceLlava, out: Path) -> dict[str, Any]:
+    image_id = model.config.image_token_id
+    module = TokenEmbedding(model.llava.get_input_embeddings(), image_id).eval()
+    hidden = model.config.text_config.hidden_size
+    ids = torch.tensor([[1, 319, image_id, image_id, image_id, 13]])
+    image_embeds = torch.randn(3, hidden, generator=torch.Generator().manual_seed(2))
+    path = out / "embed.onnx"
+    export_module(module, (ids, image_embeds), path, ["input_ids", "image_embeds"], ["inputs_embeds"],
+                  {"input_ids": {0: "batch", 1: "sequence"}, "image_embeds": {0: "image_tokens"},
+                   "inputs_embeds": {0: "batch", 1: "sequence"}})
+    with torch.no_grad():
+        ref = model.embed(ids, image_embeds[None]).numpy()
+    got = cpu_session(path).run(None, {"input_ids": ids.numpy(), "image_embeds": image_embeds.numpy()})[0]
+    err = compare("token embedding", got, ref, atol=1e-6)
+    return {"validation_max_abs_diff": err, **describe_io(path)}
+
+
+def export_decoder(model: FaceLlava, out: Path, max_context: int) -> dict[str, Any]:
+    module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head, max_context).eval()
+    path = out / "decoder.onnx"
+    graph = export_kv_decoder(module, path)
+    hd = module.head_dim
+    err = validate_decoder(model, path, hd)
+    log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
+    return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
+
+
+def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: int = 7, steps: int = 3,
+                     buf: int = 32) -> float:
+    """Prefill then cached single-token steps through ONNX, against transformers with a DynamicCache."""
+    return validate_kv_decoder(model.llava.model.language_model, model.llava.lm_head, path, head_dim, prompt_len,
+                               steps, buf)
