@@ -151,7 +151,7 @@ def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str |
     fam = family_module(family)
     t0 = time.perf_counter()
     if source is None:
-        log.info("loading %s", f"the {preset} preset (random weights)" if preset else model_id)
+        log.info("loading %s", f"the {preset} preset" if preset else model_id)
         source = fam.load_source(model_id, preset, seed)
     options = fam.export_options(source, image_size=image_size, max_context=max_context, profile=profile)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
