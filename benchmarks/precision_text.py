@@ -73,6 +73,8 @@ def make_variant(src: Path, out: Path, name: str, feeds) -> dict:
     dec_src, dec_dst = bundle.component_path("decoder"), out / "decoder.onnx"
     if name == "fp16":
         info = qz.convert_fp16(dec_src, dec_dst)
+    elif name == "int8-weights":  # focalrt convert --precision int8: weight-only, float activations
+        info = qz.quantize_int8_weights(dec_src, dec_dst)
     elif name.startswith("int8"):
         exclude = qz.lm_head_nodes(qz.load_graph(dec_src), bundle.manifest["text"]["vocab_size"]) \
             if name.endswith("-keep-head") else []
@@ -170,7 +172,7 @@ def main() -> None:
                     help=f"held-out prompts (default all {len(HELDOUT_PROMPTS)})")
     ap.add_argument("--decode-tokens", type=int, default=64, help="answer length timed for decode tok/s")
     ap.add_argument("--variants", nargs="+", default=[
-        "fp32", "fp16", "int8", "int4-rtn-32", "int4-rtn-128", "int4-rtn_asym-32", "int4-rtn_asym-128",
+        "fp32", "fp16", "int8", "int8-weights", "int4-rtn-32", "int4-rtn-128", "int4-rtn_asym-32", "int4-rtn_asym-128",
         "int4-hqq-32", "int4-hqq-128", "int4-gptq-128", "int4-rtn-128-keep-head", "int4-hqq-128-keep-head"])
     args = ap.parse_args()
     from focalrt.runtime.perplexity import text_tokens

@@ -27,7 +27,7 @@ from focalrt.calibration.record import Recording, plan_requests, prompt_requests
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp8", "fp16", "int4")
+PRECISIONS = ("int8", "fp8", "fp16", "int4", "int8-weights")
 CALIBRATED = ("int8", "fp8")
 # Which components each precision transforms, and how; the rest (face models, tokenizer) are copied.
 # The token embedding is a lookup table (one row read per token), so it goes to fp16 everywhere: half the
@@ -36,7 +36,10 @@ CALIBRATED = ("int8", "fp8")
 PLAN = {"int8": {"vision": "int8", "embed": "fp16", "decoder": "int8"},
         "fp8": {"vision": "fp8", "embed": "fp16", "decoder": "fp8"},
         "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
-        "int4": {"vision": "fp16", "embed": "fp16", "decoder": "int4"}}
+        "int4": {"vision": "fp16", "embed": "fp16", "decoder": "int4"},
+        # `focalrt convert --precision int8`: int8 weights, float activations (no calibration data needed)
+        "int8-weights": {"vision": "fp16", "embed": "fp16", "decoder": "int8-weights"}}
+WEIGHT_ONLY = ("int4", "int8-weights")
 # The signed-int8 copy of a component's graph that TensorRT reads (see write_tensorrt_copy).
 TENSORRT_SUFFIX = ".tensorrt.onnx"
 GATE_METRIC_COMPONENT = {"vision_cosine_min": "vision", "logit_cosine_mean": "decoder",
@@ -187,6 +190,8 @@ def transform_component(source, tmp: Path, name: str, kind: str, recording: Reco
     elif kind == "int4":
         info = qz.quantize_int4(src, dst, exclude, opts.int4_block_size, opts.int4_algorithm,
                                 recording.decoder if opts.int4_algorithm == "gptq" else None)
+    elif kind == "int8-weights":
+        info = qz.quantize_int8_weights(src, dst, exclude)
     elif name == "embed":
         info = qz.convert_fp16_storage(src, dst)
     else:
@@ -234,11 +239,11 @@ def _fallback(source, tmp, pipe, references, thresholds, opts, plan, infos, excl
     """Keep the most sensitive quantized nodes in float, 1, 2, 4, ... of them, until the gate passes."""
     from focalrt.calibration.sensitivity import node_errors
 
-    if opts.precision == "int4" and not recording.decoder:
+    if opts.precision in WEIGHT_ONLY and not recording.decoder:
         recording = record(pipe, calib_requests, opts.max_new_tokens, progress=opts.progress)
     ranking: dict[str, list[tuple[str, float]]] = {}
     for name in plan:
-        if plan[name] not in (*CALIBRATED, "int4"):
+        if plan[name] not in (*CALIBRATED, *WEIGHT_ONLY):
             continue
         feeds = recording.vision if name == "vision" else recording.decoder
         errors = node_errors(source.component_path(name), tmp / source.component(name)["file"], feeds)

@@ -1,4 +1,4 @@
-"""`focalrt convert`: fp32 bundle -> FP16 or INT4 weight-only bundle, gated on real frames (or prompts)."""
+"""`focalrt convert`: fp32 bundle -> FP16, INT8 or INT4 weight-only bundle, gated on real frames (or prompts)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ INT4_ALGORITHMS = ("rtn", "rtn_asym", "hqq", "gptq", "k_quant")
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "convert", help="FP16 or INT4 weight-only conversion, with an accuracy gate",
+    p = add_parser(sub, "convert", help="FP16, INT8 or INT4 weight-only conversion, with an accuracy gate",
                    description=__doc__ + "\nNeeds the [export] extra (onnx): pip install -e \".[export]\"")
     add_gate_options(p)
-    p.add_argument("--precision", required=True, choices=["fp16", "int4"],
-                   help="fp16 (GPUs) or int4 (weight-only decoder: CPUs and 8 GB Jetsons)")
+    p.add_argument("--precision", required=True, choices=["fp16", "int8", "int4"],
+                   help="fp16 (GPUs); int8 (weight-only decoder, float activations: the accurate choice for a "
+                        "trained LLM on the CPU; ONNX Runtime only); int4 (weight-only decoder: CPUs and 8 GB "
+                        "Jetsons). `focalrt calibrate --precision int8` is the other int8: activations too")
     p.add_argument("--samples", type=positive_int, default=8,
                    help="frames (or prompts) recorded for the sensitivity ranking if the int4 gate needs the "
                         "fallback")
@@ -33,7 +35,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    opts = options_from(args, args.precision, args.samples, None)
+    precision = "int8-weights" if args.precision == "int8" else args.precision
+    opts = options_from(args, precision, args.samples, None)
     if args.precision != "int4" and (args.block_size is not None or args.int4_algorithm != "rtn"):
         raise ValueError("--block-size and --int4-algorithm apply to --precision int4 only")
     opts.int4_algorithm = args.int4_algorithm
