@@ -69,7 +69,13 @@ def test_demo_writes_every_file_and_says_the_weights_are_random(tiny_bundle, tmp
     for name in DEMO_FILES:
         assert (out / name).stat().st_size > 0 and str(out / name) in stdout
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert {e["region"] for e in events} == {"mouth", "eyes", "brows"} and {e["frame"] for e in events} == {0, 1}
+    descriptions = [e for e in events if e["type"] == "description"]
+    assert {e["region"] for e in descriptions} == {"mouth", "eyes", "brows"}
+    assert {e["frame"] for e in descriptions} == {0, 1}
+    # what `focalrt run --regions` writes: the face's state on every frame beside the descriptions
+    states = [e for e in events if e["type"] == "state"]
+    assert [e["frame"] for e in states] == [0, 1] and all("emotion" in e and "age" in e for e in states)
+    assert "photo, face 1 - " in stdout and "(FER2013)" in stdout and "photo, mouth at [" in stdout
     first = cv2.imread(str(out / "first_frame.png"))
     assert first.shape[0] == 360 and first.shape[1] > 480
     cap = cv2.VideoCapture(str(out / "annotated.mp4"))

@@ -2,8 +2,9 @@
 
 Exports the tiny-random bundle if it is missing (needs the [export] extra), describes the mouth of the
 face photo shipped with focalrt, then runs the real-time pipeline over a clip generated from that photo.
-Writes into --out: clip.mp4 (the generated clip), events.jsonl (one event per region and frame),
-annotated.mp4 (the clip with boxes and a side panel of descriptions) and first_frame.png (its first frame).
+Writes into --out: clip.mp4 (the generated clip), events.jsonl (a state event per face and a description
+event per region, on every frame: what `focalrt run` writes), annotated.mp4 (the clip with boxes and a side
+panel of the face's emotion and age and the regions' descriptions) and first_frame.png (its first frame).
 """
 
 from __future__ import annotations
@@ -42,20 +43,13 @@ def ensure_bundle(path: Path) -> Path:
     return export_bundle(path, preset="tiny-random")
 
 
-def panel_annotations(events: list[dict]) -> list[dict]:
-    """What the demo pictures show per region: its box, a short label and its description."""
-    several = len({e["face_id"] for e in events}) > 1
-    return [{"box": e["box"], "label": e["region"] + (f" (face {e['face_id']})" if several else ""),
-             "text": e["text"]} for e in events]
-
-
 def run(args) -> int:
     import cv2
 
     from focalrt.commands.notices import warn_if_random
     from focalrt.demo import demo_photo, pan_zoom_frames, write_clip
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner
+    from focalrt.runtime.run import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.sinks import JsonlSink, VideoSink, annotate_with_panel
     from focalrt.runtime.sources import Frame, open_source
 
@@ -67,26 +61,27 @@ def run(args) -> int:
     title = f"focalrt demo - {Path(bundle).name}" + (" (random weights: gibberish by design)"
                                                       if _random(pipeline) else "")
     photo = demo_photo()
-    runner = RegionRunner(pipeline, regions="mouth", max_new_tokens=args.max_new_tokens)
-    event = runner.process(Frame(0, 0.0, photo, 0.0))[0]
-    print(f"photo, mouth at {event['box']}: {event['text']!r}")
+    # The same runner settings as `focalrt run --regions ...` (a state per face and frame, every region
+    # described on every frame) and the same frame loop, so the demo shows what run writes.
+    runner = RegionRunner(pipeline, regions="mouth", max_new_tokens=args.max_new_tokens,
+                          state=bundle_face_state(pipeline))
+    (result,) = frame_loop(runner, [Frame(0, 0.0, photo, 0.0)])
+    for event in result.events:
+        print(f"photo, {photo_line(event)}")
     clip = write_clip(out / "clip.mp4", pan_zoom_frames(photo, args.frames))
-    runner = RegionRunner(pipeline, regions=DEMO_REGIONS, max_new_tokens=args.max_new_tokens)
-    source = open_source(str(clip))
-    latest: dict[tuple, dict] = {}
+    runner = RegionRunner(pipeline, regions=DEMO_REGIONS, max_new_tokens=args.max_new_tokens,
+                          state=bundle_face_state(pipeline))
     video = None
-    with source, JsonlSink(out / "events.jsonl") as jsonl:
+    with open_source(str(clip)) as source, JsonlSink(out / "events.jsonl") as jsonl:
         try:
-            for frame in source:
-                for e in runner.process(frame):
-                    jsonl.write(e)
-                    latest[(e["face_id"], e["region"])] = e
-                shown = [e for e in latest.values() if e["frame"] == frame.index]
-                picture = annotate_with_panel(frame.image, panel_annotations(shown), title=title)
+            for result in frame_loop(runner, source):
+                for event in result.events:
+                    jsonl.write(event)
+                picture = annotate_with_panel(result.frame.image, result.annotations(), title=title)
                 if video is None:
                     video = VideoSink(out / "annotated.mp4", source.fps or 10.0, picture.shape[1::-1])
                 video.write(picture)
-                if frame.index == 0:
+                if result.frame.index == 0:
                     cv2.imwrite(str(out / "first_frame.png"), picture)
         finally:
             if video is not None:
@@ -94,6 +89,15 @@ def run(args) -> int:
     print(f"clip: {json.dumps(runner.stats.as_dict())}")
     print(f"wrote {', '.join(str(out / name) for name in DEMO_FILES)}")
     return 0
+
+
+def photo_line(event: dict) -> str:
+    """One event of the photo as a line: the face's emotion and age, or a region's box and description."""
+    if event["type"] == "state":
+        from focalrt.runtime.sinks import state_annotation
+
+        return state_annotation(event)["label"]
+    return f"{event['region']} at {event['box']}: {event['text']!r}"
 
 
 def _random(pipeline) -> bool:

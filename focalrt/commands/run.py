@@ -83,9 +83,8 @@ def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
     from focalrt.runtime.client import open_pipeline
-    from focalrt.runtime.face_state import FaceStateEstimator
     from focalrt.runtime.regions import parse_box
-    from focalrt.runtime.run import RegionRunner
+    from focalrt.runtime.run import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
     from focalrt.runtime.sources import SourceError, open_source
 
@@ -97,10 +96,7 @@ def run(args) -> int:
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
         pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=args.threads)
         warn_if_random(pipeline.bundle)
-        faces_entry = pipeline.bundle.manifest.get("face_models")
-        state = (FaceStateEstimator.from_bundle_entry(pipeline.bundle.path, faces_entry, pipeline.providers,
-                                                      args.smooth)
-                 if faces_entry and args.state_every and args.regions else None)
+        state = bundle_face_state(pipeline, args.smooth) if args.state_every and args.regions else None
         runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                               min_interval_s=args.min_interval, change_threshold=args.change_threshold,
                               prompt=args.prompt, max_new_tokens=args.max_new_tokens, state=state,
@@ -121,7 +117,6 @@ def run(args) -> int:
             lock.release(remove_if_new_and_empty=True)
         raise
     video = None
-    latest: dict[tuple, dict] = {}
     progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video or robot))
     code = 0
     terminated: list[int] = []
@@ -132,20 +127,17 @@ def run(args) -> int:
 
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        for frame in source:
-            events = runner.process(frame)
-            for event in events:
+        for result in frame_loop(runner, source, args.max_frames):
+            frame = result.frame
+            for event in result.events:
                 if robot:
                     robot.write(event)
                 if jsonl:
                     jsonl.write(event)
                 elif not mcap_out and (not args.quiet or event.get("fresh")):
                     print(json.dumps(event), flush=True)
-                latest[(event["face_id"], event.get("region", "state"))] = event
             if args.write_video or show or robot:
-                annotations = [{"box": e["box"], "label": f"face {e['face_id']} - {e['region']}", "text": e["text"]}
-                               if e["type"] == "description" else state_annotation(e)
-                               for e in latest.values() if e["frame"] == frame.index]
+                annotations = result.annotations()
                 if args.write_video:
                     if video is None:
                         h, w = frame.image.shape[:2]
@@ -158,8 +150,6 @@ def run(args) -> int:
             s = runner.stats.as_dict()
             progress.update(f"frames {s['frames']}  {s['fps']:.2f} fps  events {s['events']}  "
                             f"(fresh {s['fresh_descriptions']})  no face {s['frames_without_face']}")
-            if args.max_frames and runner.stats.frames >= args.max_frames:
-                break
     except SourceError as e:
         progress.end()
         print(f"focalrt run: source lost: {e}", file=sys.stderr)
@@ -233,14 +223,3 @@ def claim_outputs(args) -> list:
         raise
     return locks
 
-
-def state_annotation(event: dict) -> dict:
-    """Emotion and age on the face box's label line (descriptions go below boxes), with the models' names."""
-    parts = []
-    if "emotion" in event:
-        e = event["emotion"]
-        parts.append(f"{e['label']} {e['probabilities'][e['label']]:.2f} (FER2013)")
-    if "age" in event:
-        parts.append(f"age ~{event['age']['expected']:.0f} (dlib-models)")
-    # "face N - ..." as the description labels say, so both get the face's colour (sinks.color_for)
-    return {"box": event["box"], "label": f"face {event['face_id']} - " + ", ".join(parts or ["state"])}

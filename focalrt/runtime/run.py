@@ -8,7 +8,7 @@ face (so the face fills the encoder's input); region boxes are mapped frame -> c
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from focalrt.runtime.landmarks68 import to_68
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline
 from focalrt.runtime.prompt import fit_box
 from focalrt.runtime.regions import parse_regions, region_box
+from focalrt.runtime.sinks import event_annotations
 from focalrt.runtime.sources import Frame
 from focalrt.runtime.tracker import IoUTracker, RegionScheduler, appearance_signature
 
@@ -267,12 +268,44 @@ class RegionRunner:
                 "box": [int(round(v)) for v in frame_box]}
 
 
-def iter_events(runner: RegionRunner, frames: Iterator[Frame],
+@dataclass
+class FrameEvents:
+    """One processed frame and its events, in the order they were produced (each face's state, then the
+    descriptions)."""
+
+    frame: Frame
+    events: list[dict[str, Any]]
+
+    def annotations(self) -> list[dict[str, Any]]:
+        """What this frame's pictures show: boxes, labels and texts from the one builder
+        (`sinks.event_annotations`), for `annotate` (run's video, window, MCAP) or `annotate_with_panel`
+        (the demo)."""
+        return event_annotations(self.events)
+
+
+def frame_loop(runner: RegionRunner, frames: Iterable[Frame], max_frames: int | None = None) -> Iterator[FrameEvents]:
+    """The one frame loop: `focalrt run`, `focalrt demo` and `iter_events` all iterate it, so they see the
+    same events for the same frames. Stops when the frames end or after `max_frames` processed frames
+    (None or 0: no limit); where the events go is the caller's business."""
+    for frame in frames:
+        yield FrameEvents(frame, runner.process(frame))
+        if max_frames and runner.stats.frames >= max_frames:
+            return
+
+
+def iter_events(runner: RegionRunner, frames: Iterable[Frame],
                 on_frame: Callable[[Frame, list[dict[str, Any]]], None] | None = None) -> Iterator[dict[str, Any]]:
     """Events as they are produced, for robotics code that wants a plain iterator: `type` says "state"
     (every frame per face, when the runner has a FaceStateEstimator) or "description" (the VLM's text)."""
-    for frame in frames:
-        events = runner.process(frame)
+    for result in frame_loop(runner, frames):
         if on_frame is not None:
-            on_frame(frame, events)
-        yield from events
+            on_frame(result.frame, result.events)
+        yield from result.events
+
+
+def bundle_face_state(pipeline: Pipeline, smooth: float = 0.0) -> FaceStateEstimator | None:
+    """The state estimator of a bundle's face models (emotion and age heads when it has them, geometry and
+    head pose always), or None for a bundle without face models."""
+    entry = pipeline.bundle.manifest.get("face_models")
+    return FaceStateEstimator.from_bundle_entry(pipeline.bundle.path, entry, pipeline.providers, smooth) \
+        if entry else None

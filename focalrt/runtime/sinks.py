@@ -229,6 +229,34 @@ class ShowSink:
         self.close()
 
 
+# ---- the one annotation builder: what a frame's events draw (overlay, side panel, MCAP image) -----------
+
+def description_annotation(event: dict[str, Any]) -> dict[str, Any]:
+    """A region's box, "face N - region" above it, its description below it (or in the side panel)."""
+    return {"box": event["box"], "label": f"face {event['face_id']} - {event['region']}", "text": event["text"],
+            "tag": event["region"]}
+
+
+def state_annotation(event: dict[str, Any]) -> dict[str, Any]:
+    """Emotion and age on the face box's label line (descriptions go below boxes), with the models' names."""
+    parts = []
+    if "emotion" in event:
+        e = event["emotion"]
+        parts.append(f"{e['label']} {e['probabilities'][e['label']]:.2f} (FER2013)")
+    if "age" in event:
+        parts.append(f"age ~{event['age']['expected']:.0f} (dlib-models)")
+    # "face N - ..." as the description labels say, so both get the face's colour (color_for)
+    return {"box": event["box"], "label": f"face {event['face_id']} - " + ", ".join(parts or ["state"]),
+            "tag": f"face {event['face_id']}"}
+
+
+def event_annotations(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What one frame's events draw, in their order (a face's state first, then its regions). Every picture
+    focalrt makes (`run --write-video/--show`, the MCAP/Foxglove image, the demo's side panel) comes from
+    here; `annotate` and `annotate_with_panel` only differ in where they put it."""
+    return [state_annotation(e) if e.get("type") == "state" else description_annotation(e) for e in events]
+
+
 # Several regions share a small face: longer descriptions would hide the face (the JSONL has them whole).
 MAX_TEXT_LINES = 3
 
@@ -370,8 +398,10 @@ def layout_labels(boxes: list[tuple[int, int, int, int]], sizes: list[tuple[int,
 def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]],
                         panel_width: int | None = None, title: str = "") -> np.ndarray:
     """The frame with each region's box and a short label beside the box (never over another box or label),
-    and a panel on the right with each region's description in the box's colour. The face is not covered
-    by text. The result is `panel_width` pixels wider than the frame (default: 2/3 of the frame width)."""
+    and a panel on the right with each label as a heading in the box's colour and its text below. The face
+    is not covered by text. The short label beside the box is the annotation's `tag` if it has one (the
+    heading is then the whole `label`, e.g. a face's emotion and age). The result is `panel_width` pixels
+    wider than the frame (default: 2/3 of the frame width)."""
     image = frame.copy()
     height, width = image.shape[:2]
     panel_width = panel_width or max(240, (2 * width) // 3)
@@ -381,16 +411,18 @@ def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]]
     for i, annotation in enumerate(annotations):
         if "box" not in annotation:
             raise ValueError(f"annotation needs a 'box' (x1, y1, x2, y2); got keys {sorted(annotation)}")
+        label = drawable(str(annotation.get("label", "")))
+        text = drawable(str(annotation["text"])) if "text" in annotation else None  # None: a heading alone
         entries.append((clamp_box(annotation["box"], width, height), REGION_COLORS[i % len(REGION_COLORS)],
-                        drawable(str(annotation.get("label", ""))), drawable(str(annotation.get("text", "")))))
-    for box, color, _, _ in entries:
+                        drawable(str(annotation.get("tag") or label)), label, text))
+    for box, color, *_ in entries:
         cv2.rectangle(image, box[:2], box[2:], color, 2 if height >= 300 else 1)
     sizes = []
-    for _, _, label, _ in entries:
+    for _, _, label, _, _ in entries:
         (tw, th), descent = cv2.getTextSize(label, FONT, scale, thickness)
         sizes.append((tw + 6, th + descent + 4) if label else None)
     rects = layout_labels([box for box, *_ in entries], sizes, (height, width))
-    for (box, color, label, _), rect in zip(entries, rects, strict=True):
+    for (box, color, label, _, _), rect in zip(entries, rects, strict=True):
         if rect is None:
             continue
         if not _overlaps(rect, (box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3)):  # away from its box: a leader
@@ -417,15 +449,19 @@ def annotate_with_panel(frame: np.ndarray, annotations: Sequence[dict[str, Any]]
         y += line_h // 2
     # Every region gets its heading and an equal share of the lines left (the JSONL has the whole text).
     lines_each = max(1, (height - y) // line_h // max(1, len(entries)) - 2)
-    for _box, color, label, text in entries:
+    for _box, color, _tag, heading, text in entries:
         if y + line_h > height:
             break
         cv2.rectangle(panel, (8, y + 3), (8 + line_h - 6, y + line_h - 3), color, cv2.FILLED)
-        cv2.putText(panel, label or "region", (8 + line_h, y + line_h - descent - 2), FONT, scale, color,
-                    thickness, cv2.LINE_AA)
-        y += line_h
-        wrapped = textwrap.wrap(" ".join(text.split()), chars - 2, max_lines=lines_each, placeholder=" ...")
-        for line in wrapped or ["(no text)"]:
+        for line in textwrap.wrap(heading or "region", max(8, chars - 3), max_lines=2, placeholder=" ..."):
+            if y + line_h > height:
+                break
+            cv2.putText(panel, line, (8 + line_h, y + line_h - descent - 2), FONT, scale, color, thickness,
+                        cv2.LINE_AA)
+            y += line_h
+        wrapped = [] if text is None else textwrap.wrap(" ".join(text.split()), chars - 2, max_lines=lines_each,
+                                                        placeholder=" ...") or ["(no text)"]
+        for line in wrapped:
             if y + line_h > height:
                 break
             cv2.putText(panel, line, (16, y + line_h - descent - 2), FONT, scale, (235, 235, 235), thickness,
