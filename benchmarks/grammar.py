@@ -2,16 +2,24 @@
 
     python benchmarks/grammar.py                            # tiny-random bundle (exported once to the cache)
     python benchmarks/grammar.py --preset small --tokens 128
+    python benchmarks/grammar.py --bundle ~/.cache/focalrt/bundles/small --bundle SMOLLM2_BUNDLE --tokens 192
+                                                            # both, interleaved in --rounds chunks
     python benchmarks/grammar.py --tokenizer path/to/tokenizer.json --vocab 49152 --stop 2
                                                             # mask cost alone for another tokenizer (SmolLM2)
 
-One greedy constrained decode of the bundle's random-weight model: prefill a prompt as long as a region
-prompt, then per step time (a) the decoder call (`decode_one_token`) and (b) the grammar processor on that
-step's logits (feed the last token to llguidance's matcher, compute the bitmask, set forbidden logits to
--inf). The default face-state schema is used; a finished object starts a new one until --tokens steps are
-timed. Medians are reported with the mask/decode ratio (the issue's budget is 10 %). Compiling the schema
-and building llguidance's view of the tokenizer happen once, before timing, and are reported separately.
-With --tokenizer only the mask is timed, on random logits (there is no decoder to compare with).
+One greedy constrained decode per bundle: prefill a prompt (a synthetic one as long as a region prompt for an
+image bundle; a real face-state prompt for a text-only bundle such as SmolLM2), then per step time (a) the
+grammar processor on that step's logits (feed the last token to llguidance's matcher, compute the bitmask,
+set forbidden logits to -inf) and (b) the decoder call (`decode_one_token`), the unmasked step, in the same
+loop. The default face-state schema is used; a finished object starts a new one until --tokens steps are
+timed. Several bundles are timed interleaved, --rounds chunks each, so load from other processes falls on
+all of them. Medians are reported with the mask/decode ratio (the issue's budget is 10 %), in wall time and in
+process CPU time. On a loaded machine wall time inflates a multi-threaded decoder step far more than the
+single-threaded mask, so the wall ratio flatters the mask; CPU time does not depend on the load. With
+`--threads 1` (no spinning worker threads) the decoder's CPU time is its work, and on a quiet machine with
+T threads the wall ratio is at most T times the CPU ratio (perfect scaling is the worst case for the mask).
+Compiling the schema and building llguidance's view of the tokenizer happen once, before timing, and are
+reported separately. With --tokenizer only the mask is timed, on random logits (there is no decoder to compare with).
 """
 
 from __future__ import annotations
@@ -33,47 +41,100 @@ def _median_ms(xs: list[float]) -> float:
     return float(np.median(xs)) * 1e3
 
 
-def bundle_run(bundle: Path, tokens: int, threads: int | None) -> dict:
-    from decode import prompt_ids, region_prompt_length
+FACE_PROMPT = ("A person in a photo is smiling broadly, cheeks raised and teeth showing. They are 30 years old. "
+               "Describe their face state as JSON.")
 
-    from focalrt.bench.measure import text_positions
-    from focalrt.runtime.generate import batch_positions, decode_one_token, prefill
-    from focalrt.runtime.grammar import compile_schema
-    from focalrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(bundle, provider="cpu", threads=threads)
-    vocab = int(pipe.text_cfg["vocab_size"])
-    t0 = time.perf_counter()
-    compiled = compile_schema("face_state", pipe.tokenizer, vocab, sorted(pipe.stop_ids))
-    compile_s = time.perf_counter() - t0
-    ids = np.asarray(prompt_ids(bundle, region_prompt_length(bundle)), np.int64)[None]
-    positions = batch_positions(text_positions(ids.shape[1], pipe.model.rope_axes), 1)
-    delta = np.zeros(1, np.int64)
-    cache = pipe.cache.view(0, 1)
-    decode_s: list[float] = []
-    mask_s: list[float] = []
-    objects = 0
-    while len(decode_s) < tokens:
-        cache.lengths[:] = 0
-        processor = compiled.processor()
-        history = ids[0].tolist()
-        logits = prefill(pipe.model, cache, ids, positions)
-        for _ in range(512):
-            s = time.perf_counter()
-            masked = processor(history, logits[0])
-            mask_s.append(time.perf_counter() - s)
+class BundleSide:
+    """One bundle's constrained greedy decode, timed a chunk of steps at a time so bundles can interleave.
+
+    Per step: (a) the grammar processor on that step's logits (feed the last token to llguidance's matcher,
+    compute the bitmask, set forbidden logits to -inf), (b) the argmax, (c) the decoder call
+    (`decode_one_token`). An image bundle's prompt is a synthetic one as long as its region prompt (random
+    weights: the text is noise anyway); a text-only bundle (SmolLM2) gets a real face-state prompt, so the
+    mask sees what a trained model writes. A finished object starts a new one.
+    """
+
+    def __init__(self, bundle: Path, threads: int | None):
+        from decode import prompt_ids, region_prompt_length
+
+        from focalrt.bench.measure import text_positions
+        from focalrt.runtime.generate import batch_positions
+        from focalrt.runtime.pipeline import Pipeline
+
+        self.bundle = bundle
+        self.pipe = pipe = Pipeline.from_bundle(bundle, provider="cpu", threads=threads)
+        self.vocab = int(pipe.text_cfg["vocab_size"])
+        t0 = time.perf_counter()
+        self.compiled = pipe.grammar("face_state")
+        self.compile_s = time.perf_counter() - t0
+        if pipe.vision is None:
+            ids = pipe.build_text_prompt(FACE_PROMPT).token_ids
+        else:
+            ids = np.asarray(prompt_ids(bundle, region_prompt_length(bundle)), np.int64)
+        self.ids = np.asarray(ids, np.int64)[None]
+        self.positions = batch_positions(text_positions(self.ids.shape[1], pipe.model.rope_axes), 1)
+        self.delta = np.zeros(1, np.int64)
+        self.cache = pipe.cache.view(0, 1)
+        self.decode_s: list[float] = []
+        self.mask_s: list[float] = []
+        self.decode_cpu: list[float] = []  # process CPU time: what the step costs, whatever else the machine runs
+        self.mask_cpu: list[float] = []
+        self.objects = 0
+        self.logits: np.ndarray | None = None
+
+    def _start(self) -> None:
+        from focalrt.runtime.generate import prefill
+
+        self.cache.lengths[:] = 0
+        self.processor = self.compiled.processor()
+        self.history = self.ids[0].tolist()
+        self.logits = prefill(self.pipe.model, self.cache, self.ids, self.positions)
+        self.objects += 1
+
+    def steps(self, n: int) -> None:
+        from focalrt.runtime.generate import decode_one_token
+
+        for _ in range(n):
+            if self.logits is None or len(self.history) + 2 >= self.pipe.max_context:
+                self._start()
+            s, c = time.perf_counter(), time.process_time()
+            masked = self.processor(self.history, self.logits[0])
+            self.mask_s.append(time.perf_counter() - s)
+            self.mask_cpu.append(time.process_time() - c)
             token = int(np.argmax(masked))
-            if token in pipe.stop_ids or len(decode_s) >= tokens:
-                break
-            history.append(token)
-            s = time.perf_counter()
-            logits = decode_one_token(pipe.model, cache, np.array([token], np.int64), delta)
-            decode_s.append(time.perf_counter() - s)
-        objects += 1
-    decode_ms, mask_ms = _median_ms(decode_s), _median_ms(mask_s)
-    return {"bundle": str(bundle), "vocab": vocab, "compile_s": round(compile_s, 2), "steps": len(decode_s),
-            "objects_started": objects, "decode_step_p50_ms": round(decode_ms, 3), "mask_p50_ms": round(mask_ms, 3),
-            "mask_over_decode": round(mask_ms / decode_ms, 4)}
+            if token in self.pipe.stop_ids:
+                self.logits = None
+                continue
+            self.history.append(token)
+            s, c = time.perf_counter(), time.process_time()
+            self.logits = decode_one_token(self.pipe.model, self.cache, np.array([token], np.int64), self.delta)
+            self.decode_s.append(time.perf_counter() - s)
+            self.decode_cpu.append(time.process_time() - c)
+
+    def report(self) -> dict:
+        decode_ms, mask_ms = _median_ms(self.decode_s), _median_ms(self.mask_s)
+        return {"bundle": str(self.bundle), "vocab": self.vocab, "compile_s": round(self.compile_s, 2),
+                "steps": len(self.decode_s), "objects_started": self.objects,
+                "decode_step_p50_ms": round(decode_ms, 3), "mask_p50_ms": round(mask_ms, 3),
+                "mask_p90_ms": round(float(np.percentile(self.mask_s, 90)) * 1e3, 3),
+                "mask_over_decode": round(mask_ms / decode_ms, 4),
+                "decode_cpu_p50_ms": round(_median_ms(self.decode_cpu), 3),
+                "mask_cpu_p50_ms": round(_median_ms(self.mask_cpu), 3),
+                "mask_over_decode_cpu": round(_median_ms(self.mask_cpu) / _median_ms(self.decode_cpu), 4)}
+
+
+def bundles_run(bundles: list[Path], tokens: int, threads: int | None, rounds: int) -> list[dict]:
+    """Every bundle, `tokens` steps each, in `rounds` interleaved chunks (load on a shared machine hits all)."""
+    sides = [BundleSide(b, threads) for b in bundles]
+    for side in sides:
+        side.steps(4)  # warm-up: first calls allocate
+        for times in (side.decode_s, side.mask_s, side.decode_cpu, side.mask_cpu):
+            times.clear()
+    for _ in range(rounds):
+        for side in sides:
+            side.steps(max(1, tokens // rounds))
+    return [side.report() for side in sides]
 
 
 def tokenizer_run(path: Path, vocab: int, stop: list[int], tokens: int) -> dict:
@@ -104,8 +165,12 @@ def tokenizer_run(path: Path, vocab: int, stop: list[int], tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny-random", help="bundle preset, exported once to the cache")
-    p.add_argument("--bundle", type=Path, default=None, help="an exported bundle instead of --preset")
+    p.add_argument("--preset", action="append", default=[], help="bundle preset, exported once to the cache "
+                                                                    "(repeatable; default tiny-random)")
+    p.add_argument("--bundle", type=Path, action="append", default=[],
+                   help="an exported bundle (repeatable; e.g. the small preset's and a SmolLM2 text bundle: they are "
+                        "timed interleaved, in --rounds chunks)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved chunks per bundle")
     p.add_argument("--tokens", type=int, default=96, help="decode steps to time")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--tokenizer", type=Path, default=None, help="time the mask alone for this tokenizer.json")
@@ -127,11 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         from decode import ensure_bundle
 
-        bundle = args.bundle or ensure_bundle(args.preset)
-        report["constrained_decode"] = r = bundle_run(bundle, args.tokens, args.threads)
-        print(f"{bundle}: vocab {r['vocab']}, schema compiled in {r['compile_s']} s; {r['steps']} steps: "
-              f"decode p50 {r['decode_step_p50_ms']:.3f} ms, mask p50 {r['mask_p50_ms']:.3f} ms, "
-              f"mask/decode {r['mask_over_decode']:.1%}")
+        bundles = [*args.bundle, *(ensure_bundle(p) for p in args.preset)] or [ensure_bundle("tiny-random")]
+        report["constrained_decode"] = bundles_run(bundles, args.tokens, args.threads, args.rounds)
+        for r in report["constrained_decode"]:
+            print(f"{r['bundle']}: vocab {r['vocab']}, schema compiled in {r['compile_s']} s; {r['steps']} steps: "
+                  f"decode p50 {r['decode_step_p50_ms']:.3f} ms, mask p50 {r['mask_p50_ms']:.3f} ms "
+                  f"(p90 {r['mask_p90_ms']:.3f}), mask/decode {r['mask_over_decode']:.1%}; CPU time: decode p50 "
+                  f"{r['decode_cpu_p50_ms']:.3f} ms, mask p50 {r['mask_cpu_p50_ms']:.3f} ms, "
+                  f"mask/decode {r['mask_over_decode_cpu']:.1%}")
     print(f"load average {report['load_average']} on {report['cpus']} CPUs (timings are noisy when shared)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

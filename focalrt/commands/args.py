@@ -132,3 +132,20 @@ def require(*modules: str) -> None:
     for module in modules:
         if importlib.util.find_spec(module) is None:
             raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
+def add_schema(p: argparse.ArgumentParser) -> None:
+    """--schema FILE / --format json: constrain every answer to a JSON schema while it decodes (llguidance)."""
+    p.add_argument("--schema", metavar="FILE",
+                   help="constrain every answer to this JSON schema (a file, or face_state for the shipped "
+                        "default); events carry the parsed object under `state` (needs the [grammar] extra)")
+    p.add_argument("--format", choices=("text", "json"), default=None,
+                   help="json: constrain answers to the bundle profile's JSON schema, else the shipped "
+                        "face-state schema (docs/faces.md); text: free text (default)")
+
+
+def schema_choice(args: argparse.Namespace) -> str | None:
+    """The schema to constrain to, from --schema / --format: a path, "profile", or None (free text)."""
+    if args.schema and args.format == "text":
+        raise ValueError("--schema constrains answers to JSON; drop --format text")
+    return args.schema or ("profile" if args.format == "json" else None)

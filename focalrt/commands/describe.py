@@ -2,6 +2,7 @@
 
     focalrt describe BUNDLE --image face.jpg --box 120,80,260,190
     focalrt describe BUNDLE --image face.jpg --json
+    focalrt describe BUNDLE --image face.jpg --format json      # answer constrained to the face-state schema
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import sys
 from focalrt.commands.args import (
     add_parser,
     add_provider,
+    add_schema,
     add_threads,
     non_negative_float,
     non_negative_int,
     positive_int,
     probability,
+    schema_choice,
 )
 from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
@@ -43,6 +46,7 @@ def register(sub) -> None:
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
+    add_schema(p)
     p.set_defaults(func=run)
 
 
@@ -53,6 +57,7 @@ def run(args) -> int:
     from focalrt.runtime.regions import parse_box
 
     box = parse_box(args.box) if args.box else None
+    schema = schema_choice(args)
     pipe = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
     warn_if_random(pipe.bundle)
     if pipe.vision is None and (args.image or box):
@@ -61,10 +66,14 @@ def run(args) -> int:
         raise ValueError(f"{args.bundle} describes images: give --image FILE")
     if pipe.vision is not None and args.system:
         raise ValueError("--system applies to text-only bundles; an image bundle's system prompt is set at export")
+    if schema is not None:
+        pipe.grammar(schema)  # a schema llguidance cannot compile fails here, before the image is read
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     d = pipe.describe(args.image, box=box, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      on_text=stream, system=args.system, drafts=Drafts(args.draft))
+                      on_text=stream, system=args.system, drafts=Drafts(args.draft), schema=schema)
+    if d.state_error:
+        print(f"focalrt describe: warning: {d.state_error}", file=sys.stderr)
     if args.json:
         print(json.dumps(d.to_json()))
     else:

@@ -12,7 +12,16 @@ import json
 import signal
 import sys
 
-from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_float, positive_int, unlimited_int
+from focalrt.commands.args import (
+    add_parser,
+    add_provider,
+    add_schema,
+    add_threads,
+    non_negative_float,
+    positive_int,
+    schema_choice,
+    unlimited_int,
+)
 from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
@@ -69,6 +78,7 @@ def register(sub) -> None:
                    help="no progress line; without --out, print only fresh events")
     p.add_argument("--server", help="describe on a `focalrt serve` at this URL (http://HOST:8000); faces stay local")
     p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
+    add_schema(p)
     p.set_defaults(func=run)
 
 
@@ -91,6 +101,9 @@ def run(args) -> int:
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
     boxes = [parse_box(b) for b in args.box]
+    schema = schema_choice(args)
+    if schema is not None and args.server:
+        raise ValueError("--schema/--format json are not sent to --server yet; describe locally to constrain answers")
     locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
     try:
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
@@ -100,7 +113,7 @@ def run(args) -> int:
         runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                               min_interval_s=args.min_interval, change_threshold=args.change_threshold,
                               prompt=args.prompt, max_new_tokens=args.max_new_tokens, state=state,
-                              state_every=max(1, args.state_every), draft=args.draft)
+                              state_every=max(1, args.state_every), draft=args.draft, schema=schema)
         source = open_source(args.source, every=args.every, loop=args.loop)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None

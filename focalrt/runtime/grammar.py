@@ -73,11 +73,12 @@ def load_schema(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 _TOKENIZERS: dict[tuple[int, int, tuple[int, ...]], Any] = {}
 
 
-def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> Any:
+def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int], cache_key: Any = None) -> Any:
     """llguidance's LLTokenizer for a `tokenizers.Tokenizer`; `vocab_size` is the logits width (it may
-    exceed the tokenizer's own size: the extra rows are never allowed). Cached per tokenizer object."""
+    exceed the tokenizer's own size: the extra rows are never allowed). Cached per tokenizer object, or per
+    `cache_key` (e.g. the tokenizer file and its mtime) so every Pipeline of one bundle shares it."""
     llg = _llguidance()
-    key = (id(tokenizer), int(vocab_size), tuple(sorted(int(t) for t in stop_ids)))
+    key = (cache_key or id(tokenizer), int(vocab_size), tuple(sorted(int(t) for t in stop_ids)))
     if key not in _TOKENIZERS:
         if not stop_ids:
             raise GrammarError("constrained decoding needs at least one stop token id")
@@ -100,7 +101,7 @@ class CompiledGrammar:
 
 
 def compile_schema(schema: str | Path | dict[str, Any], tokenizer: Any, vocab_size: int,
-                   stop_ids: Sequence[int]) -> CompiledGrammar:
+                   stop_ids: Sequence[int], cache_key: Any = None) -> CompiledGrammar:
     """Compile a JSON schema for this tokenizer; raise GrammarError naming the problem if llguidance cannot."""
     llg = _llguidance()
     schema = load_schema(schema)
@@ -108,11 +109,33 @@ def compile_schema(schema: str | Path | dict[str, Any], tokenizer: Any, vocab_si
         grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except ValueError as e:
         raise GrammarError(f"JSON schema cannot be used: {e}") from None
-    ll_tok = grammar_tokenizer(tokenizer, vocab_size, stop_ids)
+    ll_tok = grammar_tokenizer(tokenizer, vocab_size, stop_ids, cache_key)
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, ll_tok)
     if is_error:
         raise GrammarError(f"llguidance cannot compile this JSON schema: {' '.join(messages[0].split())}")
     return CompiledGrammar(ll_tok, grammar, int(vocab_size), schema)
+
+
+_BIT = np.arange(32)
+
+
+def mask_row(row: np.ndarray, words: np.ndarray, vocab_size: int) -> None:
+    """Set row[i] = -inf for every token i whose bit is clear in llguidance's packed int32 `words`, and past
+    `vocab_size`. Two ways, by how many tokens are allowed: inside a free-text string nearly every token
+    is, so the bits are unpacked whole; at an enum or punctuation only a few are, so the few words holding
+    allowed bits are expanded and everything else is set at once (about 3x cheaper there)."""
+    row[vocab_size:] = -np.inf
+    some = np.flatnonzero(words)
+    if some.size * 8 < words.size:
+        bits = np.unpackbits(words[some].view(np.uint8), bitorder="little").reshape(-1, 32).view(bool)
+        index = (some[:, None] * 32 + _BIT)[bits]
+        index = index[index < vocab_size]
+        keep = row[index]
+        row[:vocab_size] = -np.inf
+        row[index] = keep
+    else:
+        bits = np.unpackbits(words.view(np.uint8), count=vocab_size, bitorder="little").view(bool)
+        np.copyto(row[:vocab_size], -np.inf, where=~bits)
 
 
 class GrammarProcessor:
@@ -147,8 +170,8 @@ class GrammarProcessor:
     def allowed(self) -> np.ndarray:
         """Boolean [vocab_size] of the tokens allowed next."""
         self._fill(self.matcher, self.bitmask, 0)
-        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
-        return bits[:self.compiled.vocab_size].astype(bool)
+        return np.unpackbits(self.bitmask[0].view(np.uint8), count=self.compiled.vocab_size,
+                             bitorder="little").view(bool)
 
     def __call__(self, tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
         self.advance(tokens)
@@ -156,9 +179,8 @@ class GrammarProcessor:
         if row.shape[0] < self.compiled.vocab_size:
             raise GrammarError(f"logits have {row.shape[0]} entries, the grammar was compiled for "
                                f"{self.compiled.vocab_size}")
-        allowed = self.allowed()
-        row[:self.compiled.vocab_size][~allowed] = -np.inf
-        row[self.compiled.vocab_size:] = -np.inf
+        self._fill(self.matcher, self.bitmask, 0)
+        mask_row(row, self.bitmask[0], self.compiled.vocab_size)
         return row.reshape(np.shape(logits))
 
     @property

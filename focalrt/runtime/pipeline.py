@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -44,6 +45,9 @@ class GenerationOptions:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    # A JSON schema (dict, file path, or "face_state" for the shipped default; "profile" for the bundle
+    # profile's own, else the default) that every answer is constrained to while it decodes (llguidance).
+    schema: Any = None
 
 
 class ImageRegions(NamedTuple):
@@ -75,11 +79,21 @@ class Description:
     model_box: tuple[int, int, int, int] | None  # in the encoder image's pixels (what the prompt says)
     timings_ms: dict[str, Any] = field(default_factory=dict)
     logits: list[np.ndarray] | None = None  # per generated token, when asked for
+    constrained: bool = False  # decoded under a JSON schema: `state` holds the parsed answer
+    state: Any = None  # the parsed JSON object (None when the answer was cut off before it closed)
+    state_error: str | None = None  # why `state` is None under a schema
 
     def to_json(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
-                "finish_reason": self.finish_reason, "box": self.box, "model_box": self.model_box,
-                "timings_ms": self.timings_ms}
+        out = {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+               "finish_reason": self.finish_reason, "box": self.box, "model_box": self.model_box,
+               "timings_ms": self.timings_ms}
+        return {**out, **self.state_fields()}
+
+    def state_fields(self) -> dict[str, Any]:
+        """{"state": parsed object} under a schema ({"state": None, "state_error": why} if it did not close)."""
+        if not self.constrained:
+            return {}
+        return {"state": self.state, **({"state_error": self.state_error} if self.state_error else {})}
 
 
 def io_record(session: ort.InferenceSession) -> dict[str, Any]:
@@ -128,6 +142,7 @@ class Pipeline:
         self.image_token_id = int(self.text_cfg.get("image_token_id", -1))  # -1: no image token (text-only)
         self.cache = PromptCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
                                           self.text_cfg["head_dim"], self.max_context, self.device)
+        self.grammars: dict[str, Any] = {}  # schema JSON -> CompiledGrammar (llguidance), compiled once
 
     def _session(self, component: str, threads: int | None) -> ort.InferenceSession:
         """One component's session; under TensorRT with shape profiles that fit max_batch rows of max_context.
@@ -199,6 +214,22 @@ class Pipeline:
         """Several prompts decoded together, one token per prompt per step (the batched path of `describe`)."""
         return self._describe([(None, None, None)] * len(texts), list(texts), self.options(options, **sampling),
                               system=system)
+
+    def grammar(self, schema: Any):
+        """`schema` (dict, JSON file, "face_state", or "profile": the bundle profile's `json_schema`, else the
+        default) compiled for this bundle's tokenizer, once; raises GrammarError naming what is wrong."""
+        from focalrt.runtime import grammar
+
+        if isinstance(schema, str) and schema == "profile":
+            schema = self.profile.get("json_schema") or "face_state"
+        schema = grammar.load_schema(schema)
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.grammars:
+            tok_file = self.bundle.path / self.bundle.manifest["tokenizer"]["file"]
+            tok_key = (str(tok_file.resolve()), tok_file.stat().st_mtime_ns)  # llguidance's view: built once
+            self.grammars[key] = grammar.compile_schema(schema, self.tokenizer, int(self.text_cfg["vocab_size"]),
+                                                        sorted(self.stop_ids), cache_key=tok_key)
+        return self.grammars[key]
 
     def options(self, options: GenerationOptions | None = None, **sampling: Any) -> GenerationOptions:
         """`options` with keyword overrides, then the bundle's `generation` defaults for what is still unset."""
@@ -331,6 +362,9 @@ class Pipeline:
         if options.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {options.max_new_tokens}")
         sampler = sampler or Sampler(options.temperature, options.top_k, options.top_p, options.seed)
+        compiled = self.grammar(options.schema) if options.schema is not None else None
+        if compiled is not None:  # one matcher per row: every region and face follows the grammar on its own
+            processors = [[*(processors[i] if processors else []), compiled.processor()] for i in range(len(requests))]
         planned = self.plan(requests, prompt, system)
         prep_ms = (time.perf_counter() - t_start) * 1e3
         # view -> (image embeddings, encoder ms); a text-only request has no view and no image
@@ -347,6 +381,9 @@ class Pipeline:
             results += self._generate(planned[chunk], encoded, options.max_new_tokens, sampler,
                                       processors[chunk] if processors else None, on_token, return_logits,
                                       share_prefix, prep_ms if i == 0 else 0.0, drafts, keys)
+        if compiled is not None:
+            for d in results:
+                parse_state(d, options.max_new_tokens)
         return results
 
     def _generate(self, planned: list[PlannedRegion], encoded: dict[int, tuple[ort.OrtValue, float]],
@@ -396,3 +433,15 @@ class Pipeline:
                                        model_box=region.model_box, timings_ms=timings,
                                        logits=out.logits[row] if out.logits is not None else None))
         return results
+
+
+def parse_state(d: Description, max_new_tokens: int) -> None:
+    """Fill `d.state` from a schema-constrained answer; the grammar makes it parse unless it was cut off."""
+    d.constrained = True
+    try:
+        d.state = json.loads(d.text)
+    except json.JSONDecodeError:
+        d.state = None
+        d.state_error = (f"the answer stopped at max_new_tokens={max_new_tokens} before its JSON closed; "
+                         f"raise --max-new-tokens" if d.finish_reason == "length" else
+                         f"the answer is not JSON although it was constrained: {d.text[:80]!r}")

@@ -109,7 +109,7 @@ class RegionRunner:
                  min_interval_s: float = 0.0, change_threshold: float | None = None,
                  prompt: str | None = None, max_new_tokens: int | None = None,
                  faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
-                 state_every: int = 1, draft: str = "off"):
+                 state_every: int = 1, draft: str = "off", schema: Any = None):
         if not pipeline.bundle.has_vision:
             raise ValueError(f"{pipeline.bundle.path} is a text-only bundle (no vision component): it cannot "
                              f"describe camera frames; ask it with `focalrt describe BUNDLE --prompt TEXT`")
@@ -135,7 +135,9 @@ class RegionRunner:
                                          change_threshold=change_threshold)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
-        self.options = GenerationOptions(max_new_tokens=max_new_tokens)
+        self.options = GenerationOptions(max_new_tokens=max_new_tokens, schema=schema)
+        if schema is not None:
+            pipeline.grammar(schema)  # compiled now: a schema llguidance rejects fails before any frame is read
         self.stats = RunStats()
         self.drafts = Drafts(draft)  # "temporal": each (face id, region) drafts from its last description
 
@@ -245,13 +247,15 @@ class RegionRunner:
                 if not decision.due:
                     last = self.scheduler.last(key)
                     events.append({**base, "text": last["text"], "finish_reason": last["finish_reason"],
+                                   **({"state": last["state"]} if "state" in last else {}),
+                                   **({"state_error": last["state_error"]} if "state_error" in last else {}),
                                    "fresh": False, "described_frame": last["frame"], "reason": reason,
                                    "timings_ms": dict(stage)})
                     self.stats.carried += 1
                     continue
                 d = next(fresh)
                 t = d.timings_ms
-                event = {**base, "text": d.text, "finish_reason": d.finish_reason, "fresh": True,
+                event = {**base, "text": d.text, "finish_reason": d.finish_reason, **d.state_fields(), "fresh": True,
                          "described_frame": frame.index, "reason": reason, "tokens": len(d.token_ids),
                          "timings_ms": {**stage, "vision": t["preprocess_and_vision"], "prefill": t["prefill"],
                                         "decode": t["decode"], "total": t["total"], "batch": t.get("batch", 1)}}
