@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=len(HELDOUT_PROMPTS),
                     help=f"held-out prompts (default all {len(HELDOUT_PROMPTS)})")
     ap.add_argument("--decode-tokens", type=int, default=64, help="answer length timed for decode tok/s")
+    ap.add_argument("--keep", action="store_true", help="keep the variant bundles (for benchmarks/compare_text.py)")
     ap.add_argument("--variants", nargs="+", default=[
         "fp32", "fp16", "int8", "int8-weights", "int4-rtn-32", "int4-rtn-128", "int4-rtn_asym-32", "int4-rtn_asym-128",
         "int4-hqq-32", "int4-hqq-128", "int4-gptq-128", "int4-rtn-128-keep-head", "int4-hqq-128-keep-head"])
@@ -203,7 +204,7 @@ def main() -> None:
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         results_path.write_text(json.dumps(results, indent=1, default=str))
         print(name, {k: v for k, v in results[name].items() if k != "quantization"}, flush=True)
-        if name != "fp32":
+        if name != "fp32" and not args.keep:
             shutil.rmtree(out / name, ignore_errors=True)  # keep the disk use down; sizes are recorded
     base = results.get("fp32", {}).get("perplexity")
     print("| variant | perplexity | change | top-1 (teacher forced) | logit cosine | greedy agreement | "

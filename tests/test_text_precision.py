@@ -120,6 +120,12 @@ def test_int8_weight_only_convert_of_the_trained_model_passes_the_default_gate(s
     assert decoder["precision"] == "int8-weights" and "int8 weight-only" in decoder["quantization"]["weights"]
     report = json.loads((out / "calibration" / "report.json").read_text())
     assert report["gate"]["passed"] and not (report.get("fallback") or {}).get("steps")
+    import onnx
+
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    levels = [next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in graph.node
+              if n.op_type == "MatMulNBits"]
+    assert len(levels) == decoder["quantization"]["quantized_nodes"] > 0 and set(levels) == {4}  # integer kernels
     # Not "Paris": fp32's first token there is a near-tie ("The" 0.152 against "L" 0.140), which int8 flips.
     d = Pipeline.from_bundle(out, provider="cpu").describe_text("Why is the sky blue?", max_new_tokens=16)
     assert len(d.token_ids) == 16 and d.text.strip()
