@@ -72,6 +72,10 @@ class FeedReader:
     def __len__(self) -> int:
         return len(self.feeds)
 
+    def __iter__(self):
+        """onnxruntime's GPTQ path iterates a (deep-copied) reader instead of calling `get_next`."""
+        return iter(self.feeds)
+
     def set_range(self, start_index: int, end_index: int) -> None:
         self._items = iter(self.feeds[start_index:end_index])
 
