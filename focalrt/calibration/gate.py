@@ -19,9 +19,13 @@ from typing import Any
 
 import numpy as np
 
-# Defaults, measured on the tiny-random and small presets (docs/precision-and-tensorrt.md has the numbers).
+# Defaults from trained weights (SmolLM2-135M-Instruct, 8 held-out prompts; docs/precision-and-tensorrt.md):
+# int8 weight-only (+0.85% perplexity) measured logit cosine 0.999, top-1 0.945, greedy agreement 0.45; the
+# best int4 (+33%) 0.894, 0.594, 0.13. Cosine and top-1 separate them with margin on both sides. Greedy
+# agreement is kept low: on a trained chat model one early near-tie flip ("The" 0.152 against "L" 0.140)
+# sends the rest of an answer elsewhere however small the error, so it cannot be held near 1.
 DEFAULT_THRESHOLDS = {"min_vision_cosine": 0.99, "min_logit_cosine": 0.98, "min_top1": 0.85,
-                      "min_greedy_agreement": 0.5}
+                      "min_greedy_agreement": 0.25}
 
 
 @dataclass
