@@ -215,8 +215,10 @@ def test_pathway_equals_the_repository_formulation(model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool) -> None:
-    """A Face-LLaVA-style checkpoint directory: flat Llama config + mm_* keys, original weight names."""
+def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool, **config_overrides) -> None:
+    """A checkpoint directory in the authors' layout: flat Llama config + the mm_* / landmark keys their
+    `initialize_vision_modules` writes (no branch scale: their configs never hold one), original weight
+    names."""
     from safetensors.torch import save_file
 
     directory.mkdir()
@@ -230,7 +232,8 @@ def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool) ->
               "tie_word_embeddings": False, "mm_image_tower": str(tower_dir), "mm_projector_type": "mlp2x_gelu",
               "landmarks_projector_type": "landmarks_region_projector", "global_landmarks_projector_type": "linear",
               "cross_attn_type": "simple", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-              "use_landmark_tokens": False, "mm_hidden_size": v.hidden_size, "landmarks_branch_scale": 0.1}
+              "use_landmark_tokens": False, "mm_hidden_size": v.hidden_size, "landmarks_hidden_size": 136,
+              "mm_video_tower": None, "use_mm_proj": True, **config_overrides}
     (directory / "config.json").write_text(json.dumps(config))
     vision = {k: getattr(v, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                          "num_attention_heads", "image_size", "patch_size", "hidden_act")}
@@ -249,12 +252,18 @@ def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool) ->
 def test_load_checkpoint_directory(tmp_path, model, tower_in_checkpoint):
     _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", tower_in_checkpoint)
     loaded = load_face_llava_checkpoint(tmp_path / "ckpt")
+    # No branch scale in the config: the authors' module default, 0.1, applies.
     assert loaded.landmarks is not None and loaded.landmarks.cross_attn.branch_scale == 0.1
     want = model.state_dict()
     got = loaded.state_dict()
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_branch_scale_from_the_config_wins(tmp_path, model):
+    _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", True, landmarks_branch_scale=0.001)
+    assert load_face_llava_checkpoint(tmp_path / "ckpt").landmarks.cross_attn.branch_scale == 0.001
 
 
 def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, bundle, pipe, runs, face_crop,
@@ -270,8 +279,11 @@ def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, 
     preset_manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["source"]["weights_fingerprint"] == preset_manifest["source"]["weights_fingerprint"]
     assert manifest["tokenizer"]["special_tokens"][IMAGE_TOKEN] == manifest["text"]["image_token_id"]
+    assert manifest["components"]["vision"]["landmarks"]["branch_scale"] == 0.1  # the authors' default
     d = Pipeline.from_bundle(out).describe(face_crop, landmarks68=landmarks68, max_new_tokens=NEW_TOKENS)
+    # The preset's answer equals the reference's at branch_scale 0.1 (test_greedy_tokens_and_logits_...).
     assert d.token_ids == runs["with"][0].token_ids
+    assert d.token_ids != runs["without"][0].token_ids
 
 
 def test_vision_without_landmark_modules_has_only_pixel_input(tmp_path):

@@ -8,8 +8,10 @@ Facts taken from the paper (arXiv 2504.07198) and the public ihp-lab/Face-LLaVA 
 - "Simple" face-region guided cross-attention: the projected visual tokens are the queries, the nine
   landmark tokens the keys and values; 8-head attention with biases, then residual + LayerNorm, then a
   Linear. The result joins the visual tokens as `branch_scale * x + image_features`.
-- `branch_scale` is a call argument in the repository whose default (0.001) is what its inference code
-  uses; it is a constructor argument here so a checkpoint trained with another value can say so.
+- `branch_scale` is a call argument of the repository's `LandmarkGuidedCrossAttention.forward` that its
+  call site never passes, so the default applies: 0.1 at commit acecbec (0.001 only in two early commits,
+  changed before the weights were released). It is a constructor argument here so that a checkpoint
+  trained with another value can say so (`landmarks_branch_scale` in its config.json, our key).
 
 Region names are ours and anatomical, with left/right the subject's own as in
 `focalrt.runtime.landmarks68` (iBUG 17-21 and 36-41 are the subject's right brow and eye).
@@ -35,7 +37,7 @@ REGIONS: tuple[tuple[str, int, int], ...] = (
 )
 CROP_SIZE = 256  # the reference divides landmark pixels of its 256x256 face crops by this
 CROSS_ATTENTION_HEADS = 8
-REPOSITORY_BRANCH_SCALE = 0.001
+REPOSITORY_BRANCH_SCALE = 0.1  # builder.py's default at acecbec
 
 
 class LandmarkRegionProjector(nn.Module):

@@ -201,6 +201,7 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
 
     with no_init_weights():  # every weight is loaded below; random init would only cost time
         llava = LlavaForConditionalGeneration(llava_cfg)
+    # Their configs never hold a branch scale (the call site relies on the module default, 0.1); ours may.
     scale = float(cfg.get("landmarks_branch_scale", REPOSITORY_BRANCH_SCALE))
     pathway = FaceLandmarkPathway(llava_cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, scale) \
         if has_landmarks else None

@@ -40,9 +40,8 @@ FACE_LLAVA_PROMPT: dict[str, Any] = {
 PRESET_VOCAB_SIZE = 151666
 PRESET_IMAGE_TOKEN_ID = 151665
 
-# Random-weight models of the real architecture at 224 px / patch 14 (256 image tokens). The presets use
-# branch_scale 0.1 so that the landmark branch visibly changes the output in tests; real checkpoints use
-# their config's value or the repository's 0.001.
+# Random-weight models of the real architecture at 224 px / patch 14 (256 image tokens). branch_scale is
+# the repository's default, 0.1, as for real checkpoints whose config does not name another.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-random-face-llava": {
         "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4),
