@@ -39,6 +39,17 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def linear_model():
+    """The authors' default landmark projector (`landmarks_projector_type='linear'`): one landmark token."""
+    return build_random_model(PRESET, landmark_projector="linear")
+
+
+@pytest.fixture(scope="module")
+def models(model, linear_model):
+    return {"landmarks_region_projector": model, "linear": linear_model}
+
+
+@pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     return export_bundle(tmp_path_factory.mktemp("face_llava") / "bundle", preset=PRESET, face_models=False)
 
@@ -180,10 +191,12 @@ def test_checkpoint_names_round_trip(model):
         convert_face_llava_state_dict({**original, "model.some_new_adapter.weight": torch.zeros(1)})
 
 
-def test_pathway_equals_the_repository_formulation(model):
+@pytest.mark.parametrize("projector", ["landmarks_region_projector", "linear"])
+def test_pathway_equals_the_repository_formulation(models, projector):
     """Our modules, loaded from checkpoint names, compute what Face-LLaVA's code computes: region Linears
-    over iBUG slices plus the global Linear, then nn.MultiheadAttention (packed q/k/v), residual,
-    LayerNorm, linear_proj and the scaled residual."""
+    over iBUG slices (or one Linear over all 136 values) plus the global Linear, then nn.MultiheadAttention
+    (packed q/k/v), residual, LayerNorm, linear_proj and the scaled residual at their default 0.1."""
+    model = models[projector]
     original = to_original_face_llava_state_dict(model.state_dict())
     hidden = model.config.text_config.hidden_size
     gen = torch.Generator().manual_seed(5)
@@ -200,10 +213,15 @@ def test_pathway_equals_the_repository_formulation(model):
               "nostril": (31, 36), "eye1": (36, 42), "eye2": (42, 48), "lips": (48, 60), "teeth": (60, 68)}
     lin = torch.nn.functional.linear
     flat = landmarks.view(1, 136)
-    regions = torch.stack([lin(flat.view(1, 68, 2)[:, a:b].flatten(1),
-                               original[f"model.landmarks_projector.region_layers.{n}.weight"],
-                               original[f"model.landmarks_projector.region_layers.{n}.bias"])
-                           for n, (a, b) in slices.items()], dim=1)
+    if projector == "linear":  # build_landmark_projector: nn.Linear(landmarks_hidden_size=136, hidden)
+        assert original["model.landmarks_projector.weight"].shape == (hidden, 136)
+        regions = lin(flat, original["model.landmarks_projector.weight"],
+                      original["model.landmarks_projector.bias"]).unsqueeze(1)  # encode_images: unsqueeze(-2)
+    else:
+        regions = torch.stack([lin(flat.view(1, 68, 2)[:, a:b].flatten(1),
+                                   original[f"model.landmarks_projector.region_layers.{n}.weight"],
+                                   original[f"model.landmarks_projector.region_layers.{n}.bias"])
+                               for n, (a, b) in slices.items()], dim=1)
     tokens = regions + lin(flat, original["model.global_landmarks_projector.weight"],
                            original["model.global_landmarks_projector.bias"]).unsqueeze(1)
     with torch.no_grad():
@@ -230,7 +248,7 @@ def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool, **
               "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": 4096,
               "rms_norm_eps": t.rms_norm_eps, "rope_theta": 10000.0, "hidden_act": "silu",
               "tie_word_embeddings": False, "mm_image_tower": str(tower_dir), "mm_projector_type": "mlp2x_gelu",
-              "landmarks_projector_type": "landmarks_region_projector", "global_landmarks_projector_type": "linear",
+              "landmarks_projector_type": model.landmarks.projector, "global_landmarks_projector_type": "linear",
               "cross_attn_type": "simple", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
               "use_landmark_tokens": False, "mm_hidden_size": v.hidden_size, "landmarks_hidden_size": 136,
               "mm_video_tower": None, "use_mm_proj": True, **config_overrides}
@@ -248,10 +266,21 @@ def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool, **
     save_file(original, str(directory / "model.safetensors"))
 
 
-@pytest.mark.parametrize("tower_in_checkpoint", [True, False])
-def test_load_checkpoint_directory(tmp_path, model, tower_in_checkpoint):
+@pytest.mark.parametrize("projector,tower_in_checkpoint",
+                         [("landmarks_region_projector", True), ("landmarks_region_projector", False),
+                          ("linear", True)])
+def test_load_checkpoint_directory(tmp_path, models, projector, tower_in_checkpoint):
+    model = models[projector]
     _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", tower_in_checkpoint)
+    if projector == "linear":  # the authors' names: one Linear(136 -> hidden)
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+            names = set(f.keys())
+        assert {"model.landmarks_projector.weight", "model.landmarks_projector.bias"} <= names
+        assert not any(".region_layers." in n for n in names)
     loaded = load_face_llava_checkpoint(tmp_path / "ckpt")
+    assert loaded.landmarks.projector == projector
     # No branch scale in the config: the authors' module default, 0.1, applies.
     assert loaded.landmarks is not None and loaded.landmarks.cross_attn.branch_scale == 0.1
     want = model.state_dict()
@@ -259,6 +288,41 @@ def test_load_checkpoint_directory(tmp_path, model, tower_in_checkpoint):
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_projector_type_must_match_the_weights(tmp_path, linear_model):
+    """Their config reader defaults landmarks_projector_type to 'linear'; a config naming the other type
+    than the weights hold is refused, not silently loaded."""
+    _write_checkpoint(tmp_path / "ckpt", linear_model, tmp_path / "tower", True,
+                      landmarks_projector_type="landmarks_region_projector")
+    with pytest.raises(ValueError, match="landmarks_projector_type='landmarks_region_projector'.*'linear'"):
+        load_face_llava_checkpoint(tmp_path / "ckpt")
+
+
+def test_linear_projector_checkpoint_exports_and_matches_reference(tmp_path, linear_model, bundle, face_crop,
+                                                                   landmarks68):
+    """The authors' default projector, from a checkpoint in their layout (config without the projector key,
+    as their reader defaults it to 'linear'): the bundle gives the reference's greedy tokens."""
+    _write_checkpoint(tmp_path / "ckpt", linear_model, tmp_path / "tower", True)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del config["landmarks_projector_type"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "ckpt" / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text())
+    out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), family="face_llava", face_models=False)
+    facts = json.loads((out / "manifest.json").read_text())["components"]["vision"]["landmarks"]
+    assert facts["projector"] == "linear" and facts["branch_scale"] == 0.1
+    pipe = Pipeline.from_bundle(out)
+    pixels = torch.from_numpy(_clip_reference(cv2.cvtColor(face_crop, cv2.COLOR_BGR2RGB)))
+    tokens = {}
+    for name, lm in (("with", landmarks68), ("without", None)):
+        ours = pipe.describe(face_crop, landmarks68=lm, max_new_tokens=NEW_TOKENS, return_logits=True)
+        ref_lm = None if lm is None else torch.from_numpy(lm / CROP)[None]
+        ref_tokens, ref_logits = linear_model.generate(torch.tensor([ours.prompt_token_ids]), pixels, ref_lm,
+                                                       NEW_TOKENS)
+        assert ours.token_ids == ref_tokens
+        np.testing.assert_allclose(ours.logits[0], ref_logits[0], atol=LOGIT_ATOL, rtol=0)
+        tokens[name] = ref_tokens
+    assert tokens["with"] != tokens["without"]
 
 
 def test_branch_scale_from_the_config_wins(tmp_path, model):

@@ -3,10 +3,13 @@ against.
 
 Facts taken from the paper (arXiv 2504.07198) and the public ihp-lab/Face-LLaVA repository:
 - 68 landmarks (x, y) in the iBUG order, divided by the 256-px face crop's size, so in [0, 1].
-- Nine regions, each flattened (x0, y0, x1, y1, ...) and projected by its own Linear(2n -> hidden).
-- One global Linear(136 -> hidden) over all 68 points, added to each of the nine region tokens.
-- "Simple" face-region guided cross-attention: the projected visual tokens are the queries, the nine
-  landmark tokens the keys and values; 8-head attention with biases, then residual + LayerNorm, then a
+- `landmarks_projector_type='landmarks_region_projector'`: nine regions, each flattened (x0, y0, x1, y1, ...)
+  and projected by its own Linear(2n -> hidden): nine landmark tokens.
+- `landmarks_projector_type='linear'` (the default of their train.py and of their config reader): one
+  Linear(136 -> hidden) over all 68 flattened points: one landmark token.
+- One global Linear(136 -> hidden) over all 68 points, added to each landmark token.
+- "Simple" face-region guided cross-attention: the projected visual tokens are the queries, the landmark
+  tokens (nine or one) the keys and values; 8-head attention with biases, then residual + LayerNorm, then a
   Linear. The result joins the visual tokens as `branch_scale * x + image_features`.
 - `branch_scale` is a call argument of the repository's `LandmarkGuidedCrossAttention.forward` that its
   call site never passes, so the default applies: 0.1 at commit acecbec (0.001 only in two early commits,
@@ -37,6 +40,10 @@ REGIONS: tuple[tuple[str, int, int], ...] = (
 )
 CROP_SIZE = 256  # the reference divides landmark pixels of its 256x256 face crops by this
 CROSS_ATTENTION_HEADS = 8
+# The authors' `landmarks_projector_type` values that we implement: nine region tokens, or one token.
+REGION_PROJECTOR = "landmarks_region_projector"
+LINEAR_PROJECTOR = "linear"
+LANDMARK_PROJECTORS = (REGION_PROJECTOR, LINEAR_PROJECTOR)
 REPOSITORY_BRANCH_SCALE = 0.1  # builder.py's default at acecbec
 
 
@@ -86,21 +93,30 @@ class LandmarkCrossAttention(nn.Module):
 
 
 class FaceLandmarkPathway(nn.Module):
-    """Region tokens plus the global landmark token, then the guided cross-attention onto the image."""
+    """Landmark tokens (nine region tokens, or one token from a Linear over all points) plus the global
+    landmark token, then the guided cross-attention onto the image."""
 
     def __init__(self, hidden_size: int, num_heads: int = CROSS_ATTENTION_HEADS,
-                 branch_scale: float = REPOSITORY_BRANCH_SCALE):
+                 branch_scale: float = REPOSITORY_BRANCH_SCALE, projector: str = REGION_PROJECTOR):
         super().__init__()
-        self.region_proj = LandmarkRegionProjector(hidden_size)
+        if projector not in LANDMARK_PROJECTORS:
+            raise ValueError(f"landmark projector {projector!r}: choose one of {LANDMARK_PROJECTORS}")
+        self.projector = projector
+        if projector == REGION_PROJECTOR:
+            self.region_proj = LandmarkRegionProjector(hidden_size)
+        else:
+            self.token_proj = nn.Linear(2 * NUM_LANDMARKS, hidden_size)
         self.global_proj = nn.Linear(2 * NUM_LANDMARKS, hidden_size)
         self.cross_attn = LandmarkCrossAttention(hidden_size, num_heads, branch_scale)
 
     def landmark_tokens(self, landmarks: torch.Tensor) -> torch.Tensor:
-        """[B, 68, 2] -> [B, 9, hidden]."""
+        """[B, 68, 2] -> [B, 9, hidden] (region projector) or [B, 1, hidden] (linear projector)."""
         if landmarks.shape[-2:] != (NUM_LANDMARKS, 2):
             raise ValueError(f"landmarks must be [batch, 68, 2] (x, y in 0..1), got {tuple(landmarks.shape)}")
-        regions = self.region_proj(landmarks)
-        return regions + self.global_proj(landmarks.flatten(1)).unsqueeze(1)
+        flat = landmarks.flatten(1)
+        tokens = self.region_proj(landmarks) if self.projector == REGION_PROJECTOR \
+            else self.token_proj(flat).unsqueeze(1)
+        return tokens + self.global_proj(flat).unsqueeze(1)
 
     def forward(self, image_features: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens [B, N, hidden] and normalised landmarks [B, 68, 2] -> [B, N, hidden]."""

@@ -3,7 +3,8 @@
 Face-LLaVA saves the LLaVA layout: the Llama under `model.`, the projector as an
 nn.Sequential `model.mm_projector.{0,2}`, the LanguageBind tower as `model.image_tower.image_tower.`
 (LLaVA-1.5 uses `model.vision_tower.vision_tower.vision_model.`), and the landmark modules as
-`model.landmarks_projector.region_layers.<region>`, `model.global_landmarks_projector` and
+`model.landmarks_projector.region_layers.<region>` (or, for `landmarks_projector_type='linear'`, a single
+`model.landmarks_projector` Linear(136 -> hidden)), `model.global_landmarks_projector` and
 `model.landmarks_cross_attn` (an nn.MultiheadAttention with packed q/k/v, its LayerNorm, linear_proj).
 """
 
@@ -26,6 +27,8 @@ from focalrt.export.face_llava.model import (
 )
 from focalrt.export.face_llava_modules import (
     CROSS_ATTENTION_HEADS,
+    LINEAR_PROJECTOR,
+    REGION_PROJECTOR,
     REGIONS,
     REPOSITORY_BRANCH_SCALE,
     FaceLandmarkPathway,
@@ -48,6 +51,8 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.landmarks_cross_attn.linear_proj.", "landmarks.cross_attn.out_proj."),
     *((f"model.landmarks_projector.region_layers.{orig}.", f"landmarks.region_proj.regions.{ours}.")
       for ours, orig in _ORIGINAL_REGIONS.items()),
+    # landmarks_projector_type='linear': one Linear; after the region names, which share its prefix.
+    ("model.landmarks_projector.", "landmarks.token_proj."),
 )
 # Read as another spelling of a prefix above (LLaVA-1.5 layout), never written.
 _ALIASES = (("model.vision_tower.vision_tower.vision_model.", "model.image_tower.image_tower."),)
@@ -144,11 +149,28 @@ def _vision_config_dict(cfg: dict[str, Any], tower: Path | None) -> dict[str, An
     return {k: source[k] for k in VISION_KEYS if k in source}
 
 
+def _landmark_projector(sd: dict[str, torch.Tensor], cfg: dict[str, Any], path: Path) -> str | None:
+    """The landmark projector the weights hold (None: no landmark modules), checked against the config.
+
+    Their config reader defaults `landmarks_projector_type` to 'linear' when the key is absent, so the
+    weights decide and a config that names the other type is refused."""
+    if any(k.startswith("model.landmarks_projector.region_layers.") for k in sd):
+        found = REGION_PROJECTOR
+    elif "model.landmarks_projector.weight" in sd:
+        found = LINEAR_PROJECTOR
+    else:
+        return None
+    named = cfg.get("landmarks_projector_type", LINEAR_PROJECTOR)
+    if named != found:
+        raise ValueError(f"{path}: landmarks_projector_type={named!r} but the weights hold a {found!r} landmark "
+                         f"projector; fix the config or the weights")
+    return found
+
+
 def _check_supported(cfg: dict[str, Any], path: Path, has_landmarks: bool) -> None:
     wanted = {"mm_projector_type": "mlp2x_gelu"}
     if has_landmarks:
-        wanted.update(landmarks_projector_type="landmarks_region_projector",
-                      global_landmarks_projector_type="linear", cross_attn_type="simple")
+        wanted.update(global_landmarks_projector_type="linear", cross_attn_type="simple")
     for key, value in wanted.items():
         if cfg.get(key, value) != value:
             raise NotImplementedError(f"{path}: {key}={cfg[key]!r} is not supported; the Face-LLaVA export "
@@ -174,8 +196,8 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
         raise FileNotFoundError(f"{cfg_path} does not exist; pass a Face-LLaVA checkpoint directory")
     cfg = json.loads(cfg_path.read_text())
     sd = _read_weights(directory)
-    has_landmarks = any(k.startswith("model.landmarks_projector.") for k in sd)
-    _check_supported(cfg, cfg_path, has_landmarks)
+    projector = _landmark_projector(sd, cfg, cfg_path)
+    _check_supported(cfg, cfg_path, projector is not None)
     tower = _tower_dir(cfg, directory)
     tower_prefixes = ("model.image_tower.image_tower.", "model.vision_tower.vision_tower.vision_model.")
     if not any(k.startswith(tower_prefixes) for k in sd):
@@ -203,8 +225,8 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
         llava = LlavaForConditionalGeneration(llava_cfg)
     # Their configs never hold a branch scale (the call site relies on the module default, 0.1); ours may.
     scale = float(cfg.get("landmarks_branch_scale", REPOSITORY_BRANCH_SCALE))
-    pathway = FaceLandmarkPathway(llava_cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, scale) \
-        if has_landmarks else None
+    pathway = FaceLandmarkPathway(llava_cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, scale, projector) \
+        if projector is not None else None
     model = FaceLlava(llava, pathway)
     if tie:
         converted.pop("llava.lm_head.weight", None)

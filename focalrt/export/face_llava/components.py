@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from focalrt.export.face_llava.model import FaceLlava
-from focalrt.export.face_llava_modules import CROP_SIZE, NUM_LANDMARKS, REGIONS
+from focalrt.export.face_llava_modules import CROP_SIZE, NUM_LANDMARKS, REGION_PROJECTOR, REGIONS
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
@@ -115,7 +115,9 @@ def export_vision(model: FaceLlava, out: Path, image_size: int | None = None) ->
     log.info("vision.onnx matches PyTorch with and without landmarks (max abs diff %.2e)", worst)
     landmark_facts = {"input": "landmarks", "flag": "use_landmarks", "points": NUM_LANDMARKS,
                       "order": "iBUG 68", "normalised_by": "image width and height (0..1)",
-                      "reference_crop_size": CROP_SIZE, "regions": {n: [a, b] for n, a, b in REGIONS},
+                      "reference_crop_size": CROP_SIZE, "projector": model.landmarks.projector,
+                      "regions": {n: [a, b] for n, a, b in REGIONS}
+                      if model.landmarks.projector == REGION_PROJECTOR else None,
                       "branch_scale": model.landmarks.cross_attn.branch_scale,
                       "cross_attention_heads": model.landmarks.cross_attn.num_heads}
     return {"validation_max_abs_diff": worst, "landmarks": landmark_facts, **describe_io(path)}

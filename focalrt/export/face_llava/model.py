@@ -10,6 +10,7 @@ from torch import nn
 
 from focalrt.export.face_llava_modules import (
     CROSS_ATTENTION_HEADS,
+    REGION_PROJECTOR,
     FaceLandmarkPathway,
 )
 
@@ -128,8 +129,10 @@ def llava_config(vision: dict[str, Any], text: dict[str, Any], image_token_id: i
     return cfg
 
 
-def build_random_model(name: str, seed: int = 0, landmarks: bool = True) -> FaceLlava:
-    """A preset's random-weight model; `landmarks=False` gives a checkpoint without the pathway."""
+def build_random_model(name: str, seed: int = 0, landmarks: bool = True,
+                       landmark_projector: str = REGION_PROJECTOR) -> FaceLlava:
+    """A preset's random-weight model; `landmarks=False` gives a checkpoint without the pathway,
+    `landmark_projector="linear"` one with the authors' single-token landmark projector."""
     from transformers import LlavaForConditionalGeneration
 
     if name not in PRESETS:
@@ -142,6 +145,6 @@ def build_random_model(name: str, seed: int = 0, landmarks: bool = True) -> Face
                         initializer_range=p["initializer_range"])
     torch.manual_seed(seed)
     llava = LlavaForConditionalGeneration(cfg)
-    pathway = FaceLandmarkPathway(cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, p["branch_scale"]) \
-        if landmarks else None
+    pathway = FaceLandmarkPathway(cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, p["branch_scale"],
+                                  landmark_projector) if landmarks else None
     return FaceLlava(llava, pathway).float().eval()
