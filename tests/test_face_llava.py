@@ -143,13 +143,68 @@ def test_preprocessing_equals_clip_image_processor_without_resampling(pipe, astr
 
 
 def test_preprocessing_close_to_clip_image_processor_when_resizing(pipe, face_crop, astronaut_bgr):
-    """OpenCV's INTER_AREA vs PIL's antialiased bicubic: about one grey level apart on average."""
+    """Float antialiased bicubic vs PIL's on uint8 (rounded): within one grey level on average."""
     crop256 = cv2.resize(face_crop, (256, 256), interpolation=cv2.INTER_CUBIC)
     for image in (crop256, astronaut_bgr, astronaut_bgr[:, :400]):
         got = pipe.adapter.vision_inputs(image)["pixel_values"]
         want = _clip_reference(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
         assert got.shape == want.shape == (1, 3, 224, 224)
         assert np.abs(got - want).mean() < 0.02  # ~1.3 grey levels in CLIP-normalised units
+
+
+def _authors_transform_via_torch(image_bgr: np.ndarray, antialias: bool = True) -> np.ndarray:
+    """The authors' transform as torchvision runs it on a float tensor (torchvision 0.28 source: Resize(int)
+    keeps the aspect with int(size * long / short), then interpolate(bicubic, align_corners=False,
+    antialias) with no rounding or clamping for floats; CenterCrop's offsets are int(round((h - 224) / 2)))."""
+    from focalrt.export.face_llava import IMAGE_MEAN, IMAGE_STD
+
+    t = torch.from_numpy(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 255
+    h, w = t.shape[1:]
+    nh, nw = (224, int(224 * w / h)) if h <= w else (int(224 * h / w), 224)
+    r = torch.nn.functional.interpolate(t[None], size=(nh, nw), mode="bicubic", align_corners=False,
+                                        antialias=antialias)[0]
+    top, left = int(round((nh - 224) / 2.0)), int(round((nw - 224) / 2.0))
+    r = r[:, top:top + 224, left:left + 224]
+    return ((r - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])[None].numpy()
+
+
+@pytest.fixture(scope="module")
+def face256(astronaut_bgr):
+    """The shipped face image cropped around the face and brought to 256 px, as crop_face.py's crops are."""
+    return cv2.resize(astronaut_bgr[40:210, 140:310], (256, 256), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("shape", ["face256", "full", "portrait", "landscape_odd", "upsample"])
+def test_preprocessing_equals_the_authors_float_bicubic(pipe, astronaut_bgr, face256, shape):
+    """Ours (numpy) against the resize torchvision performs on the float tensor: shrinking, enlarging, and
+    centre crops with odd margins (torchvision rounds them)."""
+    image = {"face256": face256, "full": astronaut_bgr, "portrait": astronaut_bgr[:, 50:351],
+             "landscape_odd": astronaut_bgr[10:309], "upsample": cv2.resize(face256, (150, 170))}[shape]
+    got = pipe.adapter.vision_inputs(np.ascontiguousarray(image))["pixel_values"]
+    want = _authors_transform_via_torch(np.ascontiguousarray(image))
+    assert got.shape == want.shape == (1, 3, 224, 224)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    if shape == "face256":  # antialias matters: torchvision < 0.17 resized tensors without it
+        assert np.abs(_authors_transform_via_torch(image, antialias=False) - want).max() > 0.05
+
+
+def test_preprocessing_equals_torchvision(pipe, face256):
+    """The authors' Compose itself, when torchvision can be imported (it is not a dependency: the PyPI wheel
+    is a CUDA build whose ops need CUDA libraries)."""
+    try:
+        import torchvision
+        from PIL import Image
+        from torchvision import transforms
+    except Exception as exc:  # an ImportError, or a RuntimeError from a wheel built for another torch
+        pytest.skip(f"torchvision not importable here: {type(exc).__name__}: {exc}")
+    from focalrt.export.face_llava import IMAGE_MEAN, IMAGE_STD
+
+    tf = transforms.Compose([transforms.ToTensor(),
+                             transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(224), transforms.Normalize(IMAGE_MEAN, IMAGE_STD)])
+    want = tf(Image.fromarray(cv2.cvtColor(face256, cv2.COLOR_BGR2RGB)))[None].numpy()
+    got = pipe.adapter.vision_inputs(face256)["pixel_values"]
+    assert np.abs(got - want).max() < 1e-3, f"torchvision {torchvision.__version__}"
 
 
 def test_bad_landmarks_are_rejected_with_the_fix(pipe, face_crop):

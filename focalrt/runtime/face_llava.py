@@ -1,9 +1,12 @@
-"""Face-LLaVA's runtime adapter: CLIP preprocessing, the landmark input and 1D position ids.
+"""Face-LLaVA's runtime adapter: the authors' image transform, the landmark input and 1D position ids.
 
-Preprocessing is LanguageBind's image transform, the same as transformers' CLIPImageProcessor: resize the
-shorter side to 224 (bicubic), centre crop 224x224, scale to 0..1, normalise with the CLIP mean and std.
-OpenCV resamples with INTER_AREA when shrinking (PIL's bicubic is antialiased, plain cubic is not) and
-INTER_CUBIC when enlarging; an image whose shorter side already is 224 is only cropped.
+Preprocessing is the authors' LanguageBind image transform, done without torch: ToTensor (RGB, /255, float),
+Resize(224, BICUBIC) of the shorter side *on the float tensor*, CenterCrop(224), Normalize (CLIP mean/std).
+torchvision resizes a float tensor with `torch.nn.functional.interpolate(mode="bicubic", antialias=True,
+align_corners=False)` (antialias is the default since torchvision 0.17; the authors' README installs
+torch 2.5.1, whose torchvision is 0.20), with no rounding or clamping. That resampler is PIL's: a separable
+cubic filter (a = -0.5) stretched by the shrink factor, weights normalised per output pixel. We build
+its weight matrices in numpy and apply only the rows and columns the centre crop keeps.
 
 Landmarks: 68 iBUG points (`focalrt.runtime.landmarks68.to_68`) in pixels of the image given, divided by
 its width and height. Face-LLaVA was trained on 256x256 face crops with landmarks divided by 256, which
@@ -14,6 +17,7 @@ given (its image inference script passes none). A model without the landmark pat
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import cv2
@@ -24,28 +28,65 @@ from focalrt.runtime.preprocess import check_frame
 NUM_LANDMARKS = 68
 
 
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """The antialiasing bicubic kernel (PIL's and torch's `_upsample_bicubic2d_aa`, a = -0.5)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+@functools.lru_cache(maxsize=32)
+def aa_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] weights of an antialiased bicubic resize along one axis (align_corners=False).
+
+    Output pixel i is centred at scale * (i + 0.5) in input pixels; when shrinking the kernel's support and
+    argument are stretched by the scale, so every input pixel contributes (the antialiasing)."""
+    scale = in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    center = scale * (np.arange(out_size, dtype=np.float64) + 0.5)
+    lo = np.maximum(np.trunc(center - support + 0.5), 0)[:, None]
+    hi = np.minimum(np.trunc(center + support + 0.5), in_size)[:, None]
+    j = np.arange(in_size, dtype=np.float64)[None]
+    w = np.where((j >= lo) & (j < hi), _cubic((j - center[:, None] + 0.5) * invscale), 0.0)
+    w = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    w.flags.writeable = False  # cached and shared between calls
+    return w
+
+
+def resized_size(h: int, w: int, shortest_edge: int) -> tuple[int, int]:
+    """torchvision's Resize(int): the shorter side becomes `shortest_edge`, the longer int(size * long / short)."""
+    if h <= w:
+        return shortest_edge, int(shortest_edge * w / h)
+    return int(shortest_edge * h / w), shortest_edge
+
+
 def clip_pixels(image_bgr: np.ndarray, shortest_edge: int, crop: int, mean: list[float], std: list[float],
                 rescale: float) -> np.ndarray:
-    """BGR frame -> [1, 3, crop, crop] float32 pixel values, as CLIPImageProcessor makes them."""
+    """BGR frame -> [1, 3, crop, crop] float32: ToTensor, Resize(shortest_edge, BICUBIC, antialias) on floats,
+    CenterCrop(crop), Normalize, as the authors' torchvision transform makes them."""
     check_frame(image_bgr)
     h, w = image_bgr.shape[:2]
-    if min(h, w) != shortest_edge:
-        # transformers truncates the long side: int(size * long / short)
-        if h <= w:
-            new_h, new_w = shortest_edge, int(shortest_edge * w / h)
-        else:
-            new_h, new_w = int(shortest_edge * h / w), shortest_edge
-        shrink = new_h < h
-        image_bgr = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-        h, w = new_h, new_w
-    if h < crop or w < crop:
-        raise ValueError(f"resized image {h}x{w} is smaller than the {crop}x{crop} crop; the manifest's "
+    new_h, new_w = resized_size(h, w, shortest_edge)
+    if new_h < crop or new_w < crop:
+        raise ValueError(f"resized image {new_h}x{new_w} is smaller than the {crop}x{crop} crop; the manifest's "
                          f"resize_shortest_edge must be >= image_size")
-    top, left = (h - crop) // 2, (w - crop) // 2
-    rgb = cv2.cvtColor(image_bgr[top:top + crop, left:left + crop], cv2.COLOR_BGR2RGB)
-    x = rgb.astype(np.float32) * np.float32(rescale)
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))  # torchvision CenterCrop
+    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB).astype(np.float32) * np.float32(rescale)
+    if (new_h, new_w) != (h, w):
+        rows = aa_bicubic_weights(h, new_h)[top:top + crop]
+        cols = aa_bicubic_weights(w, new_w)[left:left + crop]
+        used_r, used_c = np.flatnonzero(rows.any(0)), np.flatnonzero(cols.any(0))  # the band the crop needs
+        r0, r1, c0, c1 = used_r[0], used_r[-1] + 1, used_c[0], used_c[-1] + 1
+        part = rgb[r0:r1, c0:c1]
+        part = (rows[:, r0:r1] @ part.reshape(r1 - r0, -1)).reshape(crop, c1 - c0, 3)  # vertical pass
+        part = np.ascontiguousarray(part.transpose(1, 0, 2)).reshape(c1 - c0, -1)  # [cols, crop * 3]
+        x = (cols[:, c0:c1] @ part).reshape(crop, crop, 3).transpose(1, 0, 2)  # horizontal pass
+    else:
+        x = rgb[top:top + crop, left:left + crop]
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
 def normalise_landmarks(landmarks68: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:

@@ -59,9 +59,10 @@ def manifest_sections(source: Source, options: Options, tok: dict[str, Any]) -> 
     return {
         "architecture": "LlavaForConditionalGeneration + Face-LLaVA landmark pathway"
         if model.landmarks is not None else "LlavaForConditionalGeneration",
-        # LanguageBind's image transform: bicubic resize of the shorter side, centre crop, CLIP mean/std.
+        # The authors' LanguageBind transform: ToTensor, float bicubic resize of the shorter side with
+        # torchvision's tensor antialias, centre crop, CLIP mean/std (focalrt.runtime.face_llava.clip_pixels).
         "preprocess": {"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
-                       "center_crop": True, "interpolation": "bicubic", "mean": IMAGE_MEAN,
+                       "center_crop": True, "interpolation": "bicubic", "antialias": True, "mean": IMAGE_MEAN,
                        "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,
                        "image_tokens": image_token_count(model), "color": "RGB", "layout": "NCHW"},
         "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
