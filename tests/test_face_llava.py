@@ -380,6 +380,27 @@ def test_linear_projector_checkpoint_exports_and_matches_reference(tmp_path, lin
     assert tokens["with"] != tokens["without"]
 
 
+def test_unknown_tower_activation_is_refused(tmp_path, model):
+    """No vision_config and no tower config: the activation is unknown, and guessing CLIP's quick_gelu would
+    give plausible, wrong features. The refusal names the fix."""
+    _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", True)
+    (tmp_path / "tower" / "config.json").unlink()
+    with pytest.raises(ValueError, match="activation cannot be known.*LanguageBind_Image"):
+        load_face_llava_checkpoint(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["mm_image_tower"] = "LanguageBind/LanguageBind_Image"  # their config's hub name, not local here
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="activation cannot be known"):
+        load_face_llava_checkpoint(tmp_path / "ckpt")
+    # With the activation given (here in config.json's vision_config), it loads.
+    v = model.config.vision_config
+    config["vision_config"] = {k: getattr(v, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                          "num_attention_heads", "image_size", "patch_size",
+                                                          "hidden_act")}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    assert load_face_llava_checkpoint(tmp_path / "ckpt").config.vision_config.hidden_act == v.hidden_act
+
+
 def test_branch_scale_from_the_config_wins(tmp_path, model):
     _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", True, landmarks_branch_scale=0.001)
     assert load_face_llava_checkpoint(tmp_path / "ckpt").landmarks.cross_attn.branch_scale == 0.001

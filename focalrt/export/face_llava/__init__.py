@@ -44,7 +44,6 @@ from focalrt.export.face_llava.model import (
     IMAGE_MEAN,
     IMAGE_STD,
     IMAGE_TOKEN,
-    LANGUAGEBIND_IMAGE_VISION,
     LLAVA_V1_SYSTEM,
     PRESET_IMAGE_TOKEN_ID,
     PRESET_VOCAB_SIZE,
@@ -57,7 +56,7 @@ from focalrt.export.face_llava.tokenizer import build_preset_tokenizer, write_fa
 __all__ = [
     "FAMILY", "export_options", "load_source", "manifest_sections", "write_bundle_tokenizer",
     "BOS_TOKEN", "DEFAULT_MAX_CONTEXT", "EOS_TOKEN", "FACE_LLAVA_PROMPT", "IMAGE_MEAN", "IMAGE_STD", "IMAGE_TOKEN",
-    "LANGUAGEBIND_IMAGE_VISION", "LLAVA_V1_SYSTEM", "PRESETS", "PRESET_IMAGE_TOKEN_ID", "PRESET_VOCAB_SIZE",
+    "LLAVA_V1_SYSTEM", "PRESETS", "PRESET_IMAGE_TOKEN_ID", "PRESET_VOCAB_SIZE",
     "FaceLlava", "TokenEmbedding", "VisionEncoder", "build_preset_tokenizer", "build_random_model",
     "convert_face_llava_state_dict", "export_decoder", "export_embed", "export_vision",
     "image_token_count", "load_face_llava_checkpoint", "to_original_face_llava_state_dict", "validate_decoder",

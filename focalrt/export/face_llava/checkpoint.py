@@ -19,7 +19,6 @@ from tokenizers import Tokenizer
 
 from focalrt.export.face_llava.model import (
     IMAGE_TOKEN,
-    LANGUAGEBIND_IMAGE_VISION,
     TEXT_KEYS,
     VISION_KEYS,
     FaceLlava,
@@ -140,12 +139,20 @@ def _tower_dir(cfg: dict[str, Any], directory: Path) -> Path | None:
     return None
 
 
-def _vision_config_dict(cfg: dict[str, Any], tower: Path | None) -> dict[str, Any]:
+def _vision_config_dict(cfg: dict[str, Any], tower: Path | None, path: Path) -> dict[str, Any]:
+    """The tower's dimensions and activation from config.json's `vision_config` or the tower's own config.
+
+    Nothing is assumed: CLIP's default activation (quick_gelu) is not necessarily the tower's, and a wrong
+    one gives plausible but wrong features, so an unknown activation is refused."""
     source = cfg.get("vision_config")
     if source is None and tower is not None and (tower / "config.json").is_file():
         tower_cfg = json.loads((tower / "config.json").read_text())
         source = tower_cfg.get("vision_config", tower_cfg)
-    source = source or LANGUAGEBIND_IMAGE_VISION
+    if not source or "hidden_act" not in source:
+        raise ValueError(
+            f"{path}: the image tower's activation cannot be known: config.json has no vision_config and its "
+            f"mm_image_tower {cfg.get('mm_image_tower')!r} is not a local directory whose config.json gives "
+            f"hidden_act; download LanguageBind/LanguageBind_Image and set mm_image_tower to its path")
     return {k: source[k] for k in VISION_KEYS if k in source}
 
 
@@ -195,10 +202,11 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} does not exist; pass a Face-LLaVA checkpoint directory")
     cfg = json.loads(cfg_path.read_text())
+    tower = _tower_dir(cfg, directory)
+    vision = _vision_config_dict(cfg, tower, cfg_path)  # before reading gigabytes of weights
     sd = _read_weights(directory)
     projector = _landmark_projector(sd, cfg, cfg_path)
     _check_supported(cfg, cfg_path, projector is not None)
-    tower = _tower_dir(cfg, directory)
     tower_prefixes = ("model.image_tower.image_tower.", "model.vision_tower.vision_tower.vision_model.")
     if not any(k.startswith(tower_prefixes) for k in sd):
         tower_sd = _read_weights(tower) if tower is not None else {}
@@ -218,7 +226,7 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
     # Without an <image> token the export adds one after the vocabulary (see write_face_llava_tokenizer).
     image_id = image_id if image_id is not None else int(text["vocab_size"])
     select = "full" if cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default"
-    llava_cfg = llava_config(_vision_config_dict(cfg, tower), text, image_id, tie, select)
+    llava_cfg = llava_config(vision, text, image_id, tie, select)
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight is loaded below; random init would only cost time

@@ -63,10 +63,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# LanguageBind_Image's vision tower (CLIP ViT-L/14 at 224 px), used when a checkpoint does not say.
-LANGUAGEBIND_IMAGE_VISION: dict[str, Any] = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-    patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                 "patch_size", "hidden_act", "layer_norm_eps", "num_channels")
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
