@@ -207,6 +207,59 @@ def test_preprocessing_equals_torchvision(pipe, face256):
     assert np.abs(got - want).max() < 1e-3, f"torchvision {torchvision.__version__}"
 
 
+def _tokenizer_image_token(chunks: list[list[int]], image_index: int = -200) -> list[int]:
+    """Their mm_utils.tokenizer_image_token, restated: the prompt split on <image>, each chunk tokenised on
+    its own (with the BOS a Llama tokenizer adds), the first chunk's BOS kept once, later chunks' dropped,
+    and `image_index` between chunks."""
+    offset = 1 if chunks and chunks[0] and chunks[0][0] == chunks[-1][0] else 0
+    ids = [chunks[0][0]] if offset else []
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(image_index)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+@pytest.mark.parametrize("task", ["age", "action_units", "facial_attributes"])
+def test_prompt_ids_equal_their_tokenizer_image_token(pipe, face_crop, task):
+    """Our prompt, with its 256 image ids counted as their one -200, is what their inference builds: the
+    llava_v1 conversation ("<image>\n" + question) through tokenizer_image_token. Checked on the preset's
+    tokenizer (Qwen2 BPE with <s>); docs/face-llava.md says what a Vicuna tokenizer.model changes."""
+    from focalrt.runtime.face_llava import task_instruction
+
+    question = task_instruction(pipe.profile, task)
+    ours = pipe.describe(face_crop, prompt=question, max_new_tokens=1).prompt_token_ids
+    image_id = pipe.image_token_id
+    collapsed = [t for i, t in enumerate(ours) if t != image_id or i == 0 or ours[i - 1] != image_id]
+    collapsed = [-200 if t == image_id else t for t in collapsed]
+    # conv_templates["llava_v1"]: system, sep " ", "USER: " + message, sep " ", "ASSISTANT:"
+    text = f"{LLAVA_V1_SYSTEM} USER: <image>\n{question} ASSISTANT:"
+    bos = pipe.tokenizer.token_to_id("<s>")
+    chunks = [[bos] + pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
+    assert collapsed == _tokenizer_image_token(chunks)
+    assert ours.count(image_id) == 256
+
+
+def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(pipe, astronaut_bgr):
+    """A box is shown as their crop tool shows a face: from the box's corner a square of side (w + h) / 2,
+    resized to 256 px; no words about the region; landmarks follow the face into the crop."""
+    from focalrt.runtime.prompt import crop_face_square
+
+    assert pipe.profile["region_mode"] == "face_crop" and pipe.profile["region_template"] == ""
+    assert set(pipe.profile["tasks"]) == {"action_units", "age", "facial_attributes", "emotion", "deepfake"}
+    box = (170, 60, 290, 196)  # w 120, h 136: side 128, so the crop is scaled by exactly 2
+    crop, crop_box = crop_face_square(astronaut_bgr, box)
+    np.testing.assert_array_equal(crop, cv2.resize(astronaut_bgr[60:188, 170:298], (256, 256)))
+    assert crop_box == (0, 0, 240, 272)
+    lm = np.random.default_rng(1).uniform(0, 120, (68, 2)).astype(np.float32) + np.float32([170, 60])
+    whole = pipe.describe(astronaut_bgr, box=box, landmarks68=lm, max_new_tokens=8)
+    direct = pipe.describe(crop, landmarks68=(lm - np.float32([170, 60])) * 2, max_new_tokens=8)
+    assert whole.prompt_token_ids == direct.prompt_token_ids and whole.token_ids == direct.token_ids
+    text = pipe.tokenizer.decode(whole.prompt_token_ids, skip_special_tokens=False)
+    assert text.replace(IMAGE_TOKEN * 256, "<IMG>") == \
+        f"<s>{LLAVA_V1_SYSTEM} USER: <IMG>\n{pipe.profile['default_instruction']} ASSISTANT:"
+
+
 def test_bad_landmarks_are_rejected_with_the_fix(pipe, face_crop):
     with pytest.raises(ValueError, match=r"\[68, 2\].*to_68"):
         pipe.adapter.vision_inputs(face_crop, np.zeros((468, 2)))

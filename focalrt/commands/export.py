@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--system", help="system prompt (default: the family's)")
     p.add_argument("--region-template", help="how a box is worded, with {x1} {y1} {x2} {y2} (default: the family's)")
     p.add_argument("--instruction", help="default instruction when none is given at run time (default: the family's)")
-    p.add_argument("--region-mode", choices=["text", "draw", "crop"],
+    p.add_argument("--region-mode", choices=["text", "draw", "crop", "face_crop"],
                    help="how the model sees a region (default: the family's, text)")
     p.add_argument("--no-face-models", action="store_true", help="do not add the face detector/landmarks")
     p.add_argument("--no-face-heads", action="store_true",

@@ -17,9 +17,9 @@ from focalrt.export.family import Options, Source, family_module
 log = logging.getLogger(__name__)
 
 PROFILE_KEYS = ("system", "region_template", "default_instruction", "region_mode")
-REGION_MODES = ("text", "draw", "crop")
+REGION_MODES = ("text", "draw", "crop", "face_crop")
 # Wording when the region is shown in the image rather than given as coordinates.
-MODE_REGION_TEMPLATES = {"draw": "Focus on the face region outlined in red. ", "crop": ""}
+MODE_REGION_TEMPLATES = {"draw": "Focus on the face region outlined in red. ", "crop": "", "face_crop": ""}
 
 
 def load_profile_overrides(path: str | None, **flags: str | None) -> dict[str, Any]:

@@ -26,6 +26,27 @@ import numpy as np
 from focalrt.runtime.preprocess import check_frame
 
 NUM_LANDMARKS = 68
+# The tasks the authors recommend prompts for (assets/good_prompts, inference.py), each with one short prompt
+# of ours in their style, and the input they recommend for it: emotion and deepfake detection on video,
+# the rest on images. The bundle's manifest carries these as `prompt.tasks`; see `task_instruction`.
+FACE_LLAVA_TASKS: dict[str, str] = {
+    "action_units": "Which facial action units are active in this image?",
+    "age": "Estimate the age of the person in the image, and explain why.",
+    "facial_attributes": "Describe the facial attributes of the person in the image.",
+    "emotion": "Which emotion does the person in the video show?",
+    "deepfake": "Has this video been manipulated?",
+}
+FACE_LLAVA_TASK_INPUT = {"action_units": "image", "age": "image", "facial_attributes": "image",
+                         "emotion": "video", "deepfake": "video"}
+
+
+def task_instruction(profile: dict[str, Any], task: str) -> str:
+    """The instruction for one of the bundle's named tasks (manifest `prompt.tasks`), e.g. "age"."""
+    tasks = profile.get("tasks") or {}
+    if task not in tasks:
+        raise ValueError(f"task {task!r} is not one of this bundle's prompt tasks {sorted(tasks)}; "
+                         f"pass the prompt text instead")
+    return tasks[task]
 
 
 def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:

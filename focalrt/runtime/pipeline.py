@@ -262,6 +262,9 @@ class Pipeline:
                 views.append((image, box, box))
             elif mode == "draw":
                 views.append((prompts.draw_box(image, box), box, box))
+            elif mode == "face_crop":
+                crop, crop_box = prompts.crop_face_square(image, box)
+                views.append((crop, crop_box, box))
             else:
                 crop, crop_box = prompts.crop_with_context(image, box)
                 views.append((crop, crop_box, box))
@@ -346,6 +349,10 @@ class Pipeline:
                 images[id(image)] = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
             view, view_box, image_box = self._region_views(images[id(image)], [box])[0]
             vh, vw = view.shape[:2]
+            if landmarks68 is not None and view_box is not None and view_box != image_box:  # a crop: its pixels
+                landmarks68 = prompts.landmarks_in_view(landmarks68, image_box, view_box)
+            if view_box is not None and self.profile.get("region_mode") == "face_crop":  # the square cuts the box
+                view_box = (max(0, view_box[0]), max(0, view_box[1]), min(vw, view_box[2]), min(vh, view_box[3]))
             p, _, model_box = self.build_prompt((vw, vh), view_box, prompt)
             if p.token_ids.size + 1 > self.max_context:
                 raise ValueError(f"the prompt has {p.token_ids.size} tokens but the context holds "

@@ -81,6 +81,39 @@ def draw_box(image: np.ndarray, box: Box, color: tuple[int, int, int] = (0, 0, 2
     return out
 
 
+def landmarks_in_view(landmarks68: np.ndarray, image_box: Box, view_box: Box) -> np.ndarray:
+    """Landmark pixels of the frame -> pixels of a crop in which the frame's `image_box` is `view_box`."""
+    points = np.asarray(landmarks68, np.float32).copy()
+    ix1, iy1, ix2, iy2 = image_box
+    vx1, vy1, vx2, vy2 = view_box
+    sx = (vx2 - vx1) / max(ix2 - ix1, 1)
+    sy = (vy2 - vy1) / max(iy2 - iy1, 1)
+    if points.ndim == 2 and points.shape[1] >= 2:
+        points[:, 0] = (points[:, 0] - ix1) * sx + vx1
+        points[:, 1] = (points[:, 1] - iy1) * sy + vy1
+    return points
+
+
+def crop_face_square(image: np.ndarray, box: Box, out_size: int = 256) -> tuple[np.ndarray, Box]:
+    """The `face_crop` region mode: Face-LLaVA's crop tool (tools/crop_face.py, no margin), and the box in
+    crop pixels.
+
+    Their crop starts at the box's top-left corner and spans (w + h) / 2 both ways, clipped to the frame
+    (at width - 1 / height - 1, as theirs is), then is resized to 256 x 256 with OpenCV's default
+    (bilinear). Landmarks normalised by the crop's size are the same before and after that resize. The box
+    returned may reach past the crop (the square is shorter than a tall box): it also maps points into it."""
+    x1, y1, x2, y2 = box
+    h, w = image.shape[:2]
+    side = ((x2 - x1) + (y2 - y1)) / 2
+    sx, sy = int(max(0, x1)), int(max(0, y1))
+    ex, ey = int(min(x1 + side, w - 1)), int(min(y1 + side, h - 1))
+    if ex - sx < 2 or ey - sy < 2:
+        raise ValueError(f"face box {box} leaves no crop inside the {w}x{h} frame")
+    crop = cv2.resize(image[sy:ey, sx:ex], (out_size, out_size))
+    fx, fy = out_size / (ex - sx), out_size / (ey - sy)
+    return crop, (round((x1 - sx) * fx), round((y1 - sy) * fy), round((x2 - sx) * fx), round((y2 - sy) * fy))
+
+
 def crop_with_context(image: np.ndarray, box: Box, context: float = 1.5) -> tuple[np.ndarray, Box]:
     """A square crop around `box`, `context` times its longer side, and the box in crop pixels.
 

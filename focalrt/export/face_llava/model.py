@@ -13,6 +13,7 @@ from focalrt.export.face_llava_modules import (
     REGION_PROJECTOR,
     FaceLandmarkPathway,
 )
+from focalrt.runtime.face_llava import FACE_LLAVA_TASKS
 
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP, as LanguageBind's image transform uses
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -24,15 +25,18 @@ EOS_TOKEN = "</s>"
 # llava_v1 conversation: system, "USER: <image>\n{question}", then "ASSISTANT:"; turns end with </s>.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# Their image inference: conv_templates["llava_v1"] with "<image>\n" + question, nothing else. A region is
+# shown the way their crop tool shows a face (`face_crop`: a square from the box's corner, side (w + h) / 2,
+# resized to 256), never worded: the model was not trained on region text.
 FACE_LLAVA_PROMPT: dict[str, Any] = {
     "profile": "llava_v1",
     "system": LLAVA_V1_SYSTEM,
     "template": BOS_TOKEN + "{system} USER: {image}\n{region}{instruction} ASSISTANT:",
     "image_token": IMAGE_TOKEN,
-    "region_mode": "text",
-    "region_template": "Focus on the face region [{x1}, {y1}, {x2}, {y2}]. ",
-    "default_instruction": ("Describe this face: its facial action units, the emotion it shows and cues to "
-                            "the person's age."),
+    "region_mode": "face_crop",
+    "region_template": "",
+    "default_instruction": FACE_LLAVA_TASKS["facial_attributes"],
+    "tasks": dict(FACE_LLAVA_TASKS),
     "stop_tokens": [EOS_TOKEN],
 }
 
