@@ -240,12 +240,15 @@ def test_prompt_ids_equal_their_tokenizer_image_token(pipe, face_crop, task):
     assert ours.count(image_id) == 256
 
 
-def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(pipe, astronaut_bgr):
-    """A box is shown as their crop tool shows a face: from the box's corner a square of side (w + h) / 2,
-    resized to 256 px; no words about the region; landmarks follow the face into the crop."""
+def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(bundle, astronaut_bgr):
+    """No words about the region; with region_mode face_crop (export --region-mode face_crop) a box is shown
+    as their crop tool shows a face: from the box's corner a square of side (w + h) / 2, resized to 256 px;
+    landmarks follow the face into the crop."""
     from focalrt.runtime.prompt import crop_face_square
 
-    assert pipe.profile["region_mode"] == "face_crop" and pipe.profile["region_template"] == ""
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.profile["region_mode"] == "text" and pipe.profile["region_template"] == ""
+    pipe.profile = {**pipe.profile, "region_mode": "face_crop"}  # as `export --region-mode face_crop` writes it
     assert set(pipe.profile["tasks"]) == {"action_units", "age", "facial_attributes", "emotion", "deepfake"}
     box = (170, 60, 290, 196)  # w 120, h 136: side 128, so the crop is scaled by exactly 2
     crop, crop_box = crop_face_square(astronaut_bgr, box)

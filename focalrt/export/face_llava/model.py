@@ -25,15 +25,16 @@ EOS_TOKEN = "</s>"
 # llava_v1 conversation: system, "USER: <image>\n{question}", then "ASSISTANT:"; turns end with </s>.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-# Their image inference: conv_templates["llava_v1"] with "<image>\n" + question, nothing else. A region is
-# shown the way their crop tool shows a face (`face_crop`: a square from the box's corner, side (w + h) / 2,
-# resized to 256), never worded: the model was not trained on region text.
+# Their image inference: conv_templates["llava_v1"] with "<image>\n" + question, nothing else: no region is
+# ever worded (the model was not trained on region text). By default the encoder sees the image it is given
+# (`run` gives it each tracked face's crop); export with `--region-mode face_crop` to show a box the way their
+# crop tool shows a face (a square from the box's corner, side (w + h) / 2, resized to 256).
 FACE_LLAVA_PROMPT: dict[str, Any] = {
     "profile": "llava_v1",
     "system": LLAVA_V1_SYSTEM,
     "template": BOS_TOKEN + "{system} USER: {image}\n{region}{instruction} ASSISTANT:",
     "image_token": IMAGE_TOKEN,
-    "region_mode": "face_crop",
+    "region_mode": "text",
     "region_template": "",
     "default_instruction": FACE_LLAVA_TASKS["facial_attributes"],
     "tasks": dict(FACE_LLAVA_TASKS),
