@@ -467,3 +467,29 @@ def test_real_engine_build_on_a_gpu(tiny_bundle, tmp_path):
     results = build_engines(bundle, components=["vision", "embed"])
     assert all(r["status"] == "built" for r in results)
     assert all(Path(r["engine"]).stat().st_size > 0 for r in results)
+
+
+def test_int8_weight_only_decoder_is_left_to_the_tensorrt_provider(tiny_bundle, tmp_path):
+    """`convert --precision int8` writes MatMulNBits (a contrib op): no engine is built for that component,
+    and the result says why, instead of refusing the bundle's precision as unknown."""
+    import shutil
+
+    from focalrt.bundle import file_record, load, write_manifest
+    from focalrt.calibration.quantize import quantize_int8_weights
+    from focalrt.runtime.tensorrt_engines import build_engines
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    for f in bundle.glob("decoder.onnx*"):
+        f.unlink()
+    quantize_int8_weights(tiny_bundle / "decoder.onnx", bundle / "decoder.onnx")
+    manifest = {k: v for k, v in load(tiny_bundle).manifest.items() if k not in ("format", "format_version")}
+    old = {k: v for k, v in manifest["components"]["decoder"].items()
+           if k not in ("file", "bytes", "sha256", "external_data")}
+    manifest["components"]["decoder"] = {**file_record(bundle, "decoder.onnx"), **old, "precision": "int8-weights"}
+    (bundle / "manifest.json").unlink()
+    write_manifest(bundle, manifest)
+    fake = FakeBuilder()
+    results = build_engines(bundle, components=["decoder"], gpu=ADA, tensorrt_version="10.3.0", build_fn=fake)
+    assert fake.calls == []
+    assert results[0]["status"].startswith("served by ONNX Runtime") and "MatMulNBits" in results[0]["reason"]

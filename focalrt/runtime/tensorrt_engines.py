@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 TIMING_CACHE = "timing.cache"
 STANDARD_DOMAINS = ("", "ai.onnx")
-PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
+# int8-weights (`focalrt convert --precision int8`) is MatMulNBits, a contrib op: ONNX Runtime's TensorRT
+# provider serves such components (TensorRT runs the rest of the graph, CUDA the MatMulNBits nodes).
+PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4", "int8-weights")
 # How an engine of each bundle precision is built: strongly typed networks take their types from the graph
 # (QDQ scales, fp16 tensors); an fp32 graph built "as fp16" lets TensorRT pick fp16 kernels instead.
 QUANTIZED = ("int8", "fp8", "int4")
