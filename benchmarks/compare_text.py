@@ -34,38 +34,14 @@ QUESTION = "Write a short story about a robot who learns to paint."
 
 def worker_transformers_gguf(spec: dict[str, Any]) -> None:
     import torch
-    from transformers.generation.streamers import BaseStreamer
 
     from focalrt.bench.memory import current_rss_bytes
     from focalrt.export.causal_lm import load_checkpoint
 
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value) -> None:
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
     model, _ = load_checkpoint(spec["gguf"])
-    load_s, rss = time.perf_counter() - t0, current_rss_bytes()
-    ids = torch.tensor([spec["ids"]])
-    n, runs, tokens = spec["new_tokens"], [], []
-    for i in range(spec["warmup"] + spec["runs"]):
-        clock = Clock()
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, streamer=clock)
-        t = clock.times
-        tokens = out[0, ids.shape[1]:].tolist()
-        if i >= spec["warmup"]:
-            steps = [(b - a) * 1e3 for a, b in zip(t[1:], t[2:], strict=False)]
-            runs.append(decode.one_run((t[1] - t[0]) * 1e3, steps))
-    decode.finish_worker(runs, tokens, load_s, rss, {"torch": torch.__version__})
+    decode.time_transformers(model, spec, time.perf_counter() - t0, current_rss_bytes())
 
 
 def worker_hf_dir(spec: dict[str, Any]) -> None:

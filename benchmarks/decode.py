@@ -160,10 +160,23 @@ def worker_ours(spec: dict[str, Any]) -> None:
 
 def worker_transformers(spec: dict[str, Any]) -> None:
     import torch
-    from transformers.generation.streamers import BaseStreamer
 
     from focalrt.bench.memory import current_rss_bytes
     from focalrt.export.qwen2_5_vl import build_random_model
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model = build_random_model(spec["preset"], spec["seed"])
+    time_transformers(model, spec, time.perf_counter() - t0, current_rss_bytes())
+
+
+def time_transformers(model, spec: dict[str, Any], load_s: float, rss: int) -> None:
+    """Greedy `generate()` of exactly spec["new_tokens"] tokens, timed per token by a streamer; reports the runs.
+
+    Shared by every transformers row (this script's random preset, compare_text.py's GGUF model).
+    """
+    import torch
+    from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
         """generate() calls put() once with the prompt, then once per new token: a timestamp each."""
@@ -177,10 +190,6 @@ def worker_transformers(spec: dict[str, Any]) -> None:
         def end(self) -> None:
             pass
 
-    torch.set_num_threads(spec["threads"])
-    t0 = time.perf_counter()
-    model = build_random_model(spec["preset"], spec["seed"])
-    load_s, rss = time.perf_counter() - t0, current_rss_bytes()
     ids = torch.tensor([spec["ids"]])
     runs, tokens = [], []
     n = spec["new_tokens"]
