@@ -79,6 +79,13 @@ def register(sub) -> None:
     p.add_argument("--server", help="describe on a `focalrt serve` at this URL (http://HOST:8000); faces stay local")
     p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     add_schema(p)
+    p.add_argument("--video-window", action="store_true",
+                   help="also describe each tracked face's last F face crops together as a video (region "
+                        "\"window\"; F = the bundle's video frames, 8 for Face-LLaVA); needs a bundle with a "
+                        "video encoder. Without --prompt it asks the bundle's emotion question")
+    p.add_argument("--window-stride", type=positive_int, default=1,
+                   help="with --video-window, keep one crop every N processed frames, so a window spans "
+                        "F x N frames (default 1)")
     p.set_defaults(func=run)
 
 
@@ -86,6 +93,7 @@ RUN_EXAMPLES = """
 examples:
   focalrt run BUNDLE --source 0 --regions mouth,eyes --out events.jsonl
   focalrt run BUNDLE --source clip.mp4 --regions mouth --write-video annotated.mkv
+  focalrt run BUNDLE --source 0 --video-window --window-stride 4 --every 16   # Face-LLaVA video bundle
 """
 
 
@@ -104,16 +112,20 @@ def run(args) -> int:
     schema = schema_choice(args)
     if schema is not None and args.server:
         raise ValueError("--schema/--format json are not sent to --server yet; describe locally to constrain answers")
+    if args.video_window and args.server:
+        raise ValueError("--video-window is not sent to --server yet; describe video windows locally")
     locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
     try:
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
         pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=args.threads)
         warn_if_random(pipeline.bundle)
-        state = bundle_face_state(pipeline, args.smooth) if args.state_every and args.regions else None
+        state = bundle_face_state(pipeline, args.smooth) \
+            if args.state_every and (args.regions or args.video_window) else None
         runner = RegionRunner(pipeline, regions=args.regions, boxes=boxes, every=args.every,
                               min_interval_s=args.min_interval, change_threshold=args.change_threshold,
                               prompt=args.prompt, max_new_tokens=args.max_new_tokens, state=state,
-                              state_every=max(1, args.state_every), draft=args.draft, schema=schema)
+                              state_every=max(1, args.state_every), draft=args.draft, schema=schema,
+                              video_window=args.video_window, window_stride=args.window_stride)
         source = open_source(args.source, every=args.every, loop=args.loop)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None

@@ -58,11 +58,20 @@ class ImageRegions(NamedTuple):
     landmarks68: np.ndarray | None = None
 
 
+class VideoClip(NamedTuple):
+    """One video window for `describe_video`/`describe_clips`: the frames in time order (BGR, one size, as many
+    as the bundle's video encoder takes) and optionally each frame's 68 landmarks in its pixels."""
+
+    frames: list[np.ndarray]
+    landmarks68: list[np.ndarray] | None = None
+
+
 @dataclass
 class PlannedRegion:
     """One region ready to generate: the image the encoder sees, its prompt, and the box in both pixels."""
 
-    view: np.ndarray | None  # the encoder's input image (frame, crop, or copy with the box drawn); None: text
+    view: np.ndarray | VideoClip | None  # the encoder's input (frame, crop, copy with the box drawn, or a
+    # video window); None: text
     prompt: prompts.Prompt
     image_box: tuple[int, int, int, int] | None  # in the input image's pixels, after clipping
     model_box: tuple[int, int, int, int] | None  # in the encoder image's pixels (what the prompt says)
@@ -119,6 +128,8 @@ class Pipeline:
         self.max_batch = max(1, int(max_batch))
         self.max_context = min(max_context or m["text"]["max_context"], m["text"]["max_context"])
         self.vision = self._session("vision", threads) if bundle.has_vision else None  # None: text-only
+        # Face-LLaVA's video tower (one window of frames -> frame-major image embeddings); None: images only
+        self.video = self._session("video", threads) if "video" in m["components"] else None
         embed, decoder = self._session("embed", threads), self._session("decoder", threads)
         # Tensor names by role from the manifest's records; a manifest without them: the graphs' own.
         parts = (("embed", embed), ("decoder", decoder)) + ((("vision", self.vision),) if self.vision else ())
@@ -188,6 +199,33 @@ class Pipeline:
         io.bind_output(self.model.names.vision_embeds, self.device)
         self.vision.run_with_iobinding(io)
         return io.get_outputs()[0]
+
+    def require_video(self) -> None:
+        """Raise, naming the fix, unless this bundle has a video encoder."""
+        if self.video is None:
+            raise ValueError(f"{self.bundle.path} has no video encoder (components.video): video windows need a "
+                             f"Face-LLaVA bundle exported from a checkpoint whose mm_video_tower is a local "
+                             f"LanguageBind_Video_merge directory (or --preset tiny-random-face-llava-video)")
+
+    def encode_video(self, clip: VideoClip) -> ort.OrtValue:
+        """Video encoder output for one window ([frames * tokens_per_frame, hidden]), kept on the device."""
+        self.require_video()
+        feeds = self.adapter.video_inputs(clip.frames, clip.landmarks68)
+        io = self.video.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output(self.video.get_outputs()[0].name, self.device)
+        self.video.run_with_iobinding(io)
+        return io.get_outputs()[0]
+
+    def build_video_prompt(self, instruction: str | None) -> prompts.Prompt:
+        """Token ids for one video window: the frames' placeholders joined as Face-LLaVA joins its <image>s.
+        Without an instruction, the bundle's `emotion` task prompt (the authors recommend video for emotion)."""
+        self.require_video()
+        video = self.adapter.video
+        instruction = instruction or (self.profile.get("tasks") or {}).get("emotion")
+        return prompts.encode(self.tokenizer, self.profile, self.adapter.video_tokens_per_frame, instruction, None,
+                              frames=self.adapter.video_frames, frame_separator=video.get("frame_separator", " "))
 
     def build_prompt(self, image_wh: tuple[int, int], box: tuple[int, int, int, int] | None,
                      instruction: str | None) -> tuple[prompts.Prompt, tuple | None, tuple | None]:
@@ -298,6 +336,20 @@ class Pipeline:
                               processors=[logits_processors or []], on_token=emit, return_logits=return_logits,
                               share_prefix=False, drafts=drafts, draft_keys=[draft_key], system=system)[0]
 
+    def describe_video(self, frames: list[np.ndarray], prompt: str | None = None,
+                       options: GenerationOptions | None = None, *, landmarks68: list[np.ndarray] | None = None,
+                       **kwargs: Any) -> Description:
+        """Describe a video window: `frames` (BGR, time order, the bundle's `preprocess.video.frames` of them,
+        one size) go through the video encoder together; `landmarks68` gives each frame's points (or None).
+        Other keywords as for `describe`."""
+        return self.describe(VideoClip(list(frames), None if landmarks68 is None else list(landmarks68)),
+                             prompt=prompt, options=options, **kwargs)
+
+    def describe_clips(self, clips: list[VideoClip], prompt: str | None = None,
+                       options: GenerationOptions | None = None, **sampling: Any) -> list[Description]:
+        """Several video windows (e.g. one per tracked face) in one batch: one decode step serves them all."""
+        return self._describe([(clip, None, None) for clip in clips], prompt, self.options(options, **sampling))
+
     def describe_regions(self, image: np.ndarray | str | os.PathLike, boxes: list[tuple[int, int, int, int] | None],
                          prompt: str | None = None, options: GenerationOptions | None = None, *,
                          landmarks68: np.ndarray | None = None, **sampling: Any) -> list[Description]:
@@ -338,6 +390,13 @@ class Pipeline:
             if (image is None) != (self.vision is None):
                 raise ValueError(f"{self.bundle.path} is a text-only bundle: it takes a prompt and no image"
                                  if self.vision is None else "this bundle describes images: give an image")
+            if isinstance(image, VideoClip):
+                p = self.build_video_prompt(prompt[i] if isinstance(prompt, list) else prompt)
+                if p.token_ids.size + 1 > self.max_context:
+                    raise ValueError(f"a video window's prompt has {p.token_ids.size} tokens but the context holds "
+                                     f"{self.max_context}; export with a larger --max-context")
+                planned.append(PlannedRegion(image, p, None, None, None))
+                continue
             if image is None:
                 p = self.build_text_prompt(prompt[i] if isinstance(prompt, list) else prompt, system)
                 if p.token_ids.size + 1 > self.max_context:
@@ -379,8 +438,9 @@ class Pipeline:
         for region in planned:
             if id(region.view) not in encoded:
                 t0 = time.perf_counter()
-                encoded[id(region.view)] = (self.encode_image(region.view, region.landmarks68),
-                                            (time.perf_counter() - t0) * 1e3)
+                embeds = (self.encode_video(region.view) if isinstance(region.view, VideoClip)
+                          else self.encode_image(region.view, region.landmarks68))
+                encoded[id(region.view)] = (embeds, (time.perf_counter() - t0) * 1e3)
         results: list[Description] = []
         for i in range(0, len(planned), self.max_batch):
             chunk = slice(i, i + self.max_batch)

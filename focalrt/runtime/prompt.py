@@ -40,8 +40,9 @@ def box_to_model(box: Box, image_wh: tuple[int, int], model_size: int) -> Box:
 
 
 def render(profile: dict[str, Any], image_tokens: int, instruction: str | None,
-           model_box: Box | None) -> tuple[str, str]:
-    """The prompt text, split into the image prefix and the per-region suffix.
+           model_box: Box | None, frames: int = 1, frame_separator: str = " ") -> tuple[str, str]:
+    """The prompt text, split into the image prefix and the per-region suffix. A video window has `frames`
+    placeholders of `image_tokens` each, joined by `frame_separator` (Face-LLaVA's "<image> <image> ...").
 
     A text-only profile (no {image} in its template) splits before the instruction instead, so the
     system turn is the prefix that requests share.
@@ -56,7 +57,7 @@ def render(profile: dict[str, Any], image_tokens: int, instruction: str | None,
     if model_box is not None:  # draw/crop profiles word the region without coordinates
         x1, y1, x2, y2 = model_box
         region = profile["region_template"].format(x1=x1, y1=y1, x2=x2, y2=y2)
-    image = profile["image_token"] * image_tokens
+    image = frame_separator.join([profile["image_token"] * image_tokens] * frames)
     text = profile["template"].format(system=profile.get("system", ""), image=image, region=region,
                                       instruction=instruction)
     cut = text.index(image) + len(image)
@@ -64,8 +65,8 @@ def render(profile: dict[str, Any], image_tokens: int, instruction: str | None,
 
 
 def encode(tokenizer: Tokenizer, profile: dict[str, Any], image_tokens: int, instruction: str | None,
-           model_box: Box | None) -> Prompt:
-    prefix, suffix = render(profile, image_tokens, instruction, model_box)
+           model_box: Box | None, frames: int = 1, frame_separator: str = " ") -> Prompt:
+    prefix, suffix = render(profile, image_tokens, instruction, model_box, frames, frame_separator)
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
     suffix_ids = tokenizer.encode(suffix, add_special_tokens=False).ids
     ids = np.asarray(prefix_ids + suffix_ids, np.int64)

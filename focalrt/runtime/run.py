@@ -8,6 +8,7 @@ face (so the face fills the encoder's input); region boxes are mapped frame -> c
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,15 +20,16 @@ from focalrt.runtime.drafts import Drafts
 from focalrt.runtime.face_state import FaceStateEstimator
 from focalrt.runtime.faces import FaceAnalyzer
 from focalrt.runtime.landmarks68 import to_68
-from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline
-from focalrt.runtime.prompt import fit_box
-from focalrt.runtime.regions import parse_regions, region_box
+from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
+from focalrt.runtime.prompt import crop_face_square, fit_box, landmarks_in_view
+from focalrt.runtime.regions import clip_box, parse_regions, region_box
 from focalrt.runtime.sinks import event_annotations
 from focalrt.runtime.sources import Frame
 from focalrt.runtime.tracker import IoUTracker, RegionScheduler, appearance_signature
 
 FACE_CONTEXT = 1.6  # crop side as a multiple of the detector box: keeps brows, chin and jaw inside
 FIXED_BOX_FACE_ID = 0  # events for --box regions, which belong to no tracked face
+WINDOW = "window"  # the region name of a tracked face's video-window descriptions
 
 
 def face_crop_transform(face_box: np.ndarray, size: int, context: float = FACE_CONTEXT) -> np.ndarray:
@@ -74,7 +76,8 @@ class RegionJob:
 
     name: str
     frame_box: tuple
-    view_box: tuple
+    view_box: tuple | None
+    window: tuple[int, ...] | None = None  # a video window: the frame indices of its crops, oldest first
 
 
 @dataclass
@@ -82,7 +85,7 @@ class FaceView:
     """What the encoder sees for one face (or the whole frame for fixed boxes), and its regions."""
 
     face_id: int
-    image: np.ndarray
+    image: np.ndarray | VideoClip
     jobs: list[RegionJob]
     landmarks68: np.ndarray | None = None
 
@@ -102,6 +105,10 @@ class RegionRunner:
 
     With `state` (a FaceStateEstimator), every tracked face also gets a `type: "state"` event every
     `state_every` frames (emotion, age, geometry, head pose); descriptions are `type: "description"`.
+
+    With `video_window` (a bundle with a video encoder), each tracked face keeps its last F face crops (F the
+    encoder's frames; one crop every `window_stride` processed frames) and, once it has F, its window is a
+    region named "window" that the schedule describes like any other.
     """
 
     def __init__(self, pipeline: Pipeline, regions: str | list[str] | None = None,
@@ -109,7 +116,8 @@ class RegionRunner:
                  min_interval_s: float = 0.0, change_threshold: float | None = None,
                  prompt: str | None = None, max_new_tokens: int | None = None,
                  faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
-                 state_every: int = 1, draft: str = "off", schema: Any = None):
+                 state_every: int = 1, draft: str = "off", schema: Any = None, video_window: bool = False,
+                 window_stride: int = 1):
         if not pipeline.bundle.has_vision:
             raise ValueError(f"{pipeline.bundle.path} is a text-only bundle (no vision component): it cannot "
                              f"describe camera frames; ask it with `focalrt describe BUNDLE --prompt TEXT`")
@@ -118,9 +126,18 @@ class RegionRunner:
         if isinstance(regions, list):
             parse_regions(",".join(regions))  # validates the names
         self.boxes = [tuple(int(v) for v in b) for b in (boxes or [])]
-        if not self.regions and not self.boxes and state is None:
-            raise ValueError("nothing to describe: give --regions (e.g. mouth,eyes) and/or --box x1,y1,x2,y2")
-        if (self.regions or state is not None) and faces is None:
+        if video_window:
+            pipeline.require_video()
+        if window_stride < 1:
+            raise ValueError(f"window_stride must be >= 1, got {window_stride}")
+        self.video_window, self.window_stride = video_window, window_stride
+        # face id -> (frame index, crop, landmarks68 in crop pixels) of its last crops; and crops seen
+        self.windows: dict[int, deque[tuple[int, np.ndarray, np.ndarray | None]]] = {}
+        self.window_seen: dict[int, int] = {}
+        if not self.regions and not self.boxes and state is None and not video_window:
+            raise ValueError("nothing to describe: give --regions (e.g. mouth,eyes), --box x1,y1,x2,y2 and/or "
+                             "--video-window")
+        if (self.regions or state is not None or video_window) and faces is None:
             entry = pipeline.bundle.manifest.get("face_models")
             if not entry:
                 raise ValueError(f"bundle {pipeline.bundle.path} has no face models, so named regions cannot be "
@@ -158,7 +175,7 @@ class RegionRunner:
                 jobs.append(RegionJob(f"box{i}" if len(self.boxes) > 1 else "box", box, box))
             views.append(FaceView(FIXED_BOX_FACE_ID, image, jobs))
         states: list[dict[str, Any]] = []
-        if self.regions or self.state is not None:
+        if self.regions or self.state is not None or self.video_window:
             face_views, states = self._face_views(frame, stage)
             views += face_views
         events = states + self._describe(frame, views, stage)
@@ -184,15 +201,17 @@ class RegionRunner:
         for gone in self.tracker.retired:
             self.scheduler.forget_face(gone)
             self.drafts.forget_face(gone)
+            self.windows.pop(gone, None)
+            self.window_seen.pop(gone, None)
         if not found:
             self.stats.frames_without_face += 1
             return [], []
         self.stats.faces += len(found)
         states = self._states(frame, found, ids, stage)
+        views = self._window_views(frame, found, ids) if self.video_window else []
         if not self.regions:
-            return [], states
+            return views, states
         size = self.pipeline.image_size
-        views = []
         for face_id, (det, points) in zip(ids, found, strict=True):
             m = face_crop_transform(det.box, size)
             crop = cv2.warpAffine(image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
@@ -205,6 +224,39 @@ class RegionRunner:
             landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
             views.append(FaceView(face_id, crop, jobs, landmarks68))
         return views, states
+
+    def _window_views(self, frame: Frame, found: list[tuple], ids: list[int]) -> list[FaceView]:
+        """Add each face's crop to its window (every window_stride-th time the face is seen); one view per
+        face whose window is full. The crop is the one the image path sees: the run's square face crop, or
+        Face-LLaVA's crop tool's (side (w + h) / 2 from the box corner, 256 px) in `face_crop` region mode."""
+        frames = self.pipeline.adapter.video_frames
+        face_crop = self.pipeline.profile.get("region_mode") == "face_crop"
+        size = self.pipeline.image_size
+        views = []
+        for face_id, (det, points) in zip(ids, found, strict=True):
+            seen = self.window_seen.get(face_id, 0)
+            self.window_seen[face_id] = seen + 1
+            window = self.windows.setdefault(face_id, deque(maxlen=frames))
+            if seen % self.window_stride == 0:
+                landmarks68 = to_68(points) if self.pipeline.adapter.uses_landmarks else None
+                if face_crop:
+                    box = clip_box(det.box, frame.image.shape[1], frame.image.shape[0])[0]  # quietly, per frame
+                    crop, crop_box = crop_face_square(frame.image, box)
+                    if landmarks68 is not None:
+                        landmarks68 = landmarks_in_view(landmarks68, box, crop_box)
+                else:
+                    m = face_crop_transform(det.box, size)
+                    crop = cv2.warpAffine(frame.image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
+                                          borderMode=cv2.BORDER_CONSTANT)
+                    if landmarks68 is not None:
+                        landmarks68 = map_points(landmarks68, m)
+                window.append((frame.index, crop, landmarks68))
+            if len(window) == frames:
+                lms = [lm for _, _, lm in window]
+                clip = VideoClip([crop for _, crop, _ in window], None if lms[0] is None else lms)
+                box = tuple(int(round(v)) for v in det.box)
+                views.append(FaceView(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
+        return views
 
     def _states(self, frame: Frame, found: list[tuple], ids: list[int], stage: dict[str, float]) -> list[dict]:
         """One `type: "state"` event per face on every state_every-th processed frame."""
@@ -249,6 +301,7 @@ class RegionRunner:
                     events.append({**base, "text": last["text"], "finish_reason": last["finish_reason"],
                                    **({"state": last["state"]} if "state" in last else {}),
                                    **({"state_error": last["state_error"]} if "state_error" in last else {}),
+                                   **({"window_frames": last["window_frames"]} if "window_frames" in last else {}),
                                    "fresh": False, "described_frame": last["frame"], "reason": reason,
                                    "timings_ms": dict(stage)})
                     self.stats.carried += 1
@@ -257,6 +310,7 @@ class RegionRunner:
                 t = d.timings_ms
                 event = {**base, "text": d.text, "finish_reason": d.finish_reason, **d.state_fields(), "fresh": True,
                          "described_frame": frame.index, "reason": reason, "tokens": len(d.token_ids),
+                         **({"window_frames": list(decision.job.window)} if decision.job.window else {}),
                          "timings_ms": {**stage, "vision": t["preprocess_and_vision"], "prefill": t["prefill"],
                                         "decode": t["decode"], "total": t["total"], "batch": t.get("batch", 1)}}
                 self.scheduler.mark_described(key, frame.index, frame.timestamp, decision.signature)
