@@ -65,3 +65,194 @@ def test_video_preprocessing_refuses_bad_windows(face_frames):
         video_pixels(face_frames[:7], VIDEO_PRE)
     with pytest.raises(ValueError, match="one size"):
         video_pixels(face_frames[:7] + [face_frames[0][:200]], VIDEO_PRE)
+
+
+# --- end to end on the tiny video preset (random weights, the real architecture) ---------------------------
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from focalrt.export.build import export_bundle
+
+    return export_bundle(tmp_path_factory.mktemp("flv") / "bundle", preset=PRESET)  # with face models, for run
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    from focalrt.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(bundle)
+
+
+@pytest.fixture(scope="module")
+def model(pipe):
+    from focalrt.export.face_llava import build_random_model
+
+    m = build_random_model(PRESET)
+    m.config.image_token_id = pipe.image_token_id
+    return m
+
+
+@pytest.fixture(scope="module")
+def window_landmarks():
+    rng = np.random.default_rng(0)
+    return [rng.uniform(30, 226, (68, 2)).astype(np.float32) for _ in range(FRAMES)]
+
+
+@pytest.mark.parametrize("with_landmarks", [True, False])
+def test_describe_video_equals_reference(pipe, model, face_frames, window_landmarks, with_landmarks):
+    """Greedy tokens and logits of a window through the bundle equal the PyTorch reference's: their video
+    tower, projector and per-frame landmark pathway, the 8 x 257 features at the 8 placeholders in order."""
+    lms = window_landmarks if with_landmarks else None
+    ours = pipe.describe_video(face_frames, landmarks68=lms, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert ours.finish_reason == "length" and len(set(ours.token_ids)) > 8
+    pixels = torch.from_numpy(their_video_transform(face_frames))
+    ref_lm = torch.from_numpy(np.stack(lms) / 256) if lms else None  # their loader divides by the 256 crop
+    with torch.no_grad():
+        features = model.video_features(pixels, ref_lm)
+    assert features.shape == (FRAMES, 257, model.config.text_config.hidden_size)
+    tokens, logits = model.generate_with_features(torch.tensor([ours.prompt_token_ids]),
+                                                  features.reshape(-1, features.shape[-1]), NEW_TOKENS)
+    assert ours.token_ids == tokens
+    for step, (a, b) in enumerate(zip(ours.logits, logits, strict=True)):
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=0, err_msg=f"logits differ at step {step}")
+
+
+def test_window_embeddings_follow_frame_order_and_landmarks(pipe, face_frames, window_landmarks):
+    """The temporal attention and the frame-major placement make order matter; landmarks change features."""
+    forward = pipe.encode_video(_clip(face_frames)).numpy()
+    backward = pipe.encode_video(_clip(face_frames[::-1])).numpy()
+    assert forward.shape == (FRAMES * 257, pipe.text_cfg["hidden_size"])
+    # frame 0 of the reversed clip is frame 7 of the forward one, but the temporal embedding differs
+    assert np.abs(forward[:257] - backward[-257:]).max() > 1e-3
+    with_lm = pipe.encode_video(_clip(face_frames, window_landmarks)).numpy()
+    assert np.abs(with_lm - forward).max() > 1e-3
+
+
+def _clip(frames, landmarks=None):
+    from focalrt.runtime.pipeline import VideoClip
+
+    return VideoClip(list(frames), landmarks)
+
+
+def _tokenizer_image_token(chunks: list[list[int]], image_index: int = -200) -> list[int]:
+    """Their mm_utils.tokenizer_image_token, restated (see tests/test_face_llava.py)."""
+    offset = 1 if chunks and chunks[0] and chunks[0][0] == chunks[-1][0] else 0
+    ids = [chunks[0][0]] if offset else []
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(image_index)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+def test_window_prompt_ids_equal_their_tokenizer_image_token(pipe, face_frames):
+    """Their video prompt: llava_v1 with ' '.join(['<image>'] * 8) + '\\n' + question; each of our runs of 257
+    image ids counts as their one -200. The default question is the emotion task's."""
+    from focalrt.export.face_llava import IMAGE_TOKEN, LLAVA_V1_SYSTEM
+
+    ours = pipe.describe_video(face_frames, max_new_tokens=1).prompt_token_ids
+    image_id = pipe.image_token_id
+    assert ours.count(image_id) == FRAMES * 257
+    collapsed = [t for i, t in enumerate(ours) if t != image_id or i == 0 or ours[i - 1] != image_id]
+    collapsed = [-200 if t == image_id else t for t in collapsed]
+    question = pipe.profile["tasks"]["emotion"]
+    text = f"{LLAVA_V1_SYSTEM} USER: {' '.join([IMAGE_TOKEN] * FRAMES)}\n{question} ASSISTANT:"
+    bos = pipe.tokenizer.token_to_id("<s>")
+    chunks = [[bos] + pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
+    assert collapsed == _tokenizer_image_token(chunks)
+    assert collapsed.count(-200) == FRAMES
+
+
+@pytest.fixture(scope="module")
+def image_only_bundle(tmp_path_factory):
+    from focalrt.export.build import export_bundle
+
+    return export_bundle(tmp_path_factory.mktemp("fl") / "b", preset="tiny-random-face-llava", face_models=False)
+
+
+def test_window_needs_whole_landmarks_and_a_video_bundle(pipe, face_frames, window_landmarks, image_only_bundle):
+    with pytest.raises(ValueError, match="all 8 frames of a window or none"):
+        pipe.describe_video(face_frames, landmarks68=window_landmarks[:7] + [None], max_new_tokens=1)
+    from focalrt.runtime.pipeline import Pipeline
+
+    with pytest.raises(ValueError, match="no video encoder.*mm_video_tower"):
+        Pipeline.from_bundle(image_only_bundle).describe_video(face_frames, max_new_tokens=1)
+
+
+# --- run --video-window on a camera clip ----------------------------------------------------------------------
+
+CLIP_FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def camera_clip(tmp_path_factory, astronaut_bgr):
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", pan_zoom_frames(astronaut_bgr, CLIP_FRAMES))
+
+
+def _cli_run(*args):
+    return subprocess.run([sys.executable, "-m", "focalrt.cli", "run", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path):
+    """Windows are described once a face has 8 crops, then on schedule; each event is valid against the
+    description-event schema and names the frames it saw."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib.resources import files
+
+    out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--every", "3", "--state-every", "0",
+                   "--max-new-tokens", "4", "--out", tmp_path / "e.jsonl")
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    schema = json.loads(files("focalrt.schemas").joinpath("description_event.schema.json").read_text())
+    for e in events:
+        jsonschema.validate(e, schema)
+    assert {e["region"] for e in events} == {"window"} and {e["face_id"] for e in events} == {1}
+    fresh = [e for e in events if e["fresh"]]
+    # the first window is full at frame 7 (frames 0-7); then every 3 frames: 10 (frames 3-10)
+    assert [e["frame"] for e in fresh] == [7, 10]
+    assert fresh[0]["window_frames"] == list(range(8)) and fresh[1]["window_frames"] == list(range(3, 11))
+    assert [e["frame"] for e in events] == list(range(7, CLIP_FRAMES))
+    assert all(e["tokens"] == 4 for e in fresh)
+    face = fresh[-1]["box"]  # the astronaut's face, mid-frame
+    assert face[0] < face[2] and face[1] < face[3]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, tmp_path, monkeypatch, stride):
+    """In process: each window holds the crops and landmarks the image path saw on its frames, oldest first,
+    one every `window_stride` frames, and the event's text is describe_video's on that window."""
+    from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.run import RegionRunner, iter_events
+    from focalrt.runtime.sources import open_source
+
+    n = 7 * stride + 2  # the first window fills at frame 7 * stride; two windows in all
+    clip = write_clip(tmp_path / "clip.mp4", pan_zoom_frames(astronaut_bgr, n))
+    pipe = Pipeline.from_bundle(bundle)
+    views, clips = [], []
+    real_image, real_video = pipe.encode_image, pipe.encode_video
+    monkeypatch.setattr(pipe, "encode_image", lambda v, lm=None: (views.append((v, lm)), real_image(v, lm))[1])
+    monkeypatch.setattr(pipe, "encode_video", lambda c: (clips.append(c), real_video(c))[1])
+    runner = RegionRunner(pipe, regions="mouth", video_window=True, window_stride=stride, max_new_tokens=3)
+    with open_source(str(clip)) as frames:
+        events = list(iter_events(runner, frames))
+    windows = [e for e in events if e.get("region") == "window"]
+    assert len(views) == n and len(clips) == len(windows) == n - 7 * stride
+    for event, window in zip(windows, clips, strict=True):
+        last = event["frame"]
+        assert event["fresh"] and event["window_frames"] == list(range(last - 7 * stride, last + 1, stride))
+        for j, index in enumerate(event["window_frames"]):
+            np.testing.assert_array_equal(window.frames[j], views[index][0])
+            np.testing.assert_array_equal(window.landmarks68[j], views[index][1])
+        again = pipe.describe_video(window.frames, landmarks68=window.landmarks68, max_new_tokens=3)
+        assert event["text"] == again.text
+
+
+def test_run_video_window_refusals(bundle, image_only_bundle, camera_clip):
+    out = _cli_run(image_only_bundle, "--source", camera_clip, "--video-window")
+    assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr
+    out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--server", "http://127.0.0.1:9")
+    assert out.returncode == 2 and "--video-window is not sent to --server" in out.stderr
