@@ -197,13 +197,16 @@ def _cli_run(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path):
-    """Windows are described once a face has 8 crops, then on schedule; each event is valid against the
-    description-event schema and names the frames it saw."""
+def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path, astronaut_bgr):
+    """Windows are described once a face has 8 crops, then on schedule (here every frame); each event is valid
+    against the description-event schema and names the frames it saw."""
     jsonschema = pytest.importorskip("jsonschema")
     from importlib.resources import files
 
-    out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--every", "3", "--state-every", "0",
+    from focalrt.demo import pan_zoom_transforms
+    from focalrt.runtime.run import map_box
+
+    out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--state-every", "0",
                    "--max-new-tokens", "4", "--out", tmp_path / "e.jsonl")
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
@@ -211,14 +214,24 @@ def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path):
     for e in events:
         jsonschema.validate(e, schema)
     assert {e["region"] for e in events} == {"window"} and {e["face_id"] for e in events} == {1}
-    fresh = [e for e in events if e["fresh"]]
-    # the first window is full at frame 7 (frames 0-7); then every 3 frames: 10 (frames 3-10)
-    assert [e["frame"] for e in fresh] == [7, 10]
-    assert fresh[0]["window_frames"] == list(range(8)) and fresh[1]["window_frames"] == list(range(3, 11))
+    # the first window is full at frame 7 (frames 0-7), then it slides one frame at a time
     assert [e["frame"] for e in events] == list(range(7, CLIP_FRAMES))
-    assert all(e["tokens"] == 4 for e in fresh)
-    face = fresh[-1]["box"]  # the astronaut's face, mid-frame
-    assert face[0] < face[2] and face[1] < face[3]
+    for e in events:
+        assert e["fresh"] and e["window_frames"] == list(range(e["frame"] - 7, e["frame"] + 1))
+        assert e["tokens"] == 4 and e["finish_reason"] == "length"
+    transforms = pan_zoom_transforms(astronaut_bgr.shape, CLIP_FRAMES)
+    for e in events:  # the box is the tracked face's on the frame the window ends with
+        assert _iou(e["box"], map_box(PHOTO_FACE, transforms[e["frame"]])) > 0.5, e["box"]
+
+
+PHOTO_FACE = (170, 70, 280, 185)  # the astronaut's face in the 512x512 photo (as in tests/test_run.py)
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -229,7 +242,7 @@ def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, t
     from focalrt.runtime.run import RegionRunner, iter_events
     from focalrt.runtime.sources import open_source
 
-    n = 7 * stride + 2  # the first window fills at frame 7 * stride; two windows in all
+    n = 7 * stride + 1 + stride  # the first window fills at frame 7 * stride, the second `stride` frames later
     clip = write_clip(tmp_path / "clip.mp4", pan_zoom_frames(astronaut_bgr, n))
     pipe = Pipeline.from_bundle(bundle)
     views, clips = [], []
@@ -239,9 +252,13 @@ def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, t
     runner = RegionRunner(pipe, regions="mouth", video_window=True, window_stride=stride, max_new_tokens=3)
     with open_source(str(clip)) as frames:
         events = list(iter_events(runner, frames))
-    windows = [e for e in events if e.get("region") == "window"]
-    assert len(views) == n and len(clips) == len(windows) == n - 7 * stride
-    for event, window in zip(windows, clips, strict=True):
+    windows = [e for e in events if e.get("region") == "window" and e["fresh"]]
+    assert len(views) == n and len(clips) == len(windows) == 2
+    # a frame that adds no crop (stride 2) carries the last window's description over instead
+    carried = [e for e in events if e.get("region") == "window" and not e["fresh"]]
+    assert [e["frame"] for e in carried] == ([7 * stride + 1] if stride == 2 else [])
+    assert all(e["reason"] == "window_unchanged" for e in carried)
+    for event, window in zip(windows, list(clips), strict=True):  # describe_video below adds to clips
         last = event["frame"]
         assert event["fresh"] and event["window_frames"] == list(range(last - 7 * stride, last + 1, stride))
         for j, index in enumerate(event["window_frames"]):

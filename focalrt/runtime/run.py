@@ -78,6 +78,7 @@ class RegionJob:
     frame_box: tuple
     view_box: tuple | None
     window: tuple[int, ...] | None = None  # a video window: the frame indices of its crops, oldest first
+    window_changed: bool = True  # False: the window gained no crop on this frame, so it is not described again
 
 
 @dataclass
@@ -255,7 +256,8 @@ class RegionRunner:
                 lms = [lm for _, _, lm in window]
                 clip = VideoClip([crop for _, crop, _ in window], None if lms[0] is None else lms)
                 box = tuple(int(round(v)) for v in det.box)
-                views.append(FaceView(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
+                job = RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window), window[-1][0] == frame.index)
+                views.append(FaceView(face_id, clip, [job]))
         return views
 
     def _states(self, frame: Frame, found: list[tuple], ids: list[int], stage: dict[str, float]) -> list[dict]:
@@ -280,6 +282,8 @@ class RegionRunner:
                 signature = (appearance_signature(frame.image, job.frame_box)
                              if self.scheduler.change_threshold else None)
                 due, reason = self.scheduler.due((view.face_id, job.name), frame.index, frame.timestamp, signature)
+                if due and not job.window_changed:
+                    due, reason = False, "window_unchanged"
                 decided.append(Decision(job, due, reason, signature))
             plan.append((view, decided))
         batch = [ImageRegions(view.image, [d.job.view_box for d in decided if d.due], view.landmarks68)
@@ -298,6 +302,8 @@ class RegionRunner:
                 base = self._base(frame, face_id, name, frame_box)
                 if not decision.due:
                     last = self.scheduler.last(key)
+                    if last is None:  # a window not described yet (it filled on a frame that was not due)
+                        continue
                     events.append({**base, "text": last["text"], "finish_reason": last["finish_reason"],
                                    **({"state": last["state"]} if "state" in last else {}),
                                    **({"state_error": last["state_error"]} if "state_error" in last else {}),
