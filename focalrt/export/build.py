@@ -160,6 +160,9 @@ def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str |
         components = {}
         if fam.export_vision is not None:
             components["vision"] = fam.export_vision(source.model, tmp, options.image_size)
+        video = getattr(fam, "export_video", None)  # optional: families with a video tower
+        if video is not None and (record := video(source.model, tmp)) is not None:
+            components["video"] = record
         log.info("exporting token embedding")
         components["embed"] = fam.export_embed(source.model, tmp)
         log.info("exporting decoder (%d layers)", sections["text"]["num_layers"])

@@ -7,6 +7,7 @@ Each family module (`qwen2_5_vl`, `face_llava`, `causal_lm`) offers the same fun
     export_options(source, *, image_size, max_context, profile) -> Options   checked before anything is written
     write_bundle_tokenizer(source, out) -> dict            tokenizer.json + the manifest's tokenizer entry
     export_vision(model, out, image_size) -> dict          vision.onnx, validated (None: a text-only family)
+    export_video(model, out) -> dict | None                optional: video.onnx, validated (None: no video tower)
     export_embed(model, out) -> dict                       embed.onnx, validated
     export_decoder(model, out, max_context) -> dict        decoder.onnx, validated
     manifest_sections(source, options, tok) -> dict        the family's "architecture", "preprocess", "text"

@@ -1,4 +1,6 @@
-"""Face-LLaVA export: CLIP tower + mlp2x_gelu projector + landmark pathway, token embedding, Llama decoder.
+"""Face-LLaVA export: CLIP tower + mlp2x_gelu projector + landmark pathway, token embedding, Llama decoder,
+and, for a model with one, the LanguageBind video tower (`focalrt.export.languagebind_video`) at its fixed
+frame count through the same projector and pathway.
 
 The reference model is transformers' `LlavaForConditionalGeneration` (CLIP vision tower, penultimate
 layer, class token dropped, two-layer GELU projector, Llama decoder) plus our landmark pathway
@@ -29,9 +31,11 @@ from focalrt.export.face_llava.checkpoint import (
 )
 from focalrt.export.face_llava.components import (
     TokenEmbedding,
+    VideoEncoder,
     VisionEncoder,
     export_decoder,
     export_embed,
+    export_video,
     export_vision,
     image_token_count,
     validate_decoder,
@@ -48,6 +52,7 @@ from focalrt.export.face_llava.model import (
     PRESET_IMAGE_TOKEN_ID,
     PRESET_VOCAB_SIZE,
     PRESETS,
+    VIDEO_FRAMES,
     FaceLlava,
     build_random_model,
 )
@@ -56,9 +61,9 @@ from focalrt.export.face_llava.tokenizer import build_preset_tokenizer, write_fa
 __all__ = [
     "FAMILY", "export_options", "load_source", "manifest_sections", "write_bundle_tokenizer",
     "BOS_TOKEN", "DEFAULT_MAX_CONTEXT", "EOS_TOKEN", "FACE_LLAVA_PROMPT", "IMAGE_MEAN", "IMAGE_STD", "IMAGE_TOKEN",
-    "LLAVA_V1_SYSTEM", "PRESETS", "PRESET_IMAGE_TOKEN_ID", "PRESET_VOCAB_SIZE",
-    "FaceLlava", "TokenEmbedding", "VisionEncoder", "build_preset_tokenizer", "build_random_model",
-    "convert_face_llava_state_dict", "export_decoder", "export_embed", "export_vision",
+    "LLAVA_V1_SYSTEM", "PRESETS", "PRESET_IMAGE_TOKEN_ID", "PRESET_VOCAB_SIZE", "VIDEO_FRAMES",
+    "FaceLlava", "TokenEmbedding", "VideoEncoder", "VisionEncoder", "build_preset_tokenizer", "build_random_model",
+    "convert_face_llava_state_dict", "export_decoder", "export_embed", "export_video", "export_vision",
     "image_token_count", "load_face_llava_checkpoint", "to_original_face_llava_state_dict", "validate_decoder",
     "write_face_llava_tokenizer",
 ]

@@ -56,18 +56,35 @@ def manifest_sections(source: Source, options: Options, tok: dict[str, Any]) -> 
     model = source.model
     tcfg, vcfg = model.config.text_config, model.config.vision_config
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    # The authors' LanguageBind transform: ToTensor, float bicubic resize of the shorter side with
+    # torchvision's tensor antialias, centre crop, CLIP mean/std (focalrt.runtime.face_llava.clip_pixels).
+    preprocess = {"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
+                  "center_crop": True, "interpolation": "bicubic", "antialias": True, "mean": IMAGE_MEAN,
+                  "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,
+                  "image_tokens": image_token_count(model), "color": "RGB", "layout": "NCHW"}
+    if model.video_tower is not None:
+        preprocess["video"] = video_preprocess(model)
     return {
         "architecture": "LlavaForConditionalGeneration + Face-LLaVA landmark pathway"
         if model.landmarks is not None else "LlavaForConditionalGeneration",
-        # The authors' LanguageBind transform: ToTensor, float bicubic resize of the shorter side with
-        # torchvision's tensor antialias, centre crop, CLIP mean/std (focalrt.runtime.face_llava.clip_pixels).
-        "preprocess": {"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
-                       "center_crop": True, "interpolation": "bicubic", "antialias": True, "mean": IMAGE_MEAN,
-                       "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,
-                       "image_tokens": image_token_count(model), "color": "RGB", "layout": "NCHW"},
+        "preprocess": preprocess,
         "text": {"hidden_size": tcfg.hidden_size, "num_layers": tcfg.num_hidden_layers,
                  "num_heads": tcfg.num_attention_heads, "num_kv_heads": tcfg.num_key_value_heads,
                  "head_dim": head_dim, "vocab_size": tcfg.vocab_size, "max_context": options.max_context,
                  "rope_type": "rope", "rope_theta": tcfg.rope_parameters["rope_theta"],
                  "image_token_id": model.config.image_token_id},
     }
+
+
+def video_preprocess(model) -> dict[str, Any]:
+    """The authors' LanguageBind video transform, frame by frame: x / 255, normalise with the CLIP mean/std,
+    then (on the normalised float frames) resize the shorter side bilinearly without antialias
+    (pytorchvideo's ShortSideScale: F.interpolate, align_corners=False), centre crop. Their prompt joins the
+    clip's `<image>` placeholders, one a frame, with a space; each frame gives `tokens_per_frame` embeddings,
+    class token first."""
+    tower = model.video_tower
+    size = tower.config.image_size
+    return {"frames": tower.num_frames, "tokens_per_frame": tower.tokens_per_frame, "image_size": size,
+            "resize_shortest_edge": size, "interpolation": "bilinear", "antialias": False,
+            "normalize_before_resize": True, "center_crop": True, "mean": IMAGE_MEAN, "std": IMAGE_STD,
+            "rescale": 1 / 255, "frame_separator": " ", "color": "RGB", "layout": "NCHW"}

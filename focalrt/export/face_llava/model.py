@@ -13,6 +13,7 @@ from focalrt.export.face_llava_modules import (
     REGION_PROJECTOR,
     FaceLandmarkPathway,
 )
+from focalrt.export.languagebind_video import LanguageBindVideoTower, random_video_tower
 from focalrt.runtime.face_llava import FACE_LLAVA_TASKS
 
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP, as LanguageBind's image transform uses
@@ -67,6 +68,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "branch_scale": 0.1,
     },
 }
+# The same models plus a LanguageBind video tower with the image tower's dimensions, at 8 frames (their
+# recommended input for emotion). The video tower's weights come from their own generator, so every other
+# weight equals the image-only preset's.
+VIDEO_FRAMES = 8
+PRESETS.update({f"{name}-video": {**preset, "video": dict(num_frames=VIDEO_FRAMES)}
+                for name, preset in list(PRESETS.items())})
 
 VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                 "patch_size", "hidden_act", "layer_norm_eps", "num_channels")
@@ -79,10 +86,12 @@ TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 class FaceLlava(nn.Module):
     """The eager PyTorch reference: transformers' Llava plus the landmark pathway (None: no landmarks)."""
 
-    def __init__(self, llava: nn.Module, landmarks: FaceLandmarkPathway | None):
+    def __init__(self, llava: nn.Module, landmarks: FaceLandmarkPathway | None,
+                 video_tower: LanguageBindVideoTower | None = None):
         super().__init__()
         self.llava = llava
         self.landmarks = landmarks
+        self.video_tower = video_tower
 
     @property
     def config(self):
@@ -99,6 +108,19 @@ class FaceLlava(nn.Module):
             features = self.landmarks(features, landmarks)
         return features
 
+    def video_features(self, pixel_values: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """One clip's frames [T, 3, S, S] (+ [T, 68, 2] normalised landmarks) -> [T, 1 + patches, hidden].
+
+        Face-LLaVA's encode_videos: the video tower's features with the class token kept, the projector the
+        image path uses, then the landmark pathway for each frame with that frame's landmarks.
+        """
+        if self.video_tower is None:
+            raise ValueError("this model has no video tower")
+        features = self.llava.model.multi_modal_projector(self.video_tower(pixel_values))
+        if landmarks is not None and self.landmarks is not None:
+            features = self.landmarks(features, landmarks)
+        return features
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image features at the image-token positions, in order."""
         is_image = input_ids == self.config.image_token_id
@@ -109,7 +131,18 @@ class FaceLlava(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, landmarks: torch.Tensor | None = None,
                  max_new_tokens: int = 32) -> tuple[list[int], list[np.ndarray]]:
         """Greedy tokens and per-step logits through transformers' generate(), never stopping early."""
-        embeds = self.embed(input_ids, self.image_features(pixel_values, landmarks))
+        return self.generate_with_features(input_ids, self.image_features(pixel_values, landmarks), max_new_tokens)
+
+    @torch.no_grad()
+    def generate_with_features(self, input_ids: torch.Tensor, features: torch.Tensor,
+                               max_new_tokens: int = 32) -> tuple[list[int], list[np.ndarray]]:
+        """`generate` from precomputed visual features [N, hidden] (or [B, n, hidden], flattened in order),
+        placed at the N image tokens in order: for a video, frame 0's tokens, then frame 1's, ..."""
+        features = features.reshape(-1, features.shape[-1])
+        count = int((input_ids == self.config.image_token_id).sum())
+        if count != features.shape[0]:
+            raise ValueError(f"{count} image tokens in the prompt but {features.shape[0]} feature rows")
+        embeds = self.embed(input_ids, features)
         out = self.llava.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
                                   do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                   eos_token_id=None, pad_token_id=0, output_logits=True,
@@ -133,7 +166,8 @@ def llava_config(vision: dict[str, Any], text: dict[str, Any], image_token_id: i
 def build_random_model(name: str, seed: int = 0, landmarks: bool = True,
                        landmark_projector: str = REGION_PROJECTOR) -> FaceLlava:
     """A preset's random-weight model; `landmarks=False` gives a checkpoint without the pathway,
-    `landmark_projector="linear"` one with the authors' single-token landmark projector."""
+    `landmark_projector="linear"` one with the authors' single-token landmark projector. A `-video` preset
+    adds a video tower, built last from its own generator (seed + 1) without touching the global RNG."""
     from transformers import LlavaForConditionalGeneration
 
     if name not in PRESETS:
@@ -148,4 +182,5 @@ def build_random_model(name: str, seed: int = 0, landmarks: bool = True,
     llava = LlavaForConditionalGeneration(cfg)
     pathway = FaceLandmarkPathway(cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, p["branch_scale"],
                                   landmark_projector) if landmarks else None
-    return FaceLlava(llava, pathway).float().eval()
+    video = random_video_tower(cfg.vision_config, p["video"]["num_frames"], seed + 1) if "video" in p else None
+    return FaceLlava(llava, pathway, video).float().eval()
