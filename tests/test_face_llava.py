@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 cv2 = pytest.importorskip("cv2")
 
+from face_llava_fixtures import write_checkpoint as _write_checkpoint  # noqa: E402
+
 from focalrt.export.build import export_bundle  # noqa: E402
 from focalrt.export.face_llava import (  # noqa: E402
     IMAGE_TOKEN,
@@ -292,12 +294,14 @@ def test_checkpoint_names_round_trip(model):
     for name, tensor in ours.items():
         assert torch.equal(back[name], tensor), name
 
-    # LLaVA-1.5's tower spelling is read too; unused checkpoint entries are dropped; unknown ones fail.
+    # LLaVA-1.5's tower spelling is read too; unused checkpoint entries are dropped; unknown ones fail. The
+    # video tower is placed under video_tower. (test_face_llava_video_export.py covers it in full).
     renamed = {k.replace("model.image_tower.image_tower.", "model.vision_tower.vision_tower.vision_model."): v
                for k, v in original.items()}
     renamed["model.landmarks_cross_attn.ln.weight"] = torch.ones(hidden)
-    renamed["model.video_tower.video_tower.embeddings.class_embedding"] = torch.zeros(4)
     assert set(convert_face_llava_state_dict(renamed)) == set(ours)
+    video = convert_face_llava_state_dict({"model.video_tower.video_tower.embeddings.class_embedding": torch.zeros(4)})
+    assert set(video) == {"video_tower.embeddings.class_embedding"}
     with pytest.raises(ValueError, match="no place"):
         convert_face_llava_state_dict({**original, "model.some_new_adapter.weight": torch.zeros(1)})
 
@@ -342,39 +346,6 @@ def test_pathway_equals_the_repository_formulation(models, projector):
         want = 0.1 * lin(x, original[p + "linear_proj.weight"], original[p + "linear_proj.bias"]) + image
         got = model.landmarks(image, landmarks)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def _write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool, **config_overrides) -> None:
-    """A checkpoint directory in the authors' layout: flat Llama config + the mm_* / landmark keys their
-    `initialize_vision_modules` writes (no branch scale: their configs never hold one), original weight
-    names."""
-    from safetensors.torch import save_file
-
-    directory.mkdir()
-    tower_dir.mkdir()
-    t, v = model.config.text_config, model.config.vision_config
-    config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": t.vocab_size,
-              "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-              "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-              "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": 4096,
-              "rms_norm_eps": t.rms_norm_eps, "rope_theta": 10000.0, "hidden_act": "silu",
-              "tie_word_embeddings": False, "mm_image_tower": str(tower_dir), "mm_projector_type": "mlp2x_gelu",
-              "landmarks_projector_type": model.landmarks.projector, "global_landmarks_projector_type": "linear",
-              "cross_attn_type": "simple", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-              "use_landmark_tokens": False, "mm_hidden_size": v.hidden_size, "landmarks_hidden_size": 136,
-              "mm_video_tower": None, "use_mm_proj": True, **config_overrides}
-    (directory / "config.json").write_text(json.dumps(config))
-    vision = {k: getattr(v, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "image_size", "patch_size", "hidden_act")}
-    (tower_dir / "config.json").write_text(json.dumps({"vision_config": vision}))
-    original = {k: t.contiguous() for k, t in to_original_face_llava_state_dict(model.state_dict()).items()}
-    tower = {k: original.pop(k) for k in list(original) if k.startswith("model.image_tower.")}
-    if tower_in_checkpoint:
-        original.update(tower)
-    else:  # LanguageBind_Image's own layout: vision_model.*
-        save_file({"vision_model." + k[len("model.image_tower.image_tower."):]: t for k, t in tower.items()},
-                  str(tower_dir / "model.safetensors"))
-    save_file(original, str(directory / "model.safetensors"))
 
 
 @pytest.mark.parametrize("projector,tower_in_checkpoint",
@@ -498,3 +469,11 @@ def test_vision_without_landmark_modules_has_only_pixel_input(tmp_path):
     np.testing.assert_allclose(feeds["pixel_values"], -1.0)
     assert clip_pixels(np.zeros((224, 224, 3), np.uint8), 224, 224, [0.5] * 3, [0.5] * 3, 1 / 255).shape == \
         (1, 3, 224, 224)
+
+
+def test_image_only_preset_exports_no_video(bundle, model):
+    """The image preset has no video tower, so its bundle has no video component and no video preprocessing."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert model.video_tower is None
+    assert "video" not in manifest["components"] and "video" not in manifest["preprocess"]
+    assert not (bundle / "video.onnx").exists()

@@ -2,7 +2,8 @@
 
 Face-LLaVA saves the LLaVA layout: the Llama under `model.`, the projector as an
 nn.Sequential `model.mm_projector.{0,2}`, the LanguageBind tower as `model.image_tower.image_tower.`
-(LLaVA-1.5 uses `model.vision_tower.vision_tower.vision_model.`), and the landmark modules as
+(LLaVA-1.5 uses `model.vision_tower.vision_tower.vision_model.`), the LanguageBind video tower as
+`model.video_tower.video_tower.` (LanguageBind_Video_merge's `vision_model.*`), and the landmark modules as
 `model.landmarks_projector.region_layers.<region>` (or, for `landmarks_projector_type='linear'`, a single
 `model.landmarks_projector` Linear(136 -> hidden)), `model.global_landmarks_projector` and
 `model.landmarks_cross_attn` (an nn.MultiheadAttention with packed q/k/v, its LayerNorm, linear_proj).
@@ -11,6 +12,7 @@ nn.Sequential `model.mm_projector.{0,2}`, the LanguageBind tower as `model.image
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,16 @@ from focalrt.export.face_llava_modules import (
     REPOSITORY_BRANCH_SCALE,
     FaceLandmarkPathway,
 )
+from focalrt.export.languagebind_video import FEATURE_LAYER, LanguageBindVideoTower
+
+log = logging.getLogger(__name__)
 
 _ORIGINAL_REGIONS = dict(zip([name for name, _, _ in REGIONS],
                              ["face", "eyebrow1", "eyebrow2", "nose", "nostril", "eye1", "eye2", "lips", "teeth"],
                              strict=True))
 _PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.image_tower.image_tower.", "llava.model.vision_tower."),
+    ("model.video_tower.video_tower.", "video_tower."),
     ("model.mm_projector.0.", "llava.model.multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "llava.model.multi_modal_projector.linear_2."),
     ("model.embed_tokens.", "llava.model.language_model.embed_tokens."),
@@ -57,9 +63,9 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 _ALIASES = (("model.vision_tower.vision_tower.vision_model.", "model.image_tower.image_tower."),)
 _PACKED_QKV = "model.landmarks_cross_attn.cross_attn.attn.in_proj_"
 _OURS_QKV = ("landmarks.cross_attn.q_proj.", "landmarks.cross_attn.k_proj.", "landmarks.cross_attn.v_proj.")
-# In checkpoints but unused at inference: a LayerNorm the code never applies, the video tower (video is
-# not supported), and position-id buffers.
-_IGNORED_PREFIXES = ("model.landmarks_cross_attn.ln.", "model.video_tower.")
+# In checkpoints but unused at inference: a LayerNorm the code never applies, and position-id buffers.
+_IGNORED_PREFIXES = ("model.landmarks_cross_attn.ln.",)
+_VIDEO_PREFIX = "model.video_tower.video_tower."
 _IGNORED_SUFFIXES = (".position_ids",)
 
 
@@ -128,9 +134,9 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _tower_dir(cfg: dict[str, Any], directory: Path) -> Path | None:
-    """The image tower named by the config (e.g. LanguageBind/LanguageBind_Image), if it is a local dir."""
-    name = cfg.get("mm_image_tower") or cfg.get("mm_vision_tower")
+def _tower_dir(cfg: dict[str, Any], directory: Path, key: str = "mm_image_tower") -> Path | None:
+    """The tower named by the config (e.g. LanguageBind/LanguageBind_Image), if it is a local dir."""
+    name = cfg.get(key) or (cfg.get("mm_vision_tower") if key == "mm_image_tower" else None)
     if not name:
         return None
     for candidate in (Path(name), directory / name):
@@ -154,6 +160,64 @@ def _vision_config_dict(cfg: dict[str, Any], tower: Path | None, path: Path) -> 
             f"mm_image_tower {cfg.get('mm_image_tower')!r} is not a local directory whose config.json gives "
             f"hidden_act; download LanguageBind/LanguageBind_Image and set mm_image_tower to its path")
     return {k: source[k] for k in VISION_KEYS if k in source}
+
+
+def _video_config(cfg: dict[str, Any], tower: Path, vision: dict[str, Any], path: Path) -> tuple[dict, int]:
+    """The video tower's CLIP dimensions and frame count from its directory's config.json (`vision_config` of a
+    LanguageBindVideoConfig). Refused when the activation, the temporal attention or the frame count is not
+    stated: each changes the features."""
+    tower_cfg_path = tower / "config.json"
+    if not tower_cfg_path.is_file():
+        raise ValueError(f"{path}: the video tower's configuration cannot be known: mm_video_tower {str(tower)!r} "
+                         f"has no config.json; use the LanguageBind/LanguageBind_Video_merge directory as is")
+    tower_cfg = json.loads(tower_cfg_path.read_text())
+    source = tower_cfg.get("vision_config", tower_cfg)
+    fix = "; use LanguageBind/LanguageBind_Video_merge's own config.json, which states it"
+    if "hidden_act" not in source:
+        raise ValueError(f"{path}: the video tower's activation cannot be known: {tower_cfg_path} has no "
+                         f"vision_config.hidden_act{fix}")
+    if not source.get("add_time_attn"):
+        raise ValueError(f"{tower_cfg_path}: add_time_attn is {source.get('add_time_attn')!r}; Face-LLaVA's video "
+                         f"tower is LanguageBind's with temporal attention (add_time_attn true)")
+    frames = source.get("num_frames")
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"{path}: the video tower's frame count cannot be known: {tower_cfg_path} has "
+                         f"vision_config.num_frames {frames!r}{fix}")
+    video = {k: source[k] for k in VISION_KEYS if k in source}
+    if video.get("hidden_size") != vision.get("hidden_size"):
+        raise ValueError(f"{tower_cfg_path}: video tower hidden_size {video.get('hidden_size')} differs from the "
+                         f"image tower's {vision.get('hidden_size')}; Face-LLaVA shares one projector between them")
+    return video, frames
+
+
+def _video_tower(cfg: dict[str, Any], directory: Path, sd: dict[str, torch.Tensor], vision: dict[str, Any],
+                 path: Path) -> tuple[dict, int] | None:
+    """The video tower's config and frame count when there is one to export, its weights placed in `sd` under
+    the checkpoint's names; None (and no video weights left in `sd`) when the config names no video tower or
+    it cannot be built here, the latter with a warning saying how to get it."""
+    name = cfg.get("mm_video_tower")
+    in_checkpoint = any(k.startswith(_VIDEO_PREFIX) for k in sd)
+    tower = _tower_dir(cfg, directory, "mm_video_tower") if name else None
+    if tower is None:
+        for k in [k for k in sd if k.startswith(_VIDEO_PREFIX)]:
+            del sd[k]
+        if name:
+            held = "holds its weights but" if in_checkpoint else "holds no video tower weights"
+            log.warning("%s names mm_video_tower %r, which is not a local directory, and the checkpoint %s its "
+                        "configuration (activation, frames) is in that directory: exporting the image path only. "
+                        "For video, download LanguageBind/LanguageBind_Video_merge and set mm_video_tower in %s "
+                        "to its path", path, name, held, path)
+        return None
+    video, frames = _video_config(cfg, tower, vision, path)
+    if not in_checkpoint:
+        has_files = any(tower.glob("*.safetensors")) or any(tower.glob("pytorch_model*.bin"))
+        found = {k: v for k, v in _read_weights(tower).items() if k.startswith("vision_model.")} if has_files else {}
+        if not found:
+            raise FileNotFoundError(
+                f"{directory} holds no video tower weights ({_VIDEO_PREFIX}*) and its mm_video_tower {str(tower)!r} "
+                f"has no vision_model.* weights; download LanguageBind/LanguageBind_Video_merge there")
+        sd.update({_VIDEO_PREFIX + k[len("vision_model."):]: v for k, v in found.items()})
+    return video, frames
 
 
 def _landmark_projector(sd: dict[str, torch.Tensor], cfg: dict[str, Any], path: Path) -> str | None:
@@ -193,9 +257,11 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
     """A local Face-LLaVA checkpoint (config.json + weights, LLaVA layout) as a float32 `FaceLlava`.
 
     The image tower's weights are taken from the checkpoint, or else from the local tower directory its
-    config names (`mm_image_tower`, LanguageBind_Image's `vision_model.*`).
+    config names (`mm_image_tower`, LanguageBind_Image's `vision_model.*`). So are the video tower's
+    (`mm_video_tower`, LanguageBind_Video_merge), whose configuration always comes from that directory: when
+    it is not local, the model has no video tower and a warning says so.
     """
-    from transformers import LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
     directory = Path(directory)
     cfg_path = directory / "config.json"
@@ -217,6 +283,7 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
                 f"mm_image_tower {cfg.get('mm_image_tower')!r} is not a local directory with vision_model.* "
                 f"weights; download LanguageBind/LanguageBind_Image and set mm_image_tower to its path")
         sd.update({"model.image_tower.image_tower." + k[len("vision_model."):]: v for k, v in found.items()})
+    video = _video_tower(cfg, directory, sd, vision, cfg_path)
     converted = {k: v.float() for k, v in convert_face_llava_state_dict(sd).items()}
 
     text = {k: cfg[k] for k in TEXT_KEYS if k in cfg and cfg[k] is not None}
@@ -231,11 +298,13 @@ def load_face_llava_checkpoint(directory: str | Path) -> FaceLlava:
 
     with no_init_weights():  # every weight is loaded below; random init would only cost time
         llava = LlavaForConditionalGeneration(llava_cfg)
+        video_tower = None if video is None else \
+            LanguageBindVideoTower(CLIPVisionConfig(**video[0]), video[1], FEATURE_LAYER)
     # Their configs never hold a branch scale (the call site relies on the module default, 0.1); ours may.
     scale = float(cfg.get("landmarks_branch_scale", REPOSITORY_BRANCH_SCALE))
     pathway = FaceLandmarkPathway(llava_cfg.text_config.hidden_size, CROSS_ATTENTION_HEADS, scale, projector) \
         if projector is not None else None
-    model = FaceLlava(llava, pathway)
+    model = FaceLlava(llava, pathway, video_tower)
     if tie:
         converted.pop("llava.lm_head.weight", None)
     missing, unexpected = model.load_state_dict(converted, strict=False)
