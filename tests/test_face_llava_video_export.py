@@ -317,3 +317,22 @@ def test_export_bundle_from_checkpoint_writes_video(tmp_path, video_models, clip
     with torch.no_grad():
         want = model.video_features(pixels, landmarks).reshape(FRAMES * TOKENS, -1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_generate_with_video_features_places_frames_in_order(video_models, clip):
+    """The reference generation from precomputed features: a clip's 8 x 257 embeddings fill the prompt's
+    image tokens frame by frame; a count that does not fit is refused."""
+    model = video_models["linear"]
+    pixels, landmarks = clip
+    image_id = model.config.image_token_id
+    ids = torch.tensor([[1, 319] + [image_id] * (FRAMES * TOKENS) + [13, 29871]])
+    with torch.no_grad():
+        features = model.video_features(pixels, landmarks)
+        embeds = model.embed(ids, features.reshape(-1, features.shape[-1]))
+    torch.testing.assert_close(embeds[0, 2 + TOKENS], features[1, 0], atol=0, rtol=0)  # frame 1's class token
+    tokens, logits = model.generate_with_features(ids, features, max_new_tokens=3)
+    assert len(tokens) == 3 and len(logits) == 3
+    _, reversed_logits = model.generate_with_features(ids, features.flip(0), max_new_tokens=3)
+    assert np.abs(reversed_logits[0] - logits[0]).max() > 1e-4  # the frame order reaches the decoder
+    with pytest.raises(ValueError, match="2056 image tokens in the prompt but 1799 feature rows"):
+        model.generate_with_features(ids, features[:7], max_new_tokens=1)
