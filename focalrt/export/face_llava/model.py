@@ -84,7 +84,8 @@ TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 
 class FaceLlava(nn.Module):
-    """The eager PyTorch reference: transformers' Llava plus the landmark pathway (None: no landmarks)."""
+    """The eager PyTorch reference: transformers' Llava plus the landmark pathway (None: no landmarks) and
+    the LanguageBind video tower (None: images only)."""
 
     def __init__(self, llava: nn.Module, landmarks: FaceLandmarkPathway | None,
                  video_tower: LanguageBindVideoTower | None = None):
