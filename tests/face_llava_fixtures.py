@@ -67,3 +67,17 @@ def write_checkpoint(directory, model, tower_dir, tower_in_checkpoint: bool, vid
         else:
             original.update(video_sd)
     save_file(original, str(directory / "model.safetensors"))
+
+
+def write_llama_style_tokenizer(directory, tokenizer) -> None:
+    """The tokenizer files of a Vicuna-style checkpoint: `tokenizer` (a tokenizers.Tokenizer, or tokenizer.json
+    text) whose every call prepends <s>, as Llama's does, and a tokenizer_config.json naming <s> and </s>, so
+    that transformers' `tokenizer(chunk).input_ids` (what their tokenizer_image_token calls) starts with BOS."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 cv2 = pytest.importorskip("cv2")
 
 from face_llava_fixtures import write_checkpoint as _write_checkpoint  # noqa: E402
+from face_llava_fixtures import write_llama_style_tokenizer  # noqa: E402
 
 from focalrt.export.build import export_bundle  # noqa: E402
 from focalrt.export.face_llava import (  # noqa: E402
@@ -389,7 +390,7 @@ def test_linear_projector_checkpoint_exports_and_matches_reference(tmp_path, lin
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     del config["landmarks_projector_type"]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    (tmp_path / "ckpt" / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text())
+    write_llama_style_tokenizer(tmp_path / "ckpt", (bundle / "tokenizer.json").read_text())
     out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), family="face_llava", face_models=False)
     facts = json.loads((out / "manifest.json").read_text())["components"]["vision"]["landmarks"]
     assert facts["projector"] == "linear" and facts["branch_scale"] == 0.1
@@ -440,7 +441,7 @@ def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, 
     _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", tower_in_checkpoint=True)
     tok = json.loads((bundle / "tokenizer.json").read_text())
     tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != IMAGE_TOKEN]
-    (tmp_path / "ckpt" / "tokenizer.json").write_text(json.dumps(tok))
+    write_llama_style_tokenizer(tmp_path / "ckpt", json.dumps(tok))
     out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), family="face_llava", face_models=False)
     manifest = json.loads((out / "manifest.json").read_text())
     preset_manifest = json.loads((bundle / "manifest.json").read_text())

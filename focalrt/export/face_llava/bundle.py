@@ -8,14 +8,16 @@ from typing import Any
 from focalrt.export.face_llava.checkpoint import load_face_llava_checkpoint
 from focalrt.export.face_llava.components import image_token_count
 from focalrt.export.face_llava.model import (
+    BOS_TOKEN,
     DEFAULT_MAX_CONTEXT,
+    EOS_TOKEN,
     FACE_LLAVA_PROMPT,
     IMAGE_MEAN,
     IMAGE_STD,
     IMAGE_TOKEN,
     build_random_model,
 )
-from focalrt.export.face_llava.tokenizer import write_face_llava_tokenizer
+from focalrt.export.face_llava.tokenizer import checkpoint_bos_eos, write_face_llava_tokenizer
 from focalrt.export.family import Options, Source
 
 FAMILY = "face_llava"
@@ -40,14 +42,20 @@ def export_options(source: Source, *, image_size: int | None, max_context: int |
     if image_size is not None and image_size != vcfg.image_size:
         raise ValueError(f"--image-size {image_size}: the CLIP tower's position embeddings fix the input at "
                          f"{vcfg.image_size} px; leave --image-size out")
+    prompt = {**FACE_LLAVA_PROMPT, **(profile or {})}
+    if source.path is not None:  # a checkpoint: its tokenizer's own BOS (if its calls add one) and EOS
+        bos, eos = checkpoint_bos_eos(source.path)
+        prompt["template"] = (bos or "") + FACE_LLAVA_PROMPT["template"].removeprefix(BOS_TOKEN)
+        prompt["stop_tokens"] = [eos]
     return Options(max_context=min(max_context or DEFAULT_MAX_CONTEXT, tcfg.max_position_embeddings),
-                   prompt={**FACE_LLAVA_PROMPT, **(profile or {})}, image_size=vcfg.image_size)
+                   prompt=prompt, image_size=vcfg.image_size)
 
 
 def write_bundle_tokenizer(source: Source, out: Path) -> dict[str, Any]:
     """The tokenizer, and the model's image token id set to the tokenizer's <image> (the vision and embed
     exports that follow place image embeddings at it)."""
-    tok = write_face_llava_tokenizer(out, source.path)
+    required = checkpoint_bos_eos(source.path) if source.path is not None else (BOS_TOKEN, EOS_TOKEN)
+    tok = write_face_llava_tokenizer(out, source.path, tuple(t for t in required if t))
     source.model.config.image_token_id = tok["special_tokens"][IMAGE_TOKEN]
     return tok
 
