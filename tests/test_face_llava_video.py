@@ -351,3 +351,24 @@ def test_prompt_ids_equal_their_tokenizer_image_token_on_smollm2s_tokenizer(smol
     text = f"{LLAVA_V1_SYSTEM} USER: {placeholders}\n{question} ASSISTANT:"
     assert _collapse(ours, pipe.image_token_id) == _their_tokenizer_image_token(theirs, text)
     assert ours.count(pipe.image_token_id) == (FRAMES * 257 if video else 256)
+
+
+def test_describe_video_file_picks_frames_as_their_loader(bundle, pipe, camera_clip, image_only_bundle):
+    """`focalrt describe --video` takes np.linspace(0, n - 1, 8) of the clip's frames, as their loader does,
+    and answers what describe_video answers on those frames."""
+    out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(bundle), "--video", str(camera_clip),
+                          "--max-new-tokens", "6", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["video_frames"] == [0, 1, 3, 4, 6, 7, 9, 11]  # floor(linspace(0, 11, 8))
+    cap = cv2.VideoCapture(str(camera_clip))
+    frames = []
+    while (read := cap.read())[0]:
+        frames.append(read[1])
+    cap.release()
+    assert len(frames) == CLIP_FRAMES
+    want = pipe.describe_video([frames[i] for i in got["video_frames"]], max_new_tokens=6)
+    assert got["token_ids"] == want.token_ids
+    out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(image_only_bundle), "--video",
+                          str(camera_clip)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr

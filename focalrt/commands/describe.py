@@ -3,6 +3,7 @@
     focalrt describe BUNDLE --image face.jpg --box 120,80,260,190
     focalrt describe BUNDLE --image face.jpg --json
     focalrt describe BUNDLE --image face.jpg --format json      # answer constrained to the face-state schema
+    focalrt describe BUNDLE --video face_clip.mp4                # Face-LLaVA video bundle: 8 frames of the clip
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def register(sub) -> None:
                    description=__doc__)
     p.add_argument("bundle", help="bundle directory written by `focalrt export`")
     p.add_argument("--image", help="image file (JPEG/PNG/...); required unless the bundle is text-only")
+    p.add_argument("--video", help="video file of one face (a bundle with a video encoder): its frames spread "
+                                   "evenly over the clip, as Face-LLaVA's loader picks them, described together")
     p.add_argument("--box", help="x1,y1,x2,y2 in image pixels (default: the whole image)")
     p.add_argument("--prompt", help="instruction (default: the bundle's)")
     p.add_argument("--system", help="system prompt instead of the bundle's (text-only bundles)")
@@ -56,6 +59,8 @@ def run(args) -> int:
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
 
+    if args.video:
+        return run_video(args)
     box = parse_box(args.box) if args.box else None
     schema = schema_choice(args)
     pipe = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
@@ -80,5 +85,36 @@ def run(args) -> int:
         print(flush=True)  # the streamed text ends its line on stdout, so a pipe or a shell prompt starts clean
         t = d.timings_ms
         print(f"[{d.finish_reason}] {len(d.token_ids)} tokens; ttft {t['ttft']:.1f} ms, "
+              f"total {t['total']:.1f} ms", file=sys.stderr)
+    return 0
+
+
+def run_video(args) -> int:
+    """`--video`: one clip, its frames picked evenly, through the bundle's video encoder."""
+    from focalrt.commands.notices import warn_if_random
+    from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.preprocess import read_video_evenly
+
+    if args.image or args.box or args.system:
+        raise ValueError("--video takes a clip cropped to one face (as Face-LLaVA's crop tool makes them): drop "
+                         "--image/--box/--system; to follow faces in a camera or long video use "
+                         "`focalrt run --video-window`")
+    schema = schema_choice(args)
+    pipe = Pipeline.from_bundle(args.bundle, provider=args.provider, threads=args.threads)
+    warn_if_random(pipe.bundle)
+    pipe.require_video()
+    frames, indices = read_video_evenly(args.video, pipe.adapter.video_frames)
+    stream = None if args.json else (lambda s: print(s, end="", flush=True))
+    d = pipe.describe_video(frames, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            on_text=stream, schema=schema)
+    if d.state_error:
+        print(f"focalrt describe: warning: {d.state_error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**d.to_json(), "video_frames": indices}))
+    else:
+        print(flush=True)
+        t = d.timings_ms
+        print(f"[{d.finish_reason}] {len(d.token_ids)} tokens from frames {indices}; ttft {t['ttft']:.1f} ms, "
               f"total {t['total']:.1f} ms", file=sys.stderr)
     return 0

@@ -23,6 +23,44 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
+def read_video_evenly(path: str | os.PathLike, count: int) -> tuple[list[np.ndarray], list[int]]:
+    """`count` BGR frames spread evenly over a video file, and their indices: frame floor(i * (n - 1) /
+    (count - 1)) for i = 0..count-1, as Face-LLaVA's loader picks a clip's frames (np.linspace(0, n - 1, count)).
+    Two passes: count the frames (grab only), then decode just the chosen ones."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"video {p} does not exist")
+
+    def capture() -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(p))
+        if not cap.isOpened():
+            raise ValueError(f"video {p} could not be opened by OpenCV; is it an MP4/MKV/AVI video?")
+        return cap
+
+    cap = capture()
+    n = 0
+    while cap.grab():
+        n += 1
+    cap.release()
+    if n == 0:
+        raise ValueError(f"video {p} has no readable frames")
+    wanted = np.linspace(0, n - 1, count).astype(int).tolist()
+    frames: dict[int, np.ndarray] = {}
+    cap = capture()
+    for i in range(wanted[-1] + 1):
+        if not cap.grab():
+            break
+        if i in wanted:
+            ok, frame = cap.retrieve()
+            if ok and frame is not None:
+                frames[i] = frame
+    cap.release()
+    missing = [i for i in wanted if i not in frames]
+    if missing:
+        raise ValueError(f"video {p}: frames {missing} of {n} could not be decoded; re-encode the clip")
+    return [frames[i] for i in wanted], wanted
+
+
 def check_frame(image: np.ndarray, name: str = "image") -> np.ndarray:
     """Reject what the pipeline cannot use, before any model runs."""
     if not isinstance(image, np.ndarray):
