@@ -12,7 +12,7 @@ def register(sub) -> None:
                    help="engine precision (default: each component's own; fp16 turns an fp32 bundle into fp16 "
                         "engines; int8/fp8/int4 need a calibrated or converted bundle)")
     p.add_argument("--component", action="append", dest="components", default=None,
-                   choices=["vision", "embed", "decoder"], help="only this component (repeatable)")
+                   choices=["vision", "video", "embed", "decoder"], help="only this component (repeatable)")
     p.add_argument("--max-batch", type=positive_int, default=1, help="largest batch the engines accept")
     p.add_argument("--workspace-gb", type=positive_float, default=None,
                    help="TensorRT workspace limit in GB (default: TensorRT's, the GPU's free memory)")
