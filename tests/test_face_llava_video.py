@@ -372,3 +372,33 @@ def test_describe_video_file_picks_frames_as_their_loader(bundle, pipe, camera_c
     out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(image_only_bundle), "--video",
                           str(camera_clip)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_face_crop_mode_windows_use_their_crop_tools_square(bundle, astronaut_bgr, tmp_path, monkeypatch):
+    """In `face_crop` region mode a window's frames are their crop tool's 256-px squares of the face box, with
+    the landmarks moved into them."""
+    from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.prompt import crop_face_square
+    from focalrt.runtime.regions import clip_box
+    from focalrt.runtime.run import RegionRunner, frame_loop
+    from focalrt.runtime.sources import open_source
+
+    pipe = Pipeline.from_bundle(bundle)
+    pipe.profile = {**pipe.profile, "region_mode": "face_crop"}  # as `export --region-mode face_crop` writes it
+    clips, boxes = [], []
+    real_video = pipe.encode_video
+    monkeypatch.setattr(pipe, "encode_video", lambda c: (clips.append(c), real_video(c))[1])
+    runner = RegionRunner(pipe, video_window=True, max_new_tokens=2)
+    real_detect = runner.faces.detector.detect
+    monkeypatch.setattr(runner.faces.detector, "detect", lambda image: (boxes.append(d := real_detect(image)), d)[1])
+    clip = write_clip(tmp_path / "clip.mp4", pan_zoom_frames(astronaut_bgr, FRAMES))
+    with open_source(str(clip)) as frames:
+        images = [r.frame.image for r in frame_loop(runner, frames)]
+    assert len(clips) == 1 and len(boxes) == FRAMES
+    for j, (image, dets) in enumerate(zip(images, boxes, strict=True)):
+        box = clip_box(dets[0].box, image.shape[1], image.shape[0])[0]
+        want, crop_box = crop_face_square(image, box)
+        assert clips[0].frames[j].shape == (256, 256, 3)
+        np.testing.assert_array_equal(clips[0].frames[j], want)
+        lm = clips[0].landmarks68[j]  # inside the crop, eyes above the mouth
+        assert (lm > -20).all() and (lm < 276).all() and lm[36:42, 1].mean() < lm[48:60, 1].mean()
