@@ -81,3 +81,16 @@ def write_llama_style_tokenizer(directory, tokenizer) -> None:
                                                        special_tokens=[("<s>", bos)])
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def tokenizer_image_token(chunks: list[list[int]], image_index: int = -200) -> list[int]:
+    """Their mm_utils.tokenizer_image_token, restated over already tokenised chunks: the prompt split on
+    <image>, each chunk tokenised on its own (with the BOS a Llama tokenizer adds), the first chunk's BOS kept
+    once, later chunks' dropped, and `image_index` between chunks."""
+    offset = 1 if chunks and chunks[0] and chunks[0][0] == chunks[-1][0] else 0
+    ids = [chunks[0][0]] if offset else []
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(image_index)
+        ids.extend(chunk[offset:])
+    return ids

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 cv2 = pytest.importorskip("cv2")
 
+from face_llava_fixtures import tokenizer_image_token as _tokenizer_image_token  # noqa: E402
 from face_llava_fixtures import write_checkpoint as _write_checkpoint  # noqa: E402
 from face_llava_fixtures import write_llama_style_tokenizer  # noqa: E402
 
@@ -208,19 +209,6 @@ def test_preprocessing_equals_torchvision(pipe, face256):
     want = tf(Image.fromarray(cv2.cvtColor(face256, cv2.COLOR_BGR2RGB)))[None].numpy()
     got = pipe.adapter.vision_inputs(face256)["pixel_values"]
     assert np.abs(got - want).max() < 1e-3, f"torchvision {torchvision.__version__}"
-
-
-def _tokenizer_image_token(chunks: list[list[int]], image_index: int = -200) -> list[int]:
-    """Their mm_utils.tokenizer_image_token, restated: the prompt split on <image>, each chunk tokenised on
-    its own (with the BOS a Llama tokenizer adds), the first chunk's BOS kept once, later chunks' dropped,
-    and `image_index` between chunks."""
-    offset = 1 if chunks and chunks[0] and chunks[0][0] == chunks[-1][0] else 0
-    ids = [chunks[0][0]] if offset else []
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids.append(image_index)
-        ids.extend(chunk[offset:])
-    return ids
 
 
 @pytest.mark.parametrize("task", ["age", "action_units", "facial_attributes"])

@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
+from face_llava_fixtures import tokenizer_image_token  # noqa: E402
+
 from focalrt.demo import pan_zoom_frames, write_clip  # noqa: E402
 from focalrt.runtime.face_llava import video_pixels  # noqa: E402
 
@@ -137,17 +139,6 @@ def _clip(frames, landmarks=None):
     return VideoClip(list(frames), landmarks)
 
 
-def _tokenizer_image_token(chunks: list[list[int]], image_index: int = -200) -> list[int]:
-    """Their mm_utils.tokenizer_image_token, restated (see tests/test_face_llava.py)."""
-    offset = 1 if chunks and chunks[0] and chunks[0][0] == chunks[-1][0] else 0
-    ids = [chunks[0][0]] if offset else []
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids.append(image_index)
-        ids.extend(chunk[offset:])
-    return ids
-
-
 def test_window_prompt_ids_equal_their_tokenizer_image_token(pipe, face_frames):
     """Their video prompt: llava_v1 with ' '.join(['<image>'] * 8) + '\\n' + question; each of our runs of 257
     image ids counts as their one -200. The default question is the emotion task's."""
@@ -156,13 +147,12 @@ def test_window_prompt_ids_equal_their_tokenizer_image_token(pipe, face_frames):
     ours = pipe.describe_video(face_frames, max_new_tokens=1).prompt_token_ids
     image_id = pipe.image_token_id
     assert ours.count(image_id) == FRAMES * 257
-    collapsed = [t for i, t in enumerate(ours) if t != image_id or i == 0 or ours[i - 1] != image_id]
-    collapsed = [-200 if t == image_id else t for t in collapsed]
+    collapsed = _collapse(ours, image_id)
     question = pipe.profile["tasks"]["emotion"]
     text = f"{LLAVA_V1_SYSTEM} USER: {' '.join([IMAGE_TOKEN] * FRAMES)}\n{question} ASSISTANT:"
     bos = pipe.tokenizer.token_to_id("<s>")
     chunks = [[bos] + pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
-    assert collapsed == _tokenizer_image_token(chunks)
+    assert collapsed == tokenizer_image_token(chunks)
     assert collapsed.count(-200) == FRAMES
 
 
