@@ -93,7 +93,7 @@ RUN_EXAMPLES = """
 examples:
   focalrt run BUNDLE --source 0 --regions mouth,eyes --out events.jsonl
   focalrt run BUNDLE --source clip.mp4 --regions mouth --write-video annotated.mkv
-  focalrt run BUNDLE --source 0 --video-window --window-stride 4 --every 16   # Face-LLaVA video bundle
+  focalrt run BUNDLE --source 0 --video-window --window-stride 4   # Face-LLaVA video bundle: last 8 crops
 """
 
 
