@@ -122,6 +122,17 @@ def test_describe_video_equals_reference(pipe, model, face_frames, window_landma
         np.testing.assert_allclose(a, b, atol=2e-3, rtol=0, err_msg=f"logits differ at step {step}")
 
 
+def test_describe_clips_batches_windows_token_for_token(pipe, face_frames, window_landmarks):
+    """Two faces' windows in one batch (what `run` does with several faces) give each window's own tokens."""
+    from focalrt.runtime.pipeline import VideoClip
+
+    clips = [VideoClip(face_frames, window_landmarks), VideoClip(face_frames[::-1])]
+    batched = pipe.describe_clips(clips, max_new_tokens=12)
+    alone = [pipe.describe_video(c.frames, landmarks68=c.landmarks68, max_new_tokens=12) for c in clips]
+    assert [d.token_ids for d in batched] == [d.token_ids for d in alone]
+    assert batched[0].token_ids != batched[1].token_ids and batched[0].timings_ms["batch"] == 2
+
+
 def test_window_embeddings_follow_frame_order_and_landmarks(pipe, face_frames, window_landmarks):
     """The temporal attention and the frame-major placement make order matter; landmarks change features."""
     forward = pipe.encode_video(_clip(face_frames)).numpy()

@@ -77,14 +77,20 @@ def run(args) -> int:
     d = pipe.describe(args.image, box=box, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       on_text=stream, system=args.system, drafts=Drafts(args.draft), schema=schema)
+    return report(d, args.json)
+
+
+def report(d, as_json: bool, **extra) -> int:
+    """The answer's ending: one JSON object (with `extra`), or, after streamed text, a stats line on stderr."""
     if d.state_error:
         print(f"focalrt describe: warning: {d.state_error}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(d.to_json()))
+    if as_json:
+        print(json.dumps({**d.to_json(), **extra}))
     else:
         print(flush=True)  # the streamed text ends its line on stdout, so a pipe or a shell prompt starts clean
         t = d.timings_ms
-        print(f"[{d.finish_reason}] {len(d.token_ids)} tokens; ttft {t['ttft']:.1f} ms, "
+        seen = "".join(f" {k} {v}" for k, v in extra.items())
+        print(f"[{d.finish_reason}] {len(d.token_ids)} tokens{seen}; ttft {t['ttft']:.1f} ms, "
               f"total {t['total']:.1f} ms", file=sys.stderr)
     return 0
 
@@ -92,6 +98,7 @@ def run(args) -> int:
 def run_video(args) -> int:
     """`--video`: one clip, its frames picked evenly, through the bundle's video encoder."""
     from focalrt.commands.notices import warn_if_random
+    from focalrt.runtime.drafts import Drafts
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.preprocess import read_video_evenly
 
@@ -107,14 +114,5 @@ def run_video(args) -> int:
     stream = None if args.json else (lambda s: print(s, end="", flush=True))
     d = pipe.describe_video(frames, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            on_text=stream, schema=schema)
-    if d.state_error:
-        print(f"focalrt describe: warning: {d.state_error}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({**d.to_json(), "video_frames": indices}))
-    else:
-        print(flush=True)
-        t = d.timings_ms
-        print(f"[{d.finish_reason}] {len(d.token_ids)} tokens from frames {indices}; ttft {t['ttft']:.1f} ms, "
-              f"total {t['total']:.1f} ms", file=sys.stderr)
-    return 0
+                            on_text=stream, drafts=Drafts(args.draft), schema=schema)
+    return report(d, args.json, video_frames=indices)

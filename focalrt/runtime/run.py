@@ -51,6 +51,14 @@ def map_points(points: np.ndarray, m: np.ndarray) -> np.ndarray:
     return points[:, :2] @ m[:, :2].T + m[:, 2]
 
 
+def face_crop(image: np.ndarray, face_box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The size x size crop the encoder sees of one face, and the frame -> crop affine."""
+    m = face_crop_transform(face_box, size)
+    crop = cv2.warpAffine(image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_CONSTANT)
+    return crop, m
+
+
 @dataclass
 class RunStats:
     frames: int = 0
@@ -78,7 +86,6 @@ class RegionJob:
     frame_box: tuple
     view_box: tuple | None
     window: tuple[int, ...] | None = None  # a video window: the frame indices of its crops, oldest first
-    window_changed: bool = True  # False: the window gained no crop on this frame, so it is not described again
 
 
 @dataclass
@@ -214,9 +221,7 @@ class RegionRunner:
             return views, states
         size = self.pipeline.image_size
         for face_id, (det, points) in zip(ids, found, strict=True):
-            m = face_crop_transform(det.box, size)
-            crop = cv2.warpAffine(image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
-                                  borderMode=cv2.BORDER_CONSTANT)
+            crop, m = face_crop(image, det.box, size)
             jobs = []
             for name in self.regions:
                 frame_box = region_box(name, points, image.shape)
@@ -231,7 +236,7 @@ class RegionRunner:
         face whose window is full. The crop is the one the image path sees: the run's square face crop, or
         Face-LLaVA's crop tool's (side (w + h) / 2 from the box corner, 256 px) in `face_crop` region mode."""
         frames = self.pipeline.adapter.video_frames
-        face_crop = self.pipeline.profile.get("region_mode") == "face_crop"
+        tool_crop = self.pipeline.profile.get("region_mode") == "face_crop"
         size = self.pipeline.image_size
         views = []
         for face_id, (det, points) in zip(ids, found, strict=True):
@@ -240,15 +245,13 @@ class RegionRunner:
             window = self.windows.setdefault(face_id, deque(maxlen=frames))
             if seen % self.window_stride == 0:
                 landmarks68 = to_68(points) if self.pipeline.adapter.uses_landmarks else None
-                if face_crop:
+                if tool_crop:
                     box = clip_box(det.box, frame.image.shape[1], frame.image.shape[0])[0]  # quietly, per frame
                     crop, crop_box = crop_face_square(frame.image, box)
                     if landmarks68 is not None:
                         landmarks68 = landmarks_in_view(landmarks68, box, crop_box)
                 else:
-                    m = face_crop_transform(det.box, size)
-                    crop = cv2.warpAffine(frame.image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
-                                          borderMode=cv2.BORDER_CONSTANT)
+                    crop, m = face_crop(frame.image, det.box, size)
                     if landmarks68 is not None:
                         landmarks68 = map_points(landmarks68, m)
                 window.append((frame.index, crop, landmarks68))
@@ -256,8 +259,7 @@ class RegionRunner:
                 lms = [lm for _, _, lm in window]
                 clip = VideoClip([crop for _, crop, _ in window], None if lms[0] is None else lms)
                 box = tuple(int(round(v)) for v in det.box)
-                job = RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window), window[-1][0] == frame.index)
-                views.append(FaceView(face_id, clip, [job]))
+                views.append(FaceView(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
         return views
 
     def _states(self, frame: Frame, found: list[tuple], ids: list[int], stage: dict[str, float]) -> list[dict]:
@@ -282,7 +284,7 @@ class RegionRunner:
                 signature = (appearance_signature(frame.image, job.frame_box)
                              if self.scheduler.change_threshold else None)
                 due, reason = self.scheduler.due((view.face_id, job.name), frame.index, frame.timestamp, signature)
-                if due and not job.window_changed:
+                if due and job.window and job.window[-1] != frame.index:  # no crop added on this frame
                     due, reason = False, "window_unchanged"
                 decided.append(Decision(job, due, reason, signature))
             plan.append((view, decided))

@@ -19,6 +19,17 @@ from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_mod
 
 log = logging.getLogger(__name__)
 
+def project(projector: nn.Module, pathway: nn.Module | None, hidden: torch.Tensor, landmarks: torch.Tensor | None,
+            use_landmarks: torch.Tensor | None) -> torch.Tensor:
+    """Tower features [N, tokens, vision] -> [N, tokens, hidden]: the mm projector, then, for a model with the
+    landmark pathway, both branches computed and `use_landmarks` choosing one (so `false` is exactly the
+    reference's no-landmark path)."""
+    features = projector(hidden)
+    if pathway is None:
+        return features
+    return torch.where(use_landmarks.view(1, 1, 1), pathway(features, landmarks), features)
+
+
 class VisionEncoder(nn.Module):
     """pixel_values [1, 3, S, S] (+ landmarks [1, 68, 2] in 0..1 and use_landmarks [1] bool)
     -> image_embeds [image_tokens, hidden].
@@ -50,10 +61,7 @@ class VisionEncoder(nn.Module):
             hidden = layer(hidden, None)
         if self.drop_cls:
             hidden = hidden[:, 1:]
-        features = self.projector(hidden)
-        if self.landmarks is not None:
-            features = torch.where(use_landmarks.view(1, 1, 1), self.landmarks(features, landmarks), features)
-        return features[0]
+        return project(self.projector, self.landmarks, hidden, landmarks, use_landmarks)[0]
 
 
 class VideoEncoder(nn.Module):
@@ -78,9 +86,7 @@ class VideoEncoder(nn.Module):
         hidden = self.pre_layrnorm(self.embeddings(pixel_values))
         for layer in self.layers:
             hidden = layer(hidden)
-        features = self.projector(hidden)
-        if self.landmarks is not None:
-            features = torch.where(use_landmarks.view(1, 1, 1), self.landmarks(features, landmarks), features)
+        features = project(self.projector, self.landmarks, hidden, landmarks, use_landmarks)
         return features.reshape(-1, features.shape[-1])
 
 
