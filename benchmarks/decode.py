@@ -61,8 +61,8 @@ def region_prompt_length(bundle: Path) -> int:
     from tokenizers import Tokenizer
 
     from focalrt.bundle import load
-    from focalrt.runtime import prompt as prompts
     from focalrt.runtime.families import adapter_for
+    from focalrt.runtime.generation import prompt as prompts
 
     b = load(bundle)
     m = b.manifest
@@ -131,7 +131,7 @@ def finish_worker(runs: list[dict[str, Any]], tokens: list[int], load_s: float, 
 def worker_ours(spec: dict[str, Any]) -> None:
     from focalrt.bench.measure import text_positions
     from focalrt.bench.memory import current_rss_bytes
-    from focalrt.runtime.generate import batch_positions, decode_one_token, prefill
+    from focalrt.runtime.generation.generate import batch_positions, decode_one_token, prefill
     from focalrt.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from focalrt.bench.measure import RecordingPipeline
-from focalrt.runtime.drafts import Drafts
-from focalrt.runtime.generate import (
+from focalrt.runtime.generation.drafts import Drafts
+from focalrt.runtime.generation.generate import (
     PromptCache,
     Row,
     Sampler,
@@ -37,8 +37,8 @@ from focalrt.runtime.generate import (
     decode_one_token,
     generate,
 )
-from focalrt.runtime.generate import prefill as prefill_prompt
-from focalrt.runtime.generate import verify as verify_tokens
+from focalrt.runtime.generation.generate import prefill as prefill_prompt
+from focalrt.runtime.generation.generate import verify as verify_tokens
 
 MODES = ("off", "temporal", "prompt")
 TEXT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -59,7 +59,7 @@ class BundleSide:
         from decode import prompt_ids, region_prompt_length
 
         from focalrt.bench.measure import text_positions
-        from focalrt.runtime.generate import batch_positions
+        from focalrt.runtime.generation.generate import batch_positions
         from focalrt.runtime.pipeline import Pipeline
 
         self.bundle = bundle
@@ -84,7 +84,7 @@ class BundleSide:
         self.logits: np.ndarray | None = None
 
     def _start(self) -> None:
-        from focalrt.runtime.generate import prefill
+        from focalrt.runtime.generation.generate import prefill
 
         self.cache.lengths[:] = 0
         self.processor = self.compiled.processor()
@@ -93,7 +93,7 @@ class BundleSide:
         self.objects += 1
 
     def steps(self, n: int) -> None:
-        from focalrt.runtime.generate import decode_one_token
+        from focalrt.runtime.generation.generate import decode_one_token
 
         for _ in range(n):
             if self.logits is None or len(self.history) + 2 >= self.pipe.max_context:
@@ -140,7 +140,7 @@ def bundles_run(bundles: list[Path], tokens: int, threads: int | None, rounds: i
 def tokenizer_run(path: Path, vocab: int, stop: list[int], tokens: int) -> dict:
     from tokenizers import Tokenizer
 
-    from focalrt.runtime.grammar import compile_schema
+    from focalrt.runtime.generation.grammar import compile_schema
 
     tok = Tokenizer.from_file(str(path))
     t0 = time.perf_counter()

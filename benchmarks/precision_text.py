@@ -121,7 +121,7 @@ def references(pipe, new_tokens: int, count: int) -> list[tuple[list[int], list[
 
 def teacher_forced(pipe, prompt_ids: list[int], ref_tokens: list[int]) -> np.ndarray:
     """Logits at every reference position from one prefill of prompt + reference tokens (all but the last)."""
-    from focalrt.runtime.generate import PromptCache
+    from focalrt.runtime.generation.generate import PromptCache
 
     ids = np.array(prompt_ids + ref_tokens[:-1], np.int64)
     t = pipe.text_cfg
@@ -137,7 +137,7 @@ def cosine(a, b) -> float:
 
 def measure(bundle: Path, refs, text_ids, windows: int, new_tokens: int) -> dict:
     from focalrt.calibration.gate import greedy_agreement
-    from focalrt.runtime.perplexity import measure as perplexity
+    from focalrt.runtime.generation.perplexity import measure as perplexity
     from focalrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle, provider="cpu", threads=2)
@@ -176,7 +176,7 @@ def main() -> None:
         "fp32", "fp16", "int8", "int8-weights", "int4-rtn-32", "int4-rtn-128", "int4-rtn_asym-32", "int4-rtn_asym-128",
         "int4-hqq-32", "int4-hqq-128", "int4-gptq-128", "int4-rtn-128-keep-head", "int4-hqq-128-keep-head"])
     args = ap.parse_args()
-    from focalrt.runtime.perplexity import text_tokens
+    from focalrt.runtime.generation.perplexity import text_tokens
     from focalrt.runtime.pipeline import Pipeline
 
     src, out = Path(args.bundle), Path(args.out)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from focalrt.runtime.drafts import Drafter, Drafts, DraftState, propose, suffix_match
-from focalrt.runtime.generate import PromptCache, Row, Sampler, generate
+from focalrt.runtime.generation.drafts import Drafter, Drafts, DraftState, propose, suffix_match
+from focalrt.runtime.generation.generate import PromptCache, Row, Sampler, generate
 from focalrt.runtime.pipeline import Pipeline
 
 # ---------------------------------------------------------------- proposals

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from focalrt.runtime.generate import (
+from focalrt.runtime.generation.generate import (
     PromptCache,
     Row,
     Sampler,

@@ -14,7 +14,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from focalrt.runtime.grammar import GrammarError, compile_schema, default_schema, load_schema  # noqa: E402
+from focalrt.runtime.generation.grammar import GrammarError, compile_schema, default_schema, load_schema  # noqa: E402
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

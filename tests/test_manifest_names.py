@@ -114,7 +114,7 @@ def test_a_manifest_without_component_records_uses_the_graphs_own_names(tiny_bun
 
 def test_a_decoder_record_that_does_not_fit_the_layers_is_a_bundle_error():
     from focalrt.bundle import BundleError
-    from focalrt.runtime.generate import TensorNames
+    from focalrt.runtime.generation.generate import TensorNames
 
     record = {"inputs": [{"name": n} for n in ("x", "mask", "pos", "k0", "v0")], "outputs": [{"name": "logits"}]}
     with pytest.raises(BundleError, match="2-layer decoder has 7 or 8 inputs"):

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from focalrt.runtime.perplexity import windows
+from focalrt.runtime.generation.perplexity import windows
 
 
 def cpython_topics_text() -> str:
@@ -61,7 +61,7 @@ def reference_perplexity(model, tokens: list[int], context: int, stride: int | N
 @pytest.mark.slow
 @pytest.mark.parametrize("stride", [None, 64])
 def test_perplexity_equals_transformers_on_the_same_windows(smollm2, stride):
-    from focalrt.runtime.perplexity import measure, text_tokens
+    from focalrt.runtime.generation.perplexity import measure, text_tokens
     from focalrt.runtime.pipeline import Pipeline
 
     bundle, model, tok = smollm2

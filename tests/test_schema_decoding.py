@@ -16,8 +16,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from focalrt import cli  # noqa: E402
 from focalrt.demo import pan_zoom_frames, write_clip  # noqa: E402
-from focalrt.runtime.drafts import Drafts  # noqa: E402
-from focalrt.runtime.grammar import default_schema  # noqa: E402
+from focalrt.runtime.generation.drafts import Drafts  # noqa: E402
+from focalrt.runtime.generation.grammar import default_schema  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
 
 BLINK = {"type": "object", "properties": {"blink": {"type": "boolean"},

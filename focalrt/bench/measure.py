@@ -48,7 +48,7 @@ class Settings:
     provider: str | None = None
     threads: int | None = None
     seed: int = 0
-    draft: str = "off"  # draft decoding mode (runtime/drafts.py)
+    draft: str = "off"  # draft decoding mode (runtime/generation/drafts.py)
 
     def check(self) -> None:
         if self.runs < 1 or self.warmup < 0:
@@ -184,7 +184,7 @@ def encode_timed(pipe, view: np.ndarray, landmarks68: np.ndarray | None = None) 
 
 def detokenize_ms(tokenizer, token_ids: list[int]) -> float:
     """The streaming detokenizer's cost for one description, replayed on its tokens."""
-    from focalrt.runtime.generate import TextStream
+    from focalrt.runtime.generation.generate import TextStream
 
     stream = TextStream(tokenizer)
     t0 = time.perf_counter()
@@ -355,7 +355,7 @@ def context_scaling(bench: Bench) -> list[dict[str, Any]]:
     The cache is filled once per length; each repeat rewinds it to `past` and decodes again, writing the
     same positions, so every repeat sees the same context. The first repeat is the warm-up.
     """
-    from focalrt.runtime.generate import batch_positions, decode_one_token, prefill
+    from focalrt.runtime.generation.generate import batch_positions, decode_one_token, prefill
 
     pipe, st = bench.pipe, bench.settings
     out = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from focalrt.runtime.generate import DecoderInputs
+from focalrt.runtime.generation.generate import DecoderInputs
 
 log = logging.getLogger(__name__)
 

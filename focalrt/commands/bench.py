@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from focalrt.commands.args import add_parser, add_provider, add_threads, non_negative_int, positive_int
-from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
+from focalrt.runtime.generation.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def int_list(text: str) -> list[int]:

@@ -22,7 +22,7 @@ from focalrt.commands.args import (
     probability,
     schema_choice,
 )
-from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
+from focalrt.runtime.generation.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def register(sub) -> None:
@@ -55,7 +55,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
-    from focalrt.runtime.drafts import Drafts
+    from focalrt.runtime.generation.drafts import Drafts
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.regions import parse_box
 
@@ -98,7 +98,7 @@ def report(d, as_json: bool, **extra) -> int:
 def run_video(args) -> int:
     """`--video`: one clip, its frames picked evenly, through the bundle's video encoder."""
     from focalrt.commands.notices import warn_if_random
-    from focalrt.runtime.drafts import Drafts
+    from focalrt.runtime.generation.drafts import Drafts
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.preprocess import read_video_evenly
 

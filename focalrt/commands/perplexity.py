@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from focalrt.runtime.perplexity import measure, text_tokens
+    from focalrt.runtime.generation.perplexity import measure, text_tokens
     from focalrt.runtime.pipeline import Pipeline
 
     path = Path(args.text)

@@ -22,7 +22,7 @@ from focalrt.commands.args import (
     schema_choice,
     unlimited_int,
 )
-from focalrt.runtime.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
+from focalrt.runtime.generation.drafts import DEFAULT_DRAFT, DRAFT_HELP, MODES
 
 
 def signature_distance(text: str) -> float:

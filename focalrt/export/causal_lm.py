@@ -185,7 +185,7 @@ def _check_profile(tokenizer, profile: dict[str, Any]) -> None:
     transformers' apply_chat_template for the same messages, with the default and another system prompt."""
     from tokenizers import Tokenizer
 
-    from focalrt.runtime.prompt import encode
+    from focalrt.runtime.generation.prompt import encode
 
     fast = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     question = "What is the capital of France?"

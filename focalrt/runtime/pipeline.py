@@ -16,10 +16,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from focalrt.bundle import Bundle, BundleError, load
-from focalrt.runtime import prompt as prompts
-from focalrt.runtime.drafts import Drafts
 from focalrt.runtime.families import adapter_for
-from focalrt.runtime.generate import (
+from focalrt.runtime.generation import prompt as prompts
+from focalrt.runtime.generation.drafts import Drafts
+from focalrt.runtime.generation.generate import (
     LogitsProcessor,
     PromptCache,
     Row,
@@ -256,7 +256,7 @@ class Pipeline:
     def grammar(self, schema: Any):
         """`schema` (dict, JSON file, "face_state", or "profile": the bundle profile's `json_schema`, else the
         default) compiled for this bundle's tokenizer, once; raises GrammarError naming what is wrong."""
-        from focalrt.runtime import grammar
+        from focalrt.runtime.generation import grammar
 
         if isinstance(schema, str) and schema == "profile":
             schema = self.profile.get("json_schema") or "face_state"

@@ -16,12 +16,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.drafts import Drafts
 from focalrt.runtime.face_state import FaceStateEstimator
 from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.generation.drafts import Drafts
+from focalrt.runtime.generation.prompt import crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.landmarks68 import to_68
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
-from focalrt.runtime.prompt import crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.regions import clip_box, parse_regions, region_box
 from focalrt.runtime.sinks import event_annotations
 from focalrt.runtime.sources import Frame

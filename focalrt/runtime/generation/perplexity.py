@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from focalrt.runtime.generate import PromptCache
+from focalrt.runtime.generation.generate import PromptCache
 
 
 @dataclass(frozen=True)
