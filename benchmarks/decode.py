@@ -61,8 +61,8 @@ def region_prompt_length(bundle: Path) -> int:
     from tokenizers import Tokenizer
 
     from focalrt.bundle import load
-    from focalrt.runtime.families import adapter_for
     from focalrt.runtime.generation import prompt as prompts
+    from focalrt.runtime.models.adapters import adapter_for
 
     b = load(bundle)
     m = b.manifest

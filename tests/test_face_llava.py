@@ -26,7 +26,7 @@ from focalrt.export.face_llava import (  # noqa: E402
     load_face_llava_checkpoint,
     to_original_face_llava_state_dict,
 )
-from focalrt.runtime.face_llava import FaceLlavaAdapter, clip_pixels  # noqa: E402
+from focalrt.runtime.models.face_llava import FaceLlavaAdapter, clip_pixels  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PRESET = "tiny-random-face-llava"
@@ -216,7 +216,7 @@ def test_prompt_ids_equal_their_tokenizer_image_token(pipe, face_crop, task):
     """Our prompt, with its 256 image ids counted as their one -200, is what their inference builds: the
     llava_v1 conversation ("<image>\n" + question) through tokenizer_image_token. Checked on the preset's
     tokenizer (Qwen2 BPE with <s>); docs/face-llava.md says what a Vicuna tokenizer.model changes."""
-    from focalrt.runtime.face_llava import task_instruction
+    from focalrt.runtime.models.face_llava import task_instruction
 
     question = task_instruction(pipe.profile, task)
     ours = pipe.describe(face_crop, prompt=question, max_new_tokens=1).prompt_token_ids

@@ -16,7 +16,7 @@ cv2 = pytest.importorskip("cv2")
 from face_llava_fixtures import tokenizer_image_token  # noqa: E402
 
 from focalrt.demo import pan_zoom_frames, write_clip  # noqa: E402
-from focalrt.runtime.face_llava import video_pixels  # noqa: E402
+from focalrt.runtime.models.face_llava import video_pixels  # noqa: E402
 
 PRESET = "tiny-random-face-llava-video"
 FRAMES = 8

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from focalrt.export.qwen2_5_vl import build_random_model  # noqa: E402
+from focalrt.runtime.models.rope import mrope_positions  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
-from focalrt.runtime.rope import mrope_positions  # noqa: E402
 
 NEW_TOKENS = 32
 LOGIT_ATOL = 2e-3  # fp32 ONNX vs eager PyTorch; observed differences are ~1e-5
@@ -51,7 +51,7 @@ def test_greedy_tokens_and_logits_match_transformers(case, astronaut_bgr, box, p
     assert ours.finish_reason == "length" and len(ours.token_ids) == NEW_TOKENS
     assert len(set(ours.token_ids)) > 8, "degenerate repetition would hide KV-cache errors"
 
-    from focalrt.runtime.preprocess import to_model_image
+    from focalrt.runtime.models.preprocess import to_model_image
 
     rgb = to_model_image(astronaut_bgr, pipe.image_size)
     ref_tokens, ref_logits, _ = _reference(model, pipe, rgb, ours.prompt_token_ids, NEW_TOKENS)
@@ -74,7 +74,7 @@ def test_prompt_carries_box_in_encoder_pixels(case, astronaut_bgr):
 
 def test_preprocessing_equals_hf_image_processor(case, astronaut_bgr):
     _, pipe = case
-    from focalrt.runtime.preprocess import to_model_image
+    from focalrt.runtime.models.preprocess import to_model_image
 
     rgb = to_model_image(astronaut_bgr, pipe.image_size)
     ref = _hf_processor()(images=[rgb], return_tensors="np")
@@ -85,7 +85,7 @@ def test_preprocessing_equals_hf_image_processor(case, astronaut_bgr):
 
 def test_vision_embeddings_equal_reference(case, astronaut_bgr):
     model, pipe = case
-    from focalrt.runtime.preprocess import to_model_image
+    from focalrt.runtime.models.preprocess import to_model_image
 
     rgb = to_model_image(astronaut_bgr, pipe.image_size)
     ref = _hf_processor()(images=[rgb], return_tensors="pt")

@@ -99,8 +99,8 @@ def run_video(args) -> int:
     """`--video`: one clip, its frames picked evenly, through the bundle's video encoder."""
     from focalrt.commands.notices import warn_if_random
     from focalrt.runtime.generation.drafts import Drafts
+    from focalrt.runtime.models.preprocess import read_video_evenly
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.preprocess import read_video_evenly
 
     if args.image or args.box or args.system:
         raise ValueError("--video takes a clip cropped to one face (as Face-LLaVA's crop tool makes them): drop "

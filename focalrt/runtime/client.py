@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from focalrt.bundle import load
-from focalrt.runtime.families import adapter_for
+from focalrt.runtime.models.adapters import adapter_for
 from focalrt.runtime.pipeline import Description
 from focalrt.runtime.sessions import resolve_providers
 

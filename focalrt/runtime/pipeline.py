@@ -16,7 +16,6 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from focalrt.bundle import Bundle, BundleError, load
-from focalrt.runtime.families import adapter_for
 from focalrt.runtime.generation import prompt as prompts
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.generate import (
@@ -31,7 +30,8 @@ from focalrt.runtime.generation.generate import (
     TokenCallback,
     generate,
 )
-from focalrt.runtime.preprocess import check_frame, read_image
+from focalrt.runtime.models.adapters import adapter_for
+from focalrt.runtime.models.preprocess import check_frame, read_image
 from focalrt.runtime.sessions import TENSORRT, create_session, device_for, resolve_providers
 from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
 

@@ -65,7 +65,7 @@ def manifest_sections(source: Source, options: Options, tok: dict[str, Any]) -> 
     tcfg, vcfg = model.config.text_config, model.config.vision_config
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     # The authors' LanguageBind transform: ToTensor, float bicubic resize of the shorter side with
-    # torchvision's tensor antialias, centre crop, CLIP mean/std (focalrt.runtime.face_llava.clip_pixels).
+    # torchvision's tensor antialias, centre crop, CLIP mean/std (focalrt.runtime.models.face_llava.clip_pixels).
     preprocess = {"image_size": vcfg.image_size, "resize_shortest_edge": vcfg.image_size,
                   "center_crop": True, "interpolation": "bicubic", "antialias": True, "mean": IMAGE_MEAN,
                   "std": IMAGE_STD, "rescale": 1 / 255, "patch_size": vcfg.patch_size,

@@ -14,7 +14,7 @@ from focalrt.export.face_llava_modules import (
     FaceLandmarkPathway,
 )
 from focalrt.export.languagebind_video import LanguageBindVideoTower, random_video_tower
-from focalrt.runtime.face_llava import FACE_LLAVA_TASKS
+from focalrt.runtime.models.face_llava import FACE_LLAVA_TASKS
 
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP, as LanguageBind's image transform uses
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]

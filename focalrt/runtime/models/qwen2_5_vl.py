@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from focalrt.runtime.preprocess import patchify, to_model_image
-from focalrt.runtime.rope import mrope_positions
+from focalrt.runtime.models.preprocess import patchify, to_model_image
+from focalrt.runtime.models.rope import mrope_positions
 
 
 class Qwen25VLAdapter:

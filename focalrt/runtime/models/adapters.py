@@ -28,9 +28,9 @@ class FamilyAdapter(Protocol):
 
 
 # manifest "family" -> (runtime module, adapter class); modules load only for the family in use
-ADAPTERS = {"qwen2_5_vl": ("focalrt.runtime.qwen2_5_vl", "Qwen25VLAdapter"),
-            "face_llava": ("focalrt.runtime.face_llava", "FaceLlavaAdapter"),
-            "text": ("focalrt.runtime.text", "TextAdapter")}
+ADAPTERS = {"qwen2_5_vl": ("focalrt.runtime.models.qwen2_5_vl", "Qwen25VLAdapter"),
+            "face_llava": ("focalrt.runtime.models.face_llava", "FaceLlavaAdapter"),
+            "text": ("focalrt.runtime.models.text", "TextAdapter")}
 
 
 def adapter_for(manifest: dict[str, Any]) -> FamilyAdapter:
