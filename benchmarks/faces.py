@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 
 from focalrt.bench.stats import time_runs
-from focalrt.runtime.face_state import FaceStateEstimator, face_geometry, head_pose
-from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.faces.detection import FaceAnalyzer
+from focalrt.runtime.faces.state import FaceStateEstimator, face_geometry, head_pose
 from focalrt.runtime.sessions import resolve_providers
 
 

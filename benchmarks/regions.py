@@ -28,9 +28,9 @@ from decode import ensure_bundle  # noqa: E402
 
 from focalrt.bench.stats import time_runs  # noqa: E402
 from focalrt.demo import demo_photo  # noqa: E402
-from focalrt.runtime.faces import FaceAnalyzer  # noqa: E402
+from focalrt.runtime.faces.detection import FaceAnalyzer  # noqa: E402
+from focalrt.runtime.faces.regions import region_box  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
-from focalrt.runtime.regions import region_box  # noqa: E402
 from focalrt.runtime.run import face_crop_transform, map_box  # noqa: E402
 
 REGIONS = ["mouth", "left_eye", "right_eye", "brows", "nose", "chin", "left_cheek", "right_cheek"]

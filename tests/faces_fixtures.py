@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from focalrt.export.face_models import export_face_models
-from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.faces.detection import FaceAnalyzer
 
 # Hand-checked on a 3x enlargement with a 10 px grid: hairline (y 73) to chin (y 178), skin edge of the
 # left cheek in the image (x 180) to the right one (x 275), ears and hair excluded.

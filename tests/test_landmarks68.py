@@ -10,7 +10,7 @@ from faces_fixtures import (  # noqa: F401  (pytest fixtures)
     fixture_face_models,
 )
 
-from focalrt.runtime.landmarks68 import FACEMESH_TO_68, PARTS68, to_68
+from focalrt.runtime.faces.landmarks68 import FACEMESH_TO_68, PARTS68, to_68
 
 
 def test_table_is_68_distinct_facemesh_indices():

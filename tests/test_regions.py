@@ -12,7 +12,7 @@ from faces_fixtures import (  # noqa: F401  (pytest fixtures)
     fixture_face_models,
 )
 
-from focalrt.runtime.regions import (
+from focalrt.runtime.faces.regions import (
     LIPS_OUTER,
     REGIONS,
     RIGHT_EYE,

@@ -61,7 +61,7 @@ def test_state_every_zero_turns_the_stream_off(tiny_bundle, clip, tmp_path):
 
 
 def test_python_iterator_yields_both_kinds(tiny_bundle, clip):
-    from focalrt.runtime.face_state import FaceStateEstimator
+    from focalrt.runtime.faces.state import FaceStateEstimator
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.run import RegionRunner, iter_events
     from focalrt.runtime.sources import open_source

@@ -110,7 +110,7 @@ def read_source(spec: str, count: int) -> tuple[list[Any], str]:
 
 def load_face_analyzer(bundle, providers: list[str]) -> tuple[Any, str | None]:
     """The bundle's face models; else converted now (needs the export extra); else none, with a note."""
-    from focalrt.runtime.faces import FaceAnalyzer
+    from focalrt.runtime.faces.detection import FaceAnalyzer
 
     entry = bundle.manifest.get("face_models")
     if entry:
@@ -397,7 +397,7 @@ def _time_runner(bench: Bench, runner, frame, runs: int) -> tuple[dict[str, Any]
 
 def region_scaling(bench: Bench, frame) -> list[dict[str, Any]]:
     """Frame time against regions per frame: one face's named regions, or distinct boxes without a face."""
-    from focalrt.runtime.regions import REGIONS
+    from focalrt.runtime.faces.regions import REGIONS
 
     st = bench.settings
     has_face = bench.analyzer is not None and bool(bench.analyzer.analyze(frame.image))
@@ -441,7 +441,7 @@ def tiled_faces(image: np.ndarray, face_box: np.ndarray, n: int) -> np.ndarray:
 
 def face_scaling(bench: Bench, frame) -> list[dict[str, Any]]:
     """Front-end and whole-frame time against faces per frame (tiled copies of the source face)."""
-    from focalrt.runtime.faces import check_frame
+    from focalrt.runtime.faces.detection import check_frame
     from focalrt.runtime.sources import Frame
 
     st = bench.settings

@@ -169,13 +169,13 @@ def plan_requests(pipe, frames: list[np.ndarray], seed: int, regions: tuple[str,
         index = first_index + i
         faces = analyzer.analyze(image) if analyzer is not None else []
         if faces:
-            from focalrt.runtime.regions import region_box
+            from focalrt.runtime.faces.regions import region_box
 
             face = max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
             name = str(regions[int(rng.integers(len(regions)))])
             landmarks68 = None
             if uses_landmarks:
-                from focalrt.runtime.landmarks68 import to_68
+                from focalrt.runtime.faces.landmarks68 import to_68
 
                 landmarks68 = to_68(face.landmarks)
             requests.append(Request(index, image, region_box(name, face.landmarks, image.shape), name,
@@ -200,7 +200,7 @@ def _face_analyzer(pipe):
     entry = pipe.bundle.manifest.get("face_models")
     if not entry:
         return None
-    from focalrt.runtime.faces import FaceAnalyzer
+    from focalrt.runtime.faces.detection import FaceAnalyzer
 
     return FaceAnalyzer.from_dir(pipe.bundle.path, entry, ["CPUExecutionProvider"])
 

@@ -86,7 +86,7 @@ def _bench(args) -> int:
     from focalrt.bench.measure import Settings, run_bench
     from focalrt.bench.report import bench_report
     from focalrt.commands.notices import warn_if_random
-    from focalrt.runtime.regions import parse_box, parse_regions
+    from focalrt.runtime.faces.regions import parse_box, parse_regions
 
     settings = Settings(runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens,
                         regions=parse_regions(args.regions) if args.regions else [],

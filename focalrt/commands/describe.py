@@ -55,9 +55,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
+    from focalrt.runtime.faces.regions import parse_box
     from focalrt.runtime.generation.drafts import Drafts
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.regions import parse_box
 
     if args.video:
         return run_video(args)

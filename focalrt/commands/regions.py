@@ -30,7 +30,7 @@ def table(regions) -> list[str]:
 
 
 def run(args) -> int:
-    from focalrt.runtime.regions import REGIONS
+    from focalrt.runtime.faces.regions import REGIONS
 
     print("\n".join(table(REGIONS)))
     return 0

@@ -101,7 +101,7 @@ def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
     from focalrt.runtime.client import open_pipeline
-    from focalrt.runtime.regions import parse_box
+    from focalrt.runtime.faces.regions import parse_box
     from focalrt.runtime.run import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
     from focalrt.runtime.sources import SourceError, open_source

@@ -47,7 +47,7 @@ def run(args) -> int:
     except environment.ServeEnvironmentError as e:
         print(f"focalrt serve: {e}", file=sys.stderr)
         return 2
-    from focalrt.runtime.faces import FaceAnalyzer
+    from focalrt.runtime.faces.detection import FaceAnalyzer
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.serve.requests import Limits
     from focalrt.serve.triton import ServeOptions, serve, warm_up

@@ -17,7 +17,7 @@ Facts taken from the paper (arXiv 2504.07198) and the public ihp-lab/Face-LLaVA 
   trained with another value can say so (`landmarks_branch_scale` in its config.json, our key).
 
 Region names are ours and anatomical, with left/right the subject's own as in
-`focalrt.runtime.landmarks68` (iBUG 17-21 and 36-41 are the subject's right brow and eye).
+`focalrt.runtime.faces.landmarks68` (iBUG 17-21 and 36-41 are the subject's right brow and eye).
 """
 
 from __future__ import annotations

@@ -16,16 +16,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.face_state import FaceStateEstimator
-from focalrt.runtime.faces import FaceAnalyzer
+from focalrt.runtime.faces.detection import FaceAnalyzer
+from focalrt.runtime.faces.landmarks68 import to_68
+from focalrt.runtime.faces.regions import clip_box, parse_regions, region_box
+from focalrt.runtime.faces.state import FaceStateEstimator
+from focalrt.runtime.faces.tracking import IoUTracker, RegionScheduler, appearance_signature
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.prompt import crop_face_square, fit_box, landmarks_in_view
-from focalrt.runtime.landmarks68 import to_68
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
-from focalrt.runtime.regions import clip_box, parse_regions, region_box
 from focalrt.runtime.sinks import event_annotations
 from focalrt.runtime.sources import Frame
-from focalrt.runtime.tracker import IoUTracker, RegionScheduler, appearance_signature
 
 FACE_CONTEXT = 1.6  # crop side as a multiple of the detector box: keeps brows, chin and jaw inside
 FIXED_BOX_FACE_ID = 0  # events for --box regions, which belong to no tracked face

@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.regions import REGIONS, parse_regions
+from focalrt.runtime.faces.regions import REGIONS, parse_regions
 
 
 class RequestError(ValueError):

@@ -26,10 +26,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.faces import FaceAnalyzer
-from focalrt.runtime.landmarks68 import to_68
+from focalrt.runtime.faces.detection import FaceAnalyzer
+from focalrt.runtime.faces.landmarks68 import to_68
+from focalrt.runtime.faces.regions import region_box
 from focalrt.runtime.pipeline import Pipeline
-from focalrt.runtime.regions import region_box
 from focalrt.runtime.run import face_crop_transform, map_box, map_points
 from focalrt.serve.requests import DescribeRequest, Limits, RequestError, decode_describe, decode_image
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from tokenizers import Tokenizer
 
-from focalrt.runtime import regions
+from focalrt.runtime.faces import regions
 
 Box = tuple[int, int, int, int]
 

@@ -8,7 +8,7 @@ torch 2.5.1, whose torchvision is 0.20), with no rounding or clamping. That resa
 cubic filter (a = -0.5) stretched by the shrink factor, weights normalised per output pixel. We build
 its weight matrices in numpy and apply only the rows and columns the centre crop keeps.
 
-Landmarks: 68 iBUG points (`focalrt.runtime.landmarks68.to_68`) in pixels of the image given, divided by
+Landmarks: 68 iBUG points (`focalrt.runtime.faces.landmarks68.to_68`) in pixels of the image given, divided by
 its width and height. Face-LLaVA was trained on 256x256 face crops with landmarks divided by 256, which
 this equals for such a crop; give the model a tight square face crop and its landmarks. Without landmarks
 (None) a landmark model runs its no-landmark path, exactly what the Face-LLaVA code does when none are
@@ -177,7 +177,7 @@ def normalise_landmarks(landmarks68: np.ndarray, image_hw: tuple[int, int]) -> n
     points = np.asarray(landmarks68, dtype=np.float32)
     if points.ndim != 2 or points.shape[0] != NUM_LANDMARKS or points.shape[1] < 2:
         raise ValueError(f"landmarks68 must be [68, 2] (x, y pixels in iBUG order), got shape {points.shape}; "
-                         f"convert FaceMesh points with focalrt.runtime.landmarks68.to_68")
+                         f"convert FaceMesh points with focalrt.runtime.faces.landmarks68.to_68")
     if not np.isfinite(points[:, :2]).all():
         raise ValueError("landmarks68 holds NaN or infinite values; pass None when no landmarks were found")
     h, w = image_hw
