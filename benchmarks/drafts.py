@@ -97,8 +97,8 @@ def clip_frames(kind: str, n: int) -> list[np.ndarray]:
 
 def clip_scenario(bundle: str, kind: str, frames: int, max_new_tokens: int) -> dict[str, list[dict]]:
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner
-    from focalrt.runtime.sources import Frame
+    from focalrt.runtime.stream.runner import RegionRunner
+    from focalrt.runtime.stream.sources import Frame
 
     pipe = RecordingPipeline(Pipeline.from_bundle(bundle))
     runners = {m: RegionRunner(pipe, regions="mouth", max_new_tokens=max_new_tokens, draft=m) for m in MODES}

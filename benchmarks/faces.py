@@ -35,8 +35,8 @@ def end_to_end(bundle_dir: Path, frames: int, regions: str, max_new_tokens: int,
     """Frames per second of the run loop on the synthetic clip, and each stage's share of the time."""
     from focalrt.demo import demo_photo, pan_zoom_frames, write_clip
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner
+    from focalrt.runtime.stream.sources import open_source
 
     clip = write_clip(Path(tempfile.mkdtemp(prefix="focalrt-clip-")) / "clip.mp4",
                       pan_zoom_frames(demo_photo(), frames))

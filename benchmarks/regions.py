@@ -31,7 +31,7 @@ from focalrt.demo import demo_photo  # noqa: E402
 from focalrt.runtime.faces.detection import FaceAnalyzer  # noqa: E402
 from focalrt.runtime.faces.regions import region_box  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
-from focalrt.runtime.run import face_crop_transform, map_box  # noqa: E402
+from focalrt.runtime.stream.runner import face_crop_transform, map_box  # noqa: E402
 
 REGIONS = ["mouth", "left_eye", "right_eye", "brows", "nose", "chin", "left_cheek", "right_cheek"]
 

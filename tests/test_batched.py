@@ -77,8 +77,8 @@ def test_views_of_several_faces_share_one_batch(pipe, astronaut_bgr):
 
 
 def test_two_faces_in_one_frame_get_two_ids_and_one_batch(pipe, astronaut_bgr):
-    from focalrt.runtime.run import RegionRunner
-    from focalrt.runtime.sources import Frame
+    from focalrt.runtime.stream.runner import RegionRunner
+    from focalrt.runtime.stream.sources import Frame
 
     face = astronaut_bgr[20:300, 90:360]  # 270 px wide around the face
     frame = np.ascontiguousarray(np.concatenate([face, face[:, ::-1]], axis=1))

@@ -65,7 +65,7 @@ def bench_run(tiny_bundle, clip, tmp_path_factory, request):
 def test_bench_json_has_every_figure(bench_run, tiny_bundle):
     result, _, _ = bench_run
     assert TOP_KEYS <= set(result)
-    assert result["settings"]["frame_pipeline"] == "focalrt.runtime.run.RegionRunner"
+    assert result["settings"]["frame_pipeline"] == "focalrt.runtime.stream.runner.RegionRunner"
     assert set(result["stages"]) == set(STAGES)
     for name, stats in result["stages"].items():
         assert stats is not None, f"stage {name} was not measured"

@@ -260,8 +260,8 @@ def clip(tmp_path_factory, astronaut_bgr):
 
 
 def test_run_keeps_a_history_per_face_and_region(tiny_bundle, clip, pipe):
-    from focalrt.runtime.run import RegionRunner, iter_events
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import open_source
 
     texts = {}
     for mode in ("off", "temporal"):

@@ -205,7 +205,7 @@ def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path, astr
     from importlib.resources import files
 
     from focalrt.demo import pan_zoom_transforms
-    from focalrt.runtime.run import map_box
+    from focalrt.runtime.stream.runner import map_box
 
     out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--state-every", "0",
                    "--max-new-tokens", "4", "--out", tmp_path / "e.jsonl")
@@ -240,8 +240,8 @@ def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, t
     """In process: each window holds the crops and landmarks the image path saw on its frames, oldest first,
     one every `window_stride` frames, and the event's text is describe_video's on that window."""
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, iter_events
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import open_source
 
     n = 7 * stride + 1 + stride  # the first window fills at frame 7 * stride, the second `stride` frames later
     clip = write_clip(tmp_path / "clip.mp4", pan_zoom_frames(astronaut_bgr, n))
@@ -381,8 +381,8 @@ def test_face_crop_mode_windows_use_their_crop_tools_square(bundle, astronaut_bg
     from focalrt.runtime.faces.regions import clip_box
     from focalrt.runtime.generation.prompt import crop_face_square
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, frame_loop
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, frame_loop
+    from focalrt.runtime.stream.sources import open_source
 
     pipe = Pipeline.from_bundle(bundle)
     pipe.profile = {**pipe.profile, "region_mode": "face_crop"}  # as `export --region-mode face_crop` writes it

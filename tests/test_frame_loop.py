@@ -9,8 +9,8 @@ import pytest
 
 from focalrt import cli
 from focalrt.commands.demo import DEMO_REGIONS
-from focalrt.runtime import run as run_module
-from focalrt.runtime import sinks
+from focalrt.runtime.stream import runner as run_module
+from focalrt.runtime.stream import sinks
 
 FRAMES = 3
 
@@ -45,8 +45,8 @@ def spies(monkeypatch):
 
 def test_run_demo_and_iterator_share_the_loop_events_and_annotations(tiny_bundle, tmp_path, spies, capsys):
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, bundle_face_state, iter_events
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, iter_events
+    from focalrt.runtime.stream.sources import open_source
 
     demo_out = tmp_path / "demo"
     assert cli.main(["demo", "--bundle", str(tiny_bundle), "--out", str(demo_out), "--frames", str(FRAMES),
@@ -88,8 +88,8 @@ def test_run_demo_and_iterator_share_the_loop_events_and_annotations(tiny_bundle
 def test_max_frames_stops_the_loop(tiny_bundle, tmp_path):
     from focalrt.demo import demo_photo
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, frame_loop
-    from focalrt.runtime.sources import Frame
+    from focalrt.runtime.stream.runner import RegionRunner, frame_loop
+    from focalrt.runtime.stream.sources import Frame
 
     runner = RegionRunner(Pipeline.from_bundle(tiny_bundle), boxes=[(10, 10, 60, 60)], max_new_tokens=1)
     photo = demo_photo()

@@ -73,7 +73,7 @@ def test_run_writes_an_mcap_that_reads_back_whole(tiny_bundle, clip, tmp_path):
 
 
 def test_mcap_refuses_to_replace_a_file(tmp_path):
-    from focalrt.runtime.robotics import FoxgloveSink
+    from focalrt.runtime.stream.robotics import FoxgloveSink
 
     existing = tmp_path / "x.mcap"
     existing.write_bytes(b"keep")
@@ -83,7 +83,7 @@ def test_mcap_refuses_to_replace_a_file(tmp_path):
 
 
 def test_events_of_unknown_type_are_rejected(tmp_path):
-    from focalrt.runtime.robotics import FoxgloveSink
+    from focalrt.runtime.stream.robotics import FoxgloveSink
 
     with FoxgloveSink(tmp_path / "y.mcap") as sink, pytest.raises(ValueError, match="type"):
         sink.write({"frame": 0, "timestamp": 0.0})
@@ -95,7 +95,7 @@ def test_live_websocket_delivers_a_state_message_to_a_loopback_client():
     import struct
 
     ws_client = pytest.importorskip("websockets.sync.client")
-    from focalrt.runtime.robotics import FoxgloveSink
+    from focalrt.runtime.stream.robotics import FoxgloveSink
 
     event = {"type": "state", "frame": 3, "timestamp": 0.3, "face_id": 1, "box": [1, 2, 3, 4],
              "geometry": {"source": "facemesh-geometry"}, "head_pose": {"source": "facemesh-3d-axes"}}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from focalrt.demo import pan_zoom_frames, pan_zoom_transforms, write_clip
-from focalrt.runtime.run import face_crop_transform, map_box
+from focalrt.runtime.stream.runner import face_crop_transform, map_box
 
 FRAMES = 6
 # The astronaut's face in the 512x512 photo (hand-checked; the detector finds about 178,81,272,175).
@@ -82,8 +82,8 @@ def test_run_on_moving_face_gives_events_on_the_face(tiny_bundle, clip, tmp_path
 
 def test_every_n_and_carried_over(tiny_bundle, clip, tmp_path):
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, iter_events
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import open_source
 
     runner = RegionRunner(Pipeline.from_bundle(tiny_bundle), regions="mouth", every=2, max_new_tokens=2)
     with open_source(str(clip)) as frames:
@@ -122,7 +122,7 @@ def test_bad_input_is_explained(tiny_bundle, clip, tmp_path):
 
 def test_lost_source_exits_nonzero_and_keeps_events(tiny_bundle, clip, tmp_path, monkeypatch):
     from focalrt import cli
-    from focalrt.runtime import sources
+    from focalrt.runtime.stream import sources
 
     real_open = sources.open_source
 
@@ -202,8 +202,8 @@ def test_run_with_face_llava_bundle(tmp_path_factory, clip, tmp_path, monkeypatc
     pytest.importorskip("torch")
     from focalrt.export.build import export_bundle
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, iter_events
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import open_source
 
     bundle = export_bundle(tmp_path_factory.mktemp("fl") / "bundle", preset="tiny-random-face-llava")
     out = _run(bundle, "--source", clip, "--regions", "mouth,brows", "--out", tmp_path / "e.jsonl",

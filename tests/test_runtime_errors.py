@@ -35,7 +35,7 @@ def test_runtime_imports_without_torch_or_transformers():
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import focalrt.runtime.pipeline, focalrt.runtime.generation.generate, focalrt.runtime.models.adapters\n"
-        "import focalrt.runtime.sources, focalrt.runtime.sinks, focalrt.runtime.faces.tracking\n"
+        "import focalrt.runtime.stream.sources, focalrt.runtime.stream.sinks, focalrt.runtime.faces.tracking\n"
         "import focalrt.bundle, focalrt.cli\n"
         "import pkgutil, importlib, focalrt.runtime as r\n"
         "for m in pkgutil.iter_modules(r.__path__):\n"

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from focalrt.runtime.sinks import CallbackSink, JsonlSink, ShowSink, VideoSink, annotate, gui_problems
+from focalrt.runtime.stream.sinks import CallbackSink, JsonlSink, ShowSink, VideoSink, annotate, gui_problems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_jsonl_killed_mid_run_leaves_only_whole_lines(tmp_path):
     # Mostly short lines with a large one now and then; the child reports each event it has written.
     script = (
         "import sys, time\n"
-        "from focalrt.runtime.sinks import JsonlSink\n"
+        "from focalrt.runtime.stream.sinks import JsonlSink\n"
         "sink = JsonlSink(sys.argv[1])\n"
         "for i in range(100000):\n"
         "    sink.write({'i': i, 'text': 'x' * (i % 50 * 37 + (100000 if i % 25 == 0 else 0))})\n"

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from focalrt.runtime.sources import (
+from focalrt.runtime.stream.sources import (
     MAX_BACKOFF_S,
     SourceError,
     backoff_delay,

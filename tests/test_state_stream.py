@@ -63,8 +63,8 @@ def test_state_every_zero_turns_the_stream_off(tiny_bundle, clip, tmp_path):
 def test_python_iterator_yields_both_kinds(tiny_bundle, clip):
     from focalrt.runtime.faces.state import FaceStateEstimator
     from focalrt.runtime.pipeline import Pipeline
-    from focalrt.runtime.run import RegionRunner, iter_events
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import open_source
 
     pipe = Pipeline.from_bundle(tiny_bundle)
     state = FaceStateEstimator.from_bundle_entry(pipe.bundle.path, pipe.bundle.manifest["face_models"], smooth=0.5)
@@ -81,7 +81,7 @@ def test_python_iterator_yields_both_kinds(tiny_bundle, clip):
 
 
 def test_state_annotation_names_the_models():
-    from focalrt.runtime.sinks import state_annotation
+    from focalrt.runtime.stream.sinks import state_annotation
 
     a = state_annotation({"face_id": 2, "box": [1, 2, 30, 40],
                           "emotion": {"label": "happy", "probabilities": {"happy": 0.97}},

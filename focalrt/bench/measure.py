@@ -1,6 +1,6 @@
 """Stage-by-stage timing of the frame -> faces -> regions -> description pipeline, and its scaling.
 
-Frames go through `focalrt.runtime.run.RegionRunner`, the loop `focalrt run` uses, so the end-to-end
+Frames go through `focalrt.runtime.stream.runner.RegionRunner`, the loop `focalrt run` uses, so the end-to-end
 figures are what a user gets. Its events carry per-stage timings (capture, detect, landmarks, vision,
 prefill, decode); a thin recorder around the Pipeline also keeps each Description, for the per-step
 decode times. Stages the loop does not split (preprocess vs. vision encoder, detokenizing) are timed on
@@ -81,7 +81,7 @@ def read_source(spec: str, count: int) -> tuple[list[Any], str]:
 
     A still image is opened anew for every frame, since the image source decodes it once at open.
     """
-    from focalrt.runtime.sources import Frame, classify, open_source
+    from focalrt.runtime.stream.sources import Frame, classify, open_source
 
     frames: list[Any] = []
     name = spec
@@ -205,7 +205,7 @@ class Bench:
     frames_seen: int = 0
 
     def runner(self, regions: list[str], boxes: list, max_new_tokens: int):
-        from focalrt.runtime.run import RegionRunner
+        from focalrt.runtime.stream.runner import RegionRunner
 
         return RegionRunner(self.pipe, regions=regions or None, boxes=boxes or None,
                             max_new_tokens=max_new_tokens, faces=self.analyzer, draft=self.settings.draft)
@@ -215,7 +215,7 @@ class Bench:
 
         Frames are renumbered as they come, so a replayed frame is due for description like a new one.
         """
-        from focalrt.runtime.sources import Frame
+        from focalrt.runtime.stream.sources import Frame
 
         self.frames_seen += 1
         frame = Frame(self.frames_seen, float(self.frames_seen), frame.image, frame.capture_ms)
@@ -442,7 +442,7 @@ def tiled_faces(image: np.ndarray, face_box: np.ndarray, n: int) -> np.ndarray:
 def face_scaling(bench: Bench, frame) -> list[dict[str, Any]]:
     """Front-end and whole-frame time against faces per frame (tiled copies of the source face)."""
     from focalrt.runtime.faces.detection import check_frame
-    from focalrt.runtime.sources import Frame
+    from focalrt.runtime.stream.sources import Frame
 
     st = bench.settings
     if bench.analyzer is None:
@@ -527,7 +527,7 @@ def run_bench(bundle_path: str | os.PathLike, source: str | None, settings: Sett
                      "region_counts": settings.region_counts, "face_counts": settings.face_counts,
                      "scaling_runs": settings.scaling_runs, "scaling_tokens": settings.scaling_tokens,
                      "provider": settings.provider, "threads": settings.threads,
-                     "frame_pipeline": "focalrt.runtime.run.RegionRunner"},
+                     "frame_pipeline": "focalrt.runtime.stream.runner.RegionRunner"},
         "environment": environment(pipe.providers, settings.threads),
         "model_bytes": roofline.model_bytes(pipe.bundle.path, m),
         "load_ms": load_ms,

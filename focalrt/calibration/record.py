@@ -89,7 +89,7 @@ def read_frames(data: str | os.PathLike | int, samples: int, holdout: int, seed:
     video is covered end to end and not just its opening seconds. The held-out frames are never used for
     calibration.
     """
-    from focalrt.runtime.sources import open_source
+    from focalrt.runtime.stream.sources import open_source
 
     if samples < 1 or holdout < 1:
         raise ValueError(f"--samples and --holdout must both be >= 1 (got {samples} and {holdout}); the gate "

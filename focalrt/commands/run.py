@@ -102,9 +102,9 @@ def run(args) -> int:
     from focalrt.commands.progress import ProgressLine
     from focalrt.runtime.client import open_pipeline
     from focalrt.runtime.faces.regions import parse_box
-    from focalrt.runtime.run import RegionRunner, bundle_face_state, frame_loop
-    from focalrt.runtime.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
-    from focalrt.runtime.sources import SourceError, open_source
+    from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
+    from focalrt.runtime.stream.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
+    from focalrt.runtime.stream.sources import SourceError, open_source
 
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
@@ -130,7 +130,7 @@ def run(args) -> int:
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None
         if mcap_out or args.foxglove is not None:
-            from focalrt.runtime.robotics import FoxgloveSink
+            from focalrt.runtime.stream.robotics import FoxgloveSink
 
             # claim_outputs already refused an existing --out without --overwrite and locked (created) the file
             robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True)
@@ -222,7 +222,7 @@ def claim_outputs(args) -> list:
     from pathlib import Path
 
     from focalrt.outputs import FileLock, OutputError, check_distinct, check_file
-    from focalrt.runtime.sinks import KILL_SAFE_SUFFIXES
+    from focalrt.runtime.stream.sinks import KILL_SAFE_SUFFIXES
 
     if args.overwrite and args.append:
         raise OutputError("--overwrite and --append contradict each other; give one")

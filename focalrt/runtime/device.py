@@ -222,7 +222,7 @@ def report(bundle: str | os.PathLike | None = None, probe_cameras: bool = True) 
     total, available = ram()
     cameras: list[int] = []
     if probe_cameras:
-        from focalrt.runtime.sources import list_cameras
+        from focalrt.runtime.stream.sources import list_cameras
 
         cameras = list_cameras()
     gpu = found[0] if found else None

@@ -30,7 +30,7 @@ from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
 from focalrt.runtime.faces.regions import region_box
 from focalrt.runtime.pipeline import Pipeline
-from focalrt.runtime.run import face_crop_transform, map_box, map_points
+from focalrt.runtime.stream.runner import face_crop_transform, map_box, map_points
 from focalrt.serve.requests import DescribeRequest, Limits, RequestError, decode_describe, decode_image
 
 log = logging.getLogger(__name__)

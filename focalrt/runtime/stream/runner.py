@@ -24,8 +24,8 @@ from focalrt.runtime.faces.tracking import IoUTracker, RegionScheduler, appearan
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.prompt import crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
-from focalrt.runtime.sinks import event_annotations
-from focalrt.runtime.sources import Frame
+from focalrt.runtime.stream.sinks import event_annotations
+from focalrt.runtime.stream.sources import Frame
 
 FACE_CONTEXT = 1.6  # crop side as a multiple of the detector box: keeps brows, chin and jaw inside
 FIXED_BOX_FACE_ID = 0  # events for --box regions, which belong to no tracked face
