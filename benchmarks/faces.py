@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 
 from focalrt.bench.stats import time_runs
+from focalrt.runtime.backends.sessions import resolve_providers
 from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.state import FaceStateEstimator, face_geometry, head_pose
-from focalrt.runtime.sessions import resolve_providers
 
 
 def end_to_end(bundle_dir: Path, frames: int, regions: str, max_new_tokens: int, provider: str) -> dict:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 import focalrt.data
-from focalrt.runtime.client import ServeError, ServerClient
+from focalrt.serve.client import ServeError, ServerClient
 from focalrt.serve.process import start_server
 
 

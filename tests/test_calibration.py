@@ -394,6 +394,6 @@ def test_calibrate_refuses_a_quantized_source_and_unknown_data(int8_bundle, tmp_
 def test_runtime_modules_stay_torch_free():
     import subprocess
 
-    code = ("import sys; import focalrt.runtime.device, focalrt.calibration.gate; "
+    code = ("import sys; import focalrt.runtime.backends.device, focalrt.calibration.gate; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from focalrt.runtime.device import Gpu, bundle_fit, jetson_gpu, parse_nvidia_smi, precisions
+from focalrt.runtime.backends.device import Gpu, bundle_fit, jetson_gpu, parse_nvidia_smi, precisions
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -77,7 +77,7 @@ def test_doctor_command_prints_the_device_and_the_bundle_verdict(tiny_bundle, ca
 
 @pytest.mark.skipif(not __import__("shutil").which("nvidia-smi"), reason="no nvidia-smi: no NVIDIA GPU here")
 def test_real_gpu_is_reported():
-    from focalrt.runtime.device import gpus
+    from focalrt.runtime.backends.device import gpus
 
     found = gpus()
     assert found and found[0].compute_capability is not None

@@ -70,7 +70,7 @@ def test_raw_image_of_wrong_size_and_schema_not_supported_are_explained():
 
 
 def test_client_without_tritonclient_names_the_extra(monkeypatch):
-    from focalrt.runtime.client import ServerClient
+    from focalrt.serve.client import ServerClient
 
     monkeypatch.setitem(sys.modules, "tritonclient", None)
     monkeypatch.setitem(sys.modules, "tritonclient.http", None)
@@ -134,7 +134,7 @@ def server(tiny_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from focalrt.runtime.client import ServerClient
+    from focalrt.serve.client import ServerClient
 
     with ServerClient(server.url, timeout_s=300, concurrency=16) as c:
         yield c
@@ -196,7 +196,7 @@ def test_named_regions_and_faces_model_find_the_face(client, astronaut_bgr):
 
 
 def test_malformed_requests_get_clear_errors_and_the_rest_are_served(client, astronaut_bgr):
-    from focalrt.runtime.client import ServeError
+    from focalrt.serve.client import ServeError
 
     good = dict(image=astronaut_bgr, boxes=[(100, 100, 220, 220)], max_new_tokens=4)
     bad = [(dict(image=b"\x89PNG broken", boxes=[(1, 1, 5, 5)]), "not a decodable image"),
@@ -218,7 +218,7 @@ def test_malformed_requests_get_clear_errors_and_the_rest_are_served(client, ast
 def test_client_that_disconnects_mid_request_does_not_wedge_the_server(server, client, astronaut_bgr):
     import tritonclient.http as httpclient
 
-    from focalrt.runtime.client import ServerClient
+    from focalrt.serve.client import ServerClient
 
     # 1. a whole request, then the client gives up (network timeout) and closes while the model works on it
     impatient = ServerClient(server.url, timeout_s=0.2)
@@ -277,7 +277,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server, astronaut_bgr):
     from gevent greenlets, which would not run while this thread sleeps."""
     import threading
 
-    from focalrt.runtime.client import ServerClient
+    from focalrt.serve.client import ServerClient
 
     answers: list = []
 

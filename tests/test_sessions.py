@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from focalrt.runtime.sessions import SessionError, device_for, resolve_providers
+from focalrt.runtime.backends.sessions import SessionError, device_for, resolve_providers
 
 HAVE_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from focalrt.runtime.device import Gpu
+from focalrt.runtime.backends.device import Gpu
 
 onnx = pytest.importorskip("onnx")
 
@@ -29,7 +29,7 @@ class FakeBuilder:
 
 
 def test_engine_key_changes_with_every_field():
-    from focalrt.runtime.tensorrt_engines import EngineKey
+    from focalrt.runtime.backends.tensorrt_engines import EngineKey
 
     base = EngineKey("vision", "a" * 64, "10.3.0", "Orin", "int8")
     variants = [EngineKey("vision", "b" * 64, "10.3.0", "Orin", "int8"),
@@ -44,7 +44,7 @@ def test_engine_key_changes_with_every_field():
 def test_build_keep_rebuild_and_refuse_stale(tiny_bundle, tmp_path):
     import shutil
 
-    from focalrt.runtime.tensorrt_engines import (
+    from focalrt.runtime.backends.tensorrt_engines import (
         EngineKey,
         StaleEngineError,
         build_engines,
@@ -83,7 +83,7 @@ def test_build_keep_rebuild_and_refuse_stale(tiny_bundle, tmp_path):
 
 
 def test_fp8_is_refused_on_orin_before_any_build(tiny_bundle):
-    from focalrt.runtime.tensorrt_engines import build_engines, check_precision_supported
+    from focalrt.runtime.backends.tensorrt_engines import build_engines, check_precision_supported
 
     with pytest.raises(ValueError, match=r"SM 8\.7.*Orin is Ampere.*no FP8"):
         check_precision_supported("fp8", ORIN)
@@ -95,7 +95,7 @@ def test_fp8_is_refused_on_orin_before_any_build(tiny_bundle):
 
 
 def test_quantized_engines_need_a_quantized_bundle(tiny_bundle):
-    from focalrt.runtime.tensorrt_engines import build_engines
+    from focalrt.runtime.backends.tensorrt_engines import build_engines
 
     before = sorted(p.name for p in tiny_bundle.iterdir())
     with pytest.raises(ValueError, match="focalrt calibrate --precision int8"):
@@ -106,7 +106,7 @@ def test_quantized_engines_need_a_quantized_bundle(tiny_bundle):
 def test_fp16_engines_from_an_fp32_bundle_use_fp16_kernels(tiny_bundle, tmp_path):
     import shutil
 
-    from focalrt.runtime.tensorrt_engines import build_engines
+    from focalrt.runtime.backends.tensorrt_engines import build_engines
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
@@ -118,7 +118,7 @@ def test_fp16_engines_from_an_fp32_bundle_use_fp16_kernels(tiny_bundle, tmp_path
 
 def test_profiles_are_bounded_by_max_context(tiny_bundle):
     from focalrt.bundle import load
-    from focalrt.runtime.tensorrt_ep import profile_shapes, trt_ep_provider_options
+    from focalrt.runtime.backends.tensorrt_ep import profile_shapes, trt_ep_provider_options
 
     b = load(tiny_bundle)
     ctx = b.manifest["text"]["max_context"]
@@ -170,8 +170,8 @@ def _with_precisions(tiny_bundle: Path, tmp_path: Path, precisions: dict[str, st
 
 
 def test_export_uses_the_runtime_profiles():
-    from focalrt.runtime import tensorrt_engines as export_trt
-    from focalrt.runtime import tensorrt_ep
+    from focalrt.runtime.backends import tensorrt_engines as export_trt
+    from focalrt.runtime.backends import tensorrt_ep
 
     assert export_trt.profile_shapes is tensorrt_ep.profile_shapes
     assert export_trt.trt_ep_provider_options is tensorrt_ep.trt_ep_provider_options
@@ -182,7 +182,7 @@ def test_runtime_tensorrt_options_import_no_export_torch_or_tensorrt():
     import subprocess
     import sys
 
-    code = ("import sys\nimport focalrt.runtime.tensorrt_ep, focalrt.runtime.sessions\n"
+    code = ("import sys\nimport focalrt.runtime.backends.tensorrt_ep, focalrt.runtime.backends.sessions\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'transformers')"
             " or m.startswith('focalrt.export'))\nprint(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -191,8 +191,8 @@ def test_runtime_tensorrt_options_import_no_export_torch_or_tensorrt():
 
 
 def test_only_the_tensorrt_entry_gets_the_options(tiny_bundle):
-    from focalrt.runtime.sessions import provider_options
-    from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+    from focalrt.runtime.backends.sessions import provider_options
+    from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
 
     ctx = 512
     trt = trt_ep_provider_options(tiny_bundle, "decoder", max_batch=8, max_context=ctx)
@@ -218,8 +218,8 @@ def test_only_the_tensorrt_entry_gets_the_options(tiny_bundle):
 
 def test_create_session_hands_the_options_to_onnxruntime(tiny_bundle, tmp_path, monkeypatch):
     """The wiring into InferenceSession, with ORT's constructor replaced (no TensorRT here)."""
-    from focalrt.runtime import sessions
-    from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+    from focalrt.runtime.backends import sessions
+    from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
 
     bundle = _with_precisions(tiny_bundle, tmp_path, {})
     seen = []
@@ -240,7 +240,7 @@ def test_create_session_hands_the_options_to_onnxruntime(tiny_bundle, tmp_path, 
 
 
 def test_component_precision_sets_the_tensorrt_flag(tiny_bundle, tmp_path):
-    from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
+    from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
 
     bundle = _with_precisions(tiny_bundle, tmp_path, {"vision": "fp16", "decoder": "int8"})
     vision = trt_ep_provider_options(bundle, "vision")
@@ -254,7 +254,7 @@ def test_component_precision_sets_the_tensorrt_flag(tiny_bundle, tmp_path):
 
 def test_decoder_profile_max_uses_max_batch_and_context(tiny_bundle):
     from focalrt.bundle import load
-    from focalrt.runtime.tensorrt_ep import profile_shapes, trt_ep_provider_options
+    from focalrt.runtime.backends.tensorrt_ep import profile_shapes, trt_ep_provider_options
 
     b = load(tiny_bundle)
     full = b.manifest["text"]["max_context"]
@@ -290,7 +290,7 @@ def _record_sessions(monkeypatch, stop_after: int | None = None) -> list[dict]:
     """Replace the pipeline's create_session with one that records what each component was given, then
     loads it with the real create_session (on the CPU only, as that is all this machine has)."""
     from focalrt.runtime import pipeline
-    from focalrt.runtime.sessions import create_session
+    from focalrt.runtime.backends.sessions import create_session
 
     calls: list[dict] = []
 
@@ -389,7 +389,7 @@ def test_engine_build_parses_the_bundled_signed_graph(tiny_bundle, tmp_path):
     """build-engines reads the bundle's tensorrt_file and leaves it in place; an int8 bundle made before
     that file existed gets a temporary signed copy, removed after the build."""
     from focalrt.bundle import load, write_manifest
-    from focalrt.runtime.tensorrt_engines import build_engines
+    from focalrt.runtime.backends.tensorrt_engines import build_engines
 
     bundle = _int8_vision_bundle(tiny_bundle, tmp_path)
     seen = []
@@ -421,7 +421,7 @@ def test_int8_activations_reencode_for_tensorrt_without_changing_values(tiny_bun
     import onnxruntime as ort
 
     from focalrt.calibration.quantize import quantize_qdq
-    from focalrt.runtime.tensorrt_engines import signed_activations
+    from focalrt.runtime.backends.tensorrt_engines import signed_activations
 
     src = tiny_bundle / "vision.onnx"
     rng = np.random.default_rng(0)
@@ -445,7 +445,7 @@ def test_int8_activations_reencode_for_tensorrt_without_changing_values(tiny_bun
 def test_missing_tensorrt_gives_a_clear_error(tiny_bundle, monkeypatch):
     import sys
 
-    from focalrt.runtime.tensorrt_engines import TensorRTUnavailable, build_engines
+    from focalrt.runtime.backends.tensorrt_engines import TensorRTUnavailable, build_engines
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if it were not installed
     with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):
@@ -454,13 +454,13 @@ def test_missing_tensorrt_gives_a_clear_error(tiny_bundle, monkeypatch):
 
 def test_real_engine_build_on_a_gpu(tiny_bundle, tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt is not installed (no GPU build here)")
-    from focalrt.runtime.device import gpus
+    from focalrt.runtime.backends.device import gpus
 
     if not gpus():
         pytest.skip("no NVIDIA GPU")
     import shutil
 
-    from focalrt.runtime.tensorrt_engines import build_engines
+    from focalrt.runtime.backends.tensorrt_engines import build_engines
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
@@ -476,7 +476,7 @@ def test_int8_weight_only_decoder_is_left_to_the_tensorrt_provider(tiny_bundle, 
 
     from focalrt.bundle import file_record, load, write_manifest
     from focalrt.calibration.quantize import quantize_int8_weights
-    from focalrt.runtime.tensorrt_engines import build_engines
+    from focalrt.runtime.backends.tensorrt_engines import build_engines
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)

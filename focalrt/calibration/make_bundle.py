@@ -218,7 +218,7 @@ def write_tensorrt_copy(component: Path) -> Path | None:
     """
     import onnx
 
-    from focalrt.runtime.tensorrt_engines import signed_activations
+    from focalrt.runtime.backends.tensorrt_engines import signed_activations
 
     copy = component.with_name(tensorrt_name(component.name))
     copy.unlink(missing_ok=True)  # a fallback re-quantization must not leave the previous graph's copy

@@ -8,7 +8,7 @@ Choices, and why:
   point 128, which is exactly int8 with zero point 0 shifted by 128: ONNX Runtime's CPU kernels fuse
   that encoding into integer matmuls (its int8 activations behind a shared DequantizeLinear are not
   fused and run as float matmuls over weights dequantized on every call). TensorRT wants int8 with
-  zero point 0; `focalrt.runtime.tensorrt_engines.signed_activations` re-encodes without changing one value.
+  zero point 0; `focalrt.runtime.backends.tensorrt_engines.signed_activations` re-encodes without changing one value.
 - FP8 (E4M3): weights and activations per tensor, for TensorRT on Ada/Hopper. ONNX Runtime only offers
   its "distribution" calibration for float8.
 - INT4: weight-only, symmetric, blocks of 128 along the input dimension (the group size AWQ/GPTQ and

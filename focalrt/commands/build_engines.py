@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
-    from focalrt.runtime.tensorrt_engines import build_engines
+    from focalrt.runtime.backends.tensorrt_engines import build_engines
 
     warn_if_random(args.bundle)
     for r in build_engines(args.bundle, precision=args.precision, components=args.components,

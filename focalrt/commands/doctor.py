@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
-    from focalrt.runtime.device import format_report, report, to_json
+    from focalrt.runtime.backends.device import format_report, report, to_json
 
     if args.bundle:
         warn_if_random(args.bundle)

@@ -100,11 +100,11 @@ examples:
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
-    from focalrt.runtime.client import open_pipeline
     from focalrt.runtime.faces.regions import parse_box
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.stream.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
     from focalrt.runtime.stream.sources import SourceError, open_source
+    from focalrt.serve.client import open_pipeline
 
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")

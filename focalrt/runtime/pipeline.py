@@ -16,6 +16,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from focalrt.bundle import Bundle, BundleError, load
+from focalrt.runtime.backends.sessions import TENSORRT, create_session, device_for, resolve_providers
+from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
 from focalrt.runtime.generation import prompt as prompts
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.generate import (
@@ -32,8 +34,6 @@ from focalrt.runtime.generation.generate import (
 )
 from focalrt.runtime.models.adapters import adapter_for
 from focalrt.runtime.models.preprocess import check_frame, read_image
-from focalrt.runtime.sessions import TENSORRT, create_session, device_for, resolve_providers
-from focalrt.runtime.tensorrt_ep import trt_ep_provider_options
 
 
 @dataclass(frozen=True)

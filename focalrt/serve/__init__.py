@@ -1,4 +1,6 @@
-"""Serving a bundle on NVIDIA Triton Inference Server through PyTriton (the `serve` extra).
+"""Serving a bundle on NVIDIA Triton Inference Server through PyTriton, and the client beside it.
 
-Nothing here imports pytriton at module level: the CLI builds its parser without the extra installed.
+The server modules need the `serve` extra, the client (`client.py`, behind `focalrt run --server`) only the
+`client` extra. Nothing here imports pytriton or tritonclient at module level: the CLI builds its parser
+without either installed.
 """

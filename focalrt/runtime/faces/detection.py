@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.sessions import create_session
+from focalrt.runtime.backends.sessions import create_session
 
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion",
                   "left_ear_tragion")

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.sessions import create_session
+from focalrt.runtime.backends.sessions import create_session
 
 GEOMETRY_SOURCE = "facemesh-geometry"
 POSE_SOURCE = "facemesh-3d-axes"

@@ -12,7 +12,7 @@ and the CUDA execution provider runs the attention nodes, on the same device, wi
 updated in place. Components with only standard ops (vision encoder, token embedding) get native engines
 here; a contrib-op component is reported as served by the execution provider, which the runtime
 configures with the same shape bounds (`profile_shapes` and `trt_ep_provider_options` live in the torch-free
-`focalrt/runtime/tensorrt_ep.py`, so the device can use them). docs/precision-and-tensorrt.md has the
+`focalrt/runtime/backends/tensorrt_ep.py`, so the device can use them). docs/precision-and-tensorrt.md has the
 reasoning.
 
 Nothing here was run on a GPU by this project's CI: there is no GPU there. Without tensorrt, CUDA or a GPU
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from focalrt.bundle import load, sha256_file
-from focalrt.runtime.device import FP8_MIN_SM, INT4_WEIGHT_ONLY_MIN_SM, Gpu, gpus
-from focalrt.runtime.tensorrt_ep import (
+from focalrt.runtime.backends.device import FP8_MIN_SM, INT4_WEIGHT_ONLY_MIN_SM, Gpu, gpus
+from focalrt.runtime.backends.tensorrt_ep import (
     ENGINE_DIR,
     profile_shapes,
     trt_ep_provider_options,  # noqa: F401  (re-exported for export callers)

@@ -9,7 +9,7 @@ profile covering everything the pipeline will feed it, plus engine and timing ca
 and the fp16/int8 flags matching the component's precision.
 
 Pure functions over the manifest: no tensorrt, torch or export code, so the device runtime can use them,
-and `focalrt/runtime/tensorrt_engines.py` (native engines) imports the same shape profiles from here.
+and `focalrt/runtime/backends/tensorrt_engines.py` (native engines) imports the same shape profiles from here.
 """
 
 from __future__ import annotations

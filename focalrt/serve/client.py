@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from focalrt.bundle import load
+from focalrt.runtime.backends.sessions import resolve_providers
 from focalrt.runtime.models.adapters import adapter_for
 from focalrt.runtime.pipeline import Description
-from focalrt.runtime.sessions import resolve_providers
 
 CLIENT_EXTRA = 'pip install -e ".[client]"'
 
