@@ -36,7 +36,7 @@ def worker_transformers_gguf(spec: dict[str, Any]) -> None:
     import torch
 
     from focalrt.bench.memory import current_rss_bytes
-    from focalrt.export.causal_lm import load_checkpoint
+    from focalrt.export.text import load_checkpoint
 
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
@@ -48,7 +48,7 @@ def worker_hf_dir(spec: dict[str, Any]) -> None:
     """The GGUF's dequantized weights as a plain HF checkpoint directory (what genai's builder reads)."""
     from safetensors.torch import save_file
 
-    from focalrt.export.causal_lm import load_checkpoint
+    from focalrt.export.text import load_checkpoint
 
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def main() -> None:
         return
     from focalrt.bench.environment import describe, environment
     from focalrt.bench.report import markdown_table, mib
-    from focalrt.export.causal_lm import locate_preset
+    from focalrt.export.text import locate_preset
     from focalrt.runtime.pipeline import Pipeline
 
     gguf = locate_preset("smollm2-135m")

@@ -50,7 +50,7 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
     from focalrt.cli import main
-    from focalrt.export.causal_lm import load_checkpoint, locate_preset
+    from focalrt.export.text import load_checkpoint, locate_preset
 
     try:
         gguf_path = locate_preset("smollm2-135m")

@@ -306,8 +306,8 @@ def smollm2_checkpoint(tmp_path_factory, pipe):
     from face_llava_fixtures import write_checkpoint
     from transformers import AutoTokenizer
 
-    from focalrt.export.causal_lm import locate_preset
     from focalrt.export.face_llava import build_random_model
+    from focalrt.export.text import locate_preset
 
     try:
         gguf_path = locate_preset("smollm2-135m")

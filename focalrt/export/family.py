@@ -1,6 +1,6 @@
 """The export family interface: what `build.export_bundle` needs from each model family, and the table of them.
 
-Each family module (`qwen2_5_vl`, `face_llava`, `causal_lm`) offers the same functions:
+Each family module (`qwen2_5_vl`, `face_llava`, `text`) offers the same functions:
 
     FAMILY: str                                            the manifest's "family"
     load_source(model_id, preset, seed) -> Source          build a preset's model or load a checkpoint
@@ -28,7 +28,7 @@ from typing import Any
 FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "focalrt.export.qwen2_5_vl",
     "face_llava": "focalrt.export.face_llava",
-    "text": "focalrt.export.causal_lm",
+    "text": "focalrt.export.text",
 }
 
 

@@ -1,5 +1,5 @@
 """Face-LLaVA export: CLIP tower + mlp2x_gelu projector + landmark pathway, token embedding, Llama decoder,
-and, for a model with one, the LanguageBind video tower (`focalrt.export.languagebind_video`) at its fixed
+and, for a model with one, the LanguageBind video tower (`focalrt.export.face_llava.video_tower`) at its fixed
 frame count through the same projector and pathway.
 
 The reference model is transformers' `LlavaForConditionalGeneration` (CLIP vision tower, penultimate

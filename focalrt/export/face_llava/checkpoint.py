@@ -19,14 +19,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from focalrt.export.face_llava.model import (
-    IMAGE_TOKEN,
-    TEXT_KEYS,
-    VISION_KEYS,
-    FaceLlava,
-    llava_config,
-)
-from focalrt.export.face_llava_modules import (
+from focalrt.export.face_llava.landmarks import (
     CROSS_ATTENTION_HEADS,
     LINEAR_PROJECTOR,
     REGION_PROJECTOR,
@@ -34,7 +27,14 @@ from focalrt.export.face_llava_modules import (
     REPOSITORY_BRANCH_SCALE,
     FaceLandmarkPathway,
 )
-from focalrt.export.languagebind_video import FEATURE_LAYER, LanguageBindVideoTower
+from focalrt.export.face_llava.model import (
+    IMAGE_TOKEN,
+    TEXT_KEYS,
+    VISION_KEYS,
+    FaceLlava,
+    llava_config,
+)
+from focalrt.export.face_llava.video_tower import FEATURE_LAYER, LanguageBindVideoTower
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from focalrt.export.face_llava.landmarks import CROP_SIZE, NUM_LANDMARKS, REGION_PROJECTOR, REGIONS
 from focalrt.export.face_llava.model import FaceLlava
-from focalrt.export.face_llava_modules import CROP_SIZE, NUM_LANDMARKS, REGION_PROJECTOR, REGIONS
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 

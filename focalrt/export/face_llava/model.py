@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from focalrt.export.face_llava_modules import (
+from focalrt.export.face_llava.landmarks import (
     CROSS_ATTENTION_HEADS,
     REGION_PROJECTOR,
     FaceLandmarkPathway,
 )
-from focalrt.export.languagebind_video import LanguageBindVideoTower, random_video_tower
+from focalrt.export.face_llava.video_tower import LanguageBindVideoTower, random_video_tower
 from focalrt.runtime.models.face_llava import FACE_LLAVA_TASKS
 
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP, as LanguageBind's image transform uses
