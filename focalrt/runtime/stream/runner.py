@@ -20,10 +20,11 @@ from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
 from focalrt.runtime.faces.regions import clip_box, parse_regions, region_box
 from focalrt.runtime.faces.state import FaceStateEstimator
-from focalrt.runtime.faces.tracking import IoUTracker, RegionScheduler, appearance_signature
+from focalrt.runtime.faces.tracking import IoUTracker
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.prompt import crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
+from focalrt.runtime.stream.scheduling import RegionScheduler, appearance_signature
 from focalrt.runtime.stream.sinks import event_annotations
 from focalrt.runtime.stream.sources import Frame
 

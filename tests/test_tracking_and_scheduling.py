@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from focalrt.runtime.faces.tracking import IoUTracker, RegionScheduler, appearance_signature, signature_distance
+from focalrt.runtime.faces.tracking import IoUTracker
+from focalrt.runtime.stream.scheduling import RegionScheduler, appearance_signature, signature_distance
 
 
 def box(x: float, y: float, w: float = 40, h: float = 50) -> np.ndarray:
