@@ -38,8 +38,8 @@ def test_runtime_imports_without_torch_or_transformers():
         "import focalrt.runtime.stream.sources, focalrt.runtime.stream.sinks, focalrt.runtime.faces.tracking\n"
         "import focalrt.bundle, focalrt.cli\n"
         "import pkgutil, importlib, focalrt.runtime as r\n"
-        "for m in pkgutil.iter_modules(r.__path__):\n"
-        "    importlib.import_module('focalrt.runtime.' + m.name)\n"
+        "for m in pkgutil.walk_packages(r.__path__, 'focalrt.runtime.'):\n"
+        "    importlib.import_module(m.name)\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
         "print('ok')\n"
     )
