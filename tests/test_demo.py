@@ -11,7 +11,7 @@ import pytest
 from focalrt import cli
 from focalrt.commands.demo import DEMO_FILES
 from focalrt.demo import demo_photo, pan_zoom_frames
-from focalrt.runtime.stream.sinks import REGION_COLORS, _overlaps, annotate_with_panel, layout_labels
+from focalrt.runtime.stream.annotate import REGION_COLORS, _overlaps, annotate_with_panel, layout_labels
 
 cv2 = pytest.importorskip("cv2")
 

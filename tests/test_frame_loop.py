@@ -1,5 +1,5 @@
 """One frame loop and one annotation builder: `focalrt run`, `focalrt demo` and the Python iterator go through
-`runtime.run.frame_loop`, give the same events for the same clip, and draw the same annotations."""
+`runtime.stream.runner.frame_loop`, give the same events for the same clip, and draw the same annotations."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from focalrt import cli
 from focalrt.commands.demo import DEMO_REGIONS
+from focalrt.runtime.stream import annotate as annotate_module
 from focalrt.runtime.stream import runner as run_module
 from focalrt.runtime.stream import sinks
 
@@ -23,7 +24,8 @@ def _without_timings(events: list[dict]) -> list[dict]:
 def spies(monkeypatch):
     """Record every use of the frame loop and every list of annotations drawn (overlay or side panel)."""
     seen = {"loops": [], "overlay": [], "panel": []}
-    real_loop, real_annotate, real_panel = run_module.frame_loop, sinks.annotate, sinks.annotate_with_panel
+    real_loop = run_module.frame_loop
+    real_annotate, real_panel = annotate_module.annotate, annotate_module.annotate_with_panel
 
     def frame_loop(runner, frames, max_frames=None):
         seen["loops"].append(runner)
@@ -38,8 +40,9 @@ def spies(monkeypatch):
         return real_panel(frame, annotations, **kw)
 
     monkeypatch.setattr(run_module, "frame_loop", frame_loop)
-    monkeypatch.setattr(sinks, "annotate", annotate)
-    monkeypatch.setattr(sinks, "annotate_with_panel", annotate_with_panel)
+    monkeypatch.setattr(annotate_module, "annotate", annotate)
+    monkeypatch.setattr(sinks, "annotate", annotate)  # the video and window sinks hold their own reference
+    monkeypatch.setattr(annotate_module, "annotate_with_panel", annotate_with_panel)
     return seen
 
 

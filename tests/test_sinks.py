@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from focalrt.runtime.stream.sinks import CallbackSink, JsonlSink, ShowSink, VideoSink, annotate, gui_problems
+from focalrt.runtime.stream.annotate import annotate
+from focalrt.runtime.stream.sinks import CallbackSink, JsonlSink, ShowSink, VideoSink, gui_problems
 
 REPO = Path(__file__).resolve().parents[1]
 

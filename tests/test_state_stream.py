@@ -81,7 +81,7 @@ def test_python_iterator_yields_both_kinds(tiny_bundle, clip):
 
 
 def test_state_annotation_names_the_models():
-    from focalrt.runtime.stream.sinks import state_annotation
+    from focalrt.runtime.stream.annotate import state_annotation
 
     a = state_annotation({"face_id": 2, "box": [1, 2, 30, 40],
                           "emotion": {"label": "happy", "probabilities": {"happy": 0.97}},

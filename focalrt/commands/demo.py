@@ -49,8 +49,9 @@ def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.demo import demo_photo, pan_zoom_frames, write_clip
     from focalrt.runtime.pipeline import Pipeline
+    from focalrt.runtime.stream.annotate import annotate_with_panel
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
-    from focalrt.runtime.stream.sinks import JsonlSink, VideoSink, annotate_with_panel
+    from focalrt.runtime.stream.sinks import JsonlSink, VideoSink
     from focalrt.runtime.stream.sources import Frame, open_source
 
     bundle = ensure_bundle(Path(args.bundle))
@@ -94,7 +95,7 @@ def run(args) -> int:
 def photo_line(event: dict) -> str:
     """One event of the photo as a line: the face's emotion and age, or a region's box and description."""
     if event["type"] == "state":
-        from focalrt.runtime.stream.sinks import state_annotation
+        from focalrt.runtime.stream.annotate import state_annotation
 
         return state_annotation(event)["label"]
     return f"{event['region']} at {event['box']}: {event['text']!r}"

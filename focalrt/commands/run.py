@@ -101,8 +101,9 @@ def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
     from focalrt.runtime.faces.regions import parse_box
+    from focalrt.runtime.stream.annotate import annotate
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
-    from focalrt.runtime.stream.sinks import JsonlSink, ShowSink, VideoSink, WriteError, annotate
+    from focalrt.runtime.stream.sinks import JsonlSink, ShowSink, VideoSink, WriteError
     from focalrt.runtime.stream.sources import SourceError, open_source
     from focalrt.serve.client import open_pipeline
 

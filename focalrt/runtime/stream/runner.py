@@ -24,8 +24,8 @@ from focalrt.runtime.faces.tracking import IoUTracker
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.prompt import crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
+from focalrt.runtime.stream.annotate import event_annotations
 from focalrt.runtime.stream.scheduling import RegionScheduler, appearance_signature
-from focalrt.runtime.stream.sinks import event_annotations
 from focalrt.runtime.stream.sources import Frame
 
 FACE_CONTEXT = 1.6  # crop side as a multiple of the detector box: keeps brows, chin and jaw inside
@@ -345,7 +345,7 @@ class FrameEvents:
 
     def annotations(self) -> list[dict[str, Any]]:
         """What this frame's pictures show: boxes, labels and texts from the one builder
-        (`sinks.event_annotations`), for `annotate` (run's video, window, MCAP) or `annotate_with_panel`
+        (`annotate.event_annotations`), for `annotate` (run's video, window, MCAP) or `annotate_with_panel`
         (the demo)."""
         return event_annotations(self.events)
 
