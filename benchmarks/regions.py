@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,10 +27,10 @@ from decode import ensure_bundle  # noqa: E402
 
 from focalrt.bench.stats import time_runs  # noqa: E402
 from focalrt.demo import demo_photo  # noqa: E402
+from focalrt.runtime.faces.crops import crop_face  # noqa: E402
 from focalrt.runtime.faces.detection import FaceAnalyzer  # noqa: E402
 from focalrt.runtime.faces.regions import region_box  # noqa: E402
 from focalrt.runtime.pipeline import Pipeline  # noqa: E402
-from focalrt.runtime.stream.runner import face_crop_transform, map_box  # noqa: E402
 
 REGIONS = ["mouth", "left_eye", "right_eye", "brows", "nose", "chin", "left_cheek", "right_cheek"]
 
@@ -52,9 +51,8 @@ def face_views(pipe: Pipeline, faces: int) -> list[tuple[np.ndarray, list[tuple[
         analyzer = FaceAnalyzer.from_dir(out, export_face_models(out), pipe.providers)
     face = analyzer.analyze(photo)[0]
     size = pipe.image_size
-    m = face_crop_transform(face.box, size)
-    crop = cv2.warpAffine(photo, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA)
-    boxes = [tuple(int(round(v)) for v in map_box(region_box(r, face.landmarks, photo.shape), m)) for r in REGIONS]
+    face_crop = crop_face(photo, face.box, size, [region_box(r, face.landmarks, photo.shape) for r in REGIONS])
+    crop, boxes = face_crop.image, face_crop.boxes
     variants = [crop, np.ascontiguousarray(crop[:, ::-1]), np.roll(crop, 7, axis=0)]
     mirrored = [(size - b[2], b[1], size - b[0], b[3]) for b in boxes]
     return [(variants[i], mirrored if i == 1 else boxes) for i in range(faces)]

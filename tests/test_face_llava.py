@@ -235,7 +235,7 @@ def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(bundle,
     """No words about the region; with region_mode face_crop (export --region-mode face_crop) a box is shown
     as their crop tool shows a face: from the box's corner a square of side (w + h) / 2, resized to 256 px;
     landmarks follow the face into the crop."""
-    from focalrt.runtime.generation.prompt import crop_face_square
+    from focalrt.runtime.faces.crops import crop_face_square
 
     pipe = Pipeline.from_bundle(bundle)
     assert pipe.profile["region_mode"] == "text" and pipe.profile["region_template"] == ""

@@ -205,7 +205,7 @@ def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path, astr
     from importlib.resources import files
 
     from focalrt.demo import pan_zoom_transforms
-    from focalrt.runtime.stream.runner import map_box
+    from focalrt.runtime.faces.crops import map_box
 
     out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--state-every", "0",
                    "--max-new-tokens", "4", "--out", tmp_path / "e.jsonl")
@@ -378,8 +378,7 @@ def test_describe_video_file_picks_frames_as_their_loader(bundle, pipe, camera_c
 def test_face_crop_mode_windows_use_their_crop_tools_square(bundle, astronaut_bgr, tmp_path, monkeypatch):
     """In `face_crop` region mode a window's frames are their crop tool's 256-px squares of the face box, with
     the landmarks moved into them."""
-    from focalrt.runtime.faces.regions import clip_box
-    from focalrt.runtime.generation.prompt import crop_face_square
+    from focalrt.runtime.faces.crops import clip_box, crop_face_square
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.stream.runner import RegionRunner, frame_loop
     from focalrt.runtime.stream.sources import open_source

@@ -16,7 +16,6 @@ from focalrt.runtime.faces.regions import (
     LIPS_OUTER,
     REGIONS,
     RIGHT_EYE,
-    clip_box,
     inter_ocular,
     parse_box,
     parse_regions,
@@ -100,26 +99,6 @@ def test_parse_regions():
     assert "'eyebrows'" in str(err.value) and "valid: " + ", ".join(EXPECTED) in str(err.value)
     with pytest.raises(ValueError, match="no region named"):
         parse_regions(" , ")
-
-
-def test_clip_box():
-    assert clip_box((10, 20, 110, 220), 640, 480) == ((10, 20, 110, 220), False)
-    assert clip_box((10.2, 20.7, 109.1, 219.5), 640, 480) == ((10, 20, 110, 220), False)
-    assert clip_box((-30, -5, 700, 100), 640, 480) == ((0, 0, 640, 100), True)
-    assert clip_box((600, 470, 900, 999), 640, 480) == ((600, 470, 640, 480), True)
-
-
-@pytest.mark.parametrize("box, words", [
-    ((700, 10, 800, 50), "zero area"),          # wholly right of a 640-wide frame
-    ((-50, 10, 0, 50), "zero area"),            # ends exactly on the left edge
-    ((10, 50, 100, 40), "need x2 > x1 and y2 > y1"),
-    ((10, 10, 10, 40), "need x2 > x1 and y2 > y1"),
-    ((1, 2, 3), "4 numbers"),
-    ((0, 0, float("nan"), 5), "non-finite"),
-])
-def test_clip_box_errors(box, words):
-    with pytest.raises(ValueError, match=words):
-        clip_box(box, 640, 480)
 
 
 def test_parse_box():

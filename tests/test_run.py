@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from focalrt.demo import pan_zoom_frames, pan_zoom_transforms, write_clip
-from focalrt.runtime.stream.runner import face_crop_transform, map_box
+from focalrt.runtime.faces.crops import map_box
 
 FRAMES = 6
 # The astronaut's face in the 512x512 photo (hand-checked; the detector finds about 178,81,272,175).
@@ -37,18 +37,6 @@ def _read_events(path):
     test_state_stream.py)."""
     events = [json.loads(line) for line in path.read_text().splitlines()]
     return [e for e in events if e["type"] == "description"]
-
-
-def test_face_crop_mapping_puts_a_frame_box_on_the_same_pixels():
-    frame = np.zeros((360, 480, 3), np.uint8)
-    box = (200, 150, 260, 190)
-    frame[box[1]:box[3], box[0]:box[2]] = 255
-    m = face_crop_transform(np.array([180, 100, 300, 230]), 336)
-    crop = cv2.warpAffine(frame, m.astype(np.float32), (336, 336), flags=cv2.INTER_NEAREST)
-    x1, y1, x2, y2 = (round(v) for v in map_box(box, m))
-    ys, xs = np.nonzero(crop[..., 0])
-    assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1
-    assert abs(ys.min() - y1) <= 1 and abs(ys.max() + 1 - y2) <= 1
 
 
 def test_run_on_moving_face_gives_events_on_the_face(tiny_bundle, clip, tmp_path, astronaut_bgr):

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from focalrt.bundle import Bundle, BundleError, load
 from focalrt.runtime.backends.sessions import TENSORRT, create_session, device_for, resolve_providers
 from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
+from focalrt.runtime.faces import crops
 from focalrt.runtime.generation import prompt as prompts
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.generate import (
@@ -232,8 +233,8 @@ class Pipeline:
         """Token ids for one region of an image of size `image_wh` that the encoder sees whole."""
         model_box = None
         if box is not None:
-            box = prompts.fit_box(tuple(box), *image_wh)
-            model_box = prompts.box_to_model(box, image_wh, self.image_size)
+            box = crops.fit_box(tuple(box), *image_wh)
+            model_box = crops.box_to_model(box, image_wh, self.image_size)
         prompt = prompts.encode(self.tokenizer, self.profile, self.adapter.image_tokens, instruction, model_box)
         return prompt, box, model_box
 
@@ -281,32 +282,6 @@ class Pipeline:
                        temperature=gen.get("temperature", 0.0) if o.temperature is None else o.temperature,
                        top_k=gen.get("top_k", 0) if o.top_k is None else o.top_k,
                        top_p=gen.get("top_p", 1.0) if o.top_p is None else o.top_p)
-
-    def _region_views(self, image: np.ndarray, boxes: list[tuple | None]) -> list[tuple[np.ndarray, Any, Any]]:
-        """(image the encoder sees, box in its pixels, box in `image` pixels) per region, by region mode.
-
-        `text` shares one view of the whole image (the box goes into the prompt); `draw` outlines each box
-        on its own copy; `crop` cuts each box out with some context around it.
-        """
-        h, w = image.shape[:2]
-        mode = self.profile.get("region_mode", "text")
-        views: list[tuple[np.ndarray, tuple | None, tuple | None]] = []
-        for box in boxes:
-            if box is None:
-                views.append((image, None, None))
-                continue
-            box = prompts.fit_box(tuple(box), w, h)
-            if mode == "text":
-                views.append((image, box, box))
-            elif mode == "draw":
-                views.append((prompts.draw_box(image, box), box, box))
-            elif mode == "face_crop":
-                crop, crop_box = prompts.crop_face_square(image, box)
-                views.append((crop, crop_box, box))
-            else:
-                crop, crop_box = prompts.crop_with_context(image, box)
-                views.append((crop, crop_box, box))
-        return views
 
     def describe(self, image: np.ndarray | str | os.PathLike, box: tuple[int, int, int, int] | None = None,
                  prompt: str | None = None, options: GenerationOptions | None = None, *,
@@ -406,10 +381,11 @@ class Pipeline:
                 continue
             if id(image) not in images:  # read or check each distinct input image once
                 images[id(image)] = read_image(image) if isinstance(image, (str, os.PathLike)) else check_frame(image)
-            view, view_box, image_box = self._region_views(images[id(image)], [box])[0]
+            mode = self.profile.get("region_mode", "text")
+            view, view_box, image_box = crops.region_view(images[id(image)], box, mode)
             vh, vw = view.shape[:2]
             if landmarks68 is not None and view_box is not None and view_box != image_box:  # a crop: its pixels
-                landmarks68 = prompts.landmarks_in_view(landmarks68, image_box, view_box)
+                landmarks68 = crops.landmarks_in_view(landmarks68, image_box, view_box)
             if view_box is not None and self.profile.get("region_mode") == "face_crop":  # the square cuts the box
                 view_box = (max(0, view_box[0]), max(0, view_box[1]), min(vw, view_box[2]), min(vh, view_box[3]))
             p, _, model_box = self.build_prompt((vw, vh), view_box, prompt)

@@ -26,11 +26,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from focalrt.runtime.faces.crops import crop_face
 from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
 from focalrt.runtime.faces.regions import region_box
 from focalrt.runtime.pipeline import Pipeline
-from focalrt.runtime.stream.runner import face_crop_transform, map_box, map_points
 from focalrt.serve.requests import DescribeRequest, Limits, RequestError, decode_describe, decode_image
 
 log = logging.getLogger(__name__)
@@ -123,17 +123,11 @@ class DescribeModel:
                 found = self.faces.analyze(req.image)
             size = self.pipeline.image_size
             for face_id, face in enumerate(found):
-                m = face_crop_transform(face.box, size)
-                crop = cv2.warpAffine(req.image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
-                                      borderMode=cv2.BORDER_CONSTANT)
-                boxes, meta = [], []
-                for name in req.regions:
-                    frame_box = region_box(name, face.landmarks, req.image.shape)
-                    x1, y1, x2, y2 = map_box(frame_box, m)
-                    boxes.append((round(x1), round(y1), round(x2), round(y2)))
-                    meta.append((face_id, name, frame_box))
-                lm = map_points(to_68(face.landmarks), m) if self.pipeline.adapter.uses_landmarks else None
-                views.append((crop, boxes, lm, meta))
+                frame_boxes = [region_box(name, face.landmarks, req.image.shape) for name in req.regions]
+                crop = crop_face(req.image, face.box, size, frame_boxes,
+                                 to_68(face.landmarks) if self.pipeline.adapter.uses_landmarks else None)
+                meta = [(face_id, name, frame_box) for name, frame_box in zip(req.regions, frame_boxes, strict=True)]
+                views.append((crop.image, crop.boxes, crop.landmarks68, meta))
         return views
 
     def _describe(self, group: list) -> list[list]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from focalrt.runtime.faces.crops import clip_box
+
 # FaceMesh topology (MediaPipe face_mesh connections), as index sets.
 LEFT_EYE = (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466)
 RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246)
@@ -99,30 +101,6 @@ def inter_ocular(landmarks: np.ndarray) -> float:
     """Distance between the centres of the two eye contours, in the landmarks' units."""
     lm = np.asarray(landmarks)[:, :2]
     return float(np.linalg.norm(lm[list(LEFT_EYE)].mean(0) - lm[list(RIGHT_EYE)].mean(0)))
-
-
-def clip_box(box, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
-    """Round outward to integer pixels, clip to the frame; return the box and whether clipping cut it.
-
-    Raises ValueError for an inverted or empty box, and for one that lies wholly outside the frame.
-    """
-    if len(box) != 4:
-        raise ValueError(f"box must have 4 numbers x1,y1,x2,y2, got {len(box)}: {tuple(box)}")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise ValueError(f"box {tuple(box)} has a non-finite coordinate")
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"box {tuple(box)} is empty or inverted: need x2 > x1 and y2 > y1 (x1,y1 is the "
-                         f"top-left corner, x2,y2 the bottom-right)")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"frame size {width}x{height} is empty")
-    ix1, iy1, ix2, iy2 = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
-    clipped = (min(max(ix1, 0), width), min(max(iy1, 0), height),
-               min(max(ix2, 0), width), min(max(iy2, 0), height))
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        raise ValueError(f"box {tuple(box)} has zero area inside the {width}x{height} frame; it lies "
-                         f"outside the image (valid x 0..{width}, y 0..{height})")
-    return clipped, clipped != (ix1, iy1, ix2, iy2)
 
 
 def region_box(name: str, landmarks: np.ndarray, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -13,51 +13,22 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
+from focalrt.runtime.faces.crops import clip_box, crop_face, crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
-from focalrt.runtime.faces.regions import clip_box, parse_regions, region_box
+from focalrt.runtime.faces.regions import parse_regions, region_box
 from focalrt.runtime.faces.state import FaceStateEstimator
 from focalrt.runtime.faces.tracking import IoUTracker
 from focalrt.runtime.generation.drafts import Drafts
-from focalrt.runtime.generation.prompt import crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.pipeline import GenerationOptions, ImageRegions, Pipeline, VideoClip
 from focalrt.runtime.stream.annotate import event_annotations
 from focalrt.runtime.stream.scheduling import RegionScheduler, appearance_signature
 from focalrt.runtime.stream.sources import Frame
 
-FACE_CONTEXT = 1.6  # crop side as a multiple of the detector box: keeps brows, chin and jaw inside
 FIXED_BOX_FACE_ID = 0  # events for --box regions, which belong to no tracked face
 WINDOW = "window"  # the region name of a tracked face's video-window descriptions
-
-
-def face_crop_transform(face_box: np.ndarray, size: int, context: float = FACE_CONTEXT) -> np.ndarray:
-    """2x3 affine taking frame pixels to a size x size crop centred on the face."""
-    x1, y1, x2, y2 = (float(v) for v in face_box)
-    side = max(x2 - x1, y2 - y1) * context
-    scale = size / side
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    return np.array([[scale, 0, size / 2 - scale * cx], [0, scale, size / 2 - scale * cy]], np.float64)
-
-
-def map_box(box: tuple[float, float, float, float], m: np.ndarray) -> tuple[float, float, float, float]:
-    """Apply an axis-aligned (scale + shift) affine to a box."""
-    x1, y1, x2, y2 = box
-    return (m[0, 0] * x1 + m[0, 2], m[1, 1] * y1 + m[1, 2], m[0, 0] * x2 + m[0, 2], m[1, 1] * y2 + m[1, 2])
-
-
-def map_points(points: np.ndarray, m: np.ndarray) -> np.ndarray:
-    return points[:, :2] @ m[:, :2].T + m[:, 2]
-
-
-def face_crop(image: np.ndarray, face_box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The size x size crop the encoder sees of one face, and the frame -> crop affine."""
-    m = face_crop_transform(face_box, size)
-    crop = cv2.warpAffine(image, m[:2].astype(np.float32), (size, size), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_CONSTANT)
-    return crop, m
 
 
 @dataclass
@@ -222,14 +193,12 @@ class RegionRunner:
             return views, states
         size = self.pipeline.image_size
         for face_id, (det, points) in zip(ids, found, strict=True):
-            crop, m = face_crop(image, det.box, size)
-            jobs = []
-            for name in self.regions:
-                frame_box = region_box(name, points, image.shape)
-                crop_box = fit_box(tuple(round(v) for v in map_box(frame_box, m)), size, size)
-                jobs.append(RegionJob(name, frame_box, crop_box))
-            landmarks68 = map_points(to_68(points), m) if self.pipeline.adapter.uses_landmarks else None
-            views.append(FaceView(face_id, crop, jobs, landmarks68))
+            frame_boxes = [region_box(name, points, image.shape) for name in self.regions]
+            face = crop_face(image, det.box, size, frame_boxes,
+                             to_68(points) if self.pipeline.adapter.uses_landmarks else None)
+            jobs = [RegionJob(name, frame_box, crop_box)
+                    for name, frame_box, crop_box in zip(self.regions, frame_boxes, face.boxes, strict=True)]
+            views.append(FaceView(face_id, face.image, jobs, face.landmarks68))
         return views, states
 
     def _window_views(self, frame: Frame, found: list[tuple], ids: list[int]) -> list[FaceView]:
@@ -252,9 +221,8 @@ class RegionRunner:
                     if landmarks68 is not None:
                         landmarks68 = landmarks_in_view(landmarks68, box, crop_box)
                 else:
-                    crop, m = face_crop(frame.image, det.box, size)
-                    if landmarks68 is not None:
-                        landmarks68 = map_points(landmarks68, m)
+                    face = crop_face(frame.image, det.box, size, (), landmarks68)
+                    crop, landmarks68 = face.image, face.landmarks68
                 window.append((frame.index, crop, landmarks68))
             if len(window) == frames:
                 lms = [lm for _, _, lm in window]
