@@ -131,9 +131,12 @@ class Pipeline:
         self.vision = self._session("vision", threads) if bundle.has_vision else None  # None: text-only
         # Face-LLaVA's video tower (one window of frames -> frame-major image embeddings); None: images only
         self.video = self._session("video", threads) if "video" in m["components"] else None
-        embed, decoder = self._session("embed", threads), self._session("decoder", threads)
+        # The decoder embeds its token ids; a bundle exported before that has an embedding component too.
+        embed = self._session("embed", threads) if "embed" in m["components"] else None
+        decoder = self._session("decoder", threads)
         # Tensor names by role from the manifest's records; a manifest without them: the graphs' own.
-        parts = (("embed", embed), ("decoder", decoder)) + ((("vision", self.vision),) if self.vision else ())
+        parts = ((("embed", embed),) if embed else ()) + (("decoder", decoder),) + \
+            ((("vision", self.vision),) if self.vision else ())
         records = {name: rec if "inputs" in rec and "outputs" in rec else io_record(session)
                    for name, session in parts for rec in [m["components"][name]]}
         self.model = TextModel(embed=embed, decoder=decoder,
