@@ -4,9 +4,10 @@ verification, sampling, and `generate`, the one loop every caller uses (gpt-fast
 - `TextModel` holds the decoder session (token ids in: one call a step) with its tensor names from the
   manifest, and the observers that see every decoder call (calibration records through them); bundles
   exported before the decoder embedded its tokens also run their embedding session first.
-- `PromptCache` owns the preallocated KV: one buffer per layer and per key/value,
-  [slots, kv_heads, max_context, head_dim]. The same buffer is bound as the decoder's past input and
-  present output; the exported GroupQueryAttention writes the new positions in place. It also owns
+- `PromptCache` owns the KV: one buffer per layer and per key/value, [slots, kv_heads, capacity,
+  head_dim]; on the CPU the capacity starts at `KV_START_POSITIONS` and grows (doubling) to what the rows
+  need, up to max_context. The same buffer is bound as the decoder's past input and present output; the
+  exported GroupQueryAttention writes the new positions in place. It also owns
   prefix reuse (copying a shared prompt prefix between slots, and the prompt head that is the same on
   every frame) and `trim`, which rolls rows back.
 - `generate` prefills a batch of rows (sharing each image's prefix when asked) and runs `decode`, whose
@@ -107,6 +108,9 @@ class TensorNames:
 
 # ---------------------------------------------------------------- the prompt cache (KV slots)
 
+# Positions a host KV cache starts with: a region prompt (image tokens + text) and its answer fit, and the
+# buffers double from there as rows need, up to max_context.
+KV_START_POSITIONS = 256
 
 
 @dataclass
@@ -119,9 +123,9 @@ class PromptCache:
     why `trim` only has to move the length back.
     """
 
-    buffers: list[ort.OrtValue]  # one per layer and key/value, [slots, kv_heads, max_context, head_dim]
+    buffers: list[ort.OrtValue]  # one per layer and key/value, [slots, kv_heads, capacity, head_dim]
     arrays: list[np.ndarray] | None  # the host memory behind `buffers` (CPU only)
-    max_context: int
+    max_context: int  # the most positions a row may hold; host buffers grow to it as rows need (`reserve`)
     lengths: np.ndarray  # valid tokens per row of this view (a view into the parent's lengths)
     device: str = "cpu"
     start: int = 0  # first slot of this view
@@ -129,8 +133,13 @@ class PromptCache:
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int,
-                 device: str = "cpu", dtype=np.float32) -> PromptCache:
-        shape = [batch, kv_heads, max_context, head_dim]
+                 device: str = "cpu", dtype=np.float32, capacity: int | None = None) -> PromptCache:
+        """Buffers for `batch` rows of up to `max_context` positions. On the CPU they start at `capacity`
+        positions (default `KV_START_POSITIONS`) and grow as rows need; a device cache is allocated whole
+        (its buffers are bound by pointer and TensorRT's shape profiles are built for `max_context`)."""
+        if device == "cpu":
+            capacity = min(max_context, capacity or KV_START_POSITIONS)
+        shape = [batch, kv_heads, capacity if device == "cpu" else max_context, head_dim]
         if device == "cpu":
             arrays = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
             buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
@@ -152,6 +161,35 @@ class PromptCache:
     @property
     def batch(self) -> int:
         return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold now (up to `max_context`)."""
+        return int(self.buffers[0].shape()[2])
+
+    def reserve(self, positions: int) -> bool:
+        """Make every row able to hold `positions` positions, growing the host buffers (at least doubling,
+        up to `max_context`) and keeping their contents; True when the buffers were replaced.
+
+        Why: a request needs prompt + new tokens, usually far below the bundle's context, so the cache
+        holds what the work needs rather than the maximum for every slot. The buffer lists are updated in
+        place, so every view of this cache sees the new buffers; bindings made over the old ones are stale
+        (`TextModel.decoder_binding` notices).
+        """
+        have = self.capacity
+        if positions <= have:
+            return False
+        if positions > self.max_context:
+            raise ValueError(f"{positions} positions do not fit the context of {self.max_context}")
+        if self.arrays is None:
+            raise RuntimeError("device KV buffers are allocated at max_context and cannot grow")
+        size = min(self.max_context, max(positions, 2 * have))
+        for i, old in enumerate(self.arrays):
+            grown = np.zeros((*old.shape[:2], size, old.shape[3]), old.dtype)
+            grown[:, :, :have] = old
+            self.arrays[i] = grown
+            self.buffers[i] = ort.OrtValue.ortvalue_from_numpy(grown)
+        return True
 
     @property
     def on_host(self) -> bool:
@@ -204,6 +242,7 @@ class PromptCache:
         saved = self.heads.get(ids.tobytes()) if self.on_host and ids.size else None
         if saved is None:
             return 0
+        self.reserve(int(ids.size))
         for arr, kv in zip(self.arrays, saved, strict=True):
             arr[self.start + row, :, :ids.size] = kv
         self.lengths[row] = ids.size
@@ -293,6 +332,7 @@ class TextModel:
                              "k-token verification); re-export it with `focalrt export` to verify or score "
                              "several tokens in one call")
         token_ids = np.ascontiguousarray(token_ids, np.int64)
+        cache.reserve(int(cache.lengths.max()) + new_tokens)
         mask = cache.attention_mask(new_tokens)
         position_ids = np.ascontiguousarray(position_ids, np.int64)
         embeds = self.embed_tokens(token_ids, image_embeds) if n.inputs_embeds is not None else None
@@ -320,9 +360,10 @@ class TextModel:
 
     def decoder_binding(self, cache: PromptCache) -> ort.IOBinding:
         """The decoder binding for this KV view, its buffers bound once (in place: past in, present out)."""
-        if cache.buffers is not self.bound_buffers:  # another cache (resized, or another pipeline's): start over
+        if self.bound_buffers is None or cache.buffers[0] is not self.bound_buffers[0]:
+            # another cache (resized, grown, or another pipeline's): start over
             self.bindings.clear()
-            self.bound_buffers = cache.buffers
+            self.bound_buffers = list(cache.buffers)
         key = (cache.start, cache.batch)
         io = self.bindings.get(key)
         if io is None:
