@@ -222,11 +222,22 @@ def worker_llamacpp(spec: dict[str, Any]) -> None:
     bench = Path(spec["llama_cpp"]) / "build" / "bin" / "llama-bench"
     n_prompt, n_gen, reps = len(spec["ids"]), spec["new_tokens"], spec["runs"]
 
+    repack: list[str] = []  # becomes ["--repack", "0"] once the default (repacking) run has crashed
+
     def run(args: list[str]) -> list[float]:
         cmd = [str(bench), "-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(reps), "-o", "json", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd + repack, capture_output=True, text=True)
+        if proc.returncode < 0 and not repack:
+            # On Xeons with AMX, llama-bench's repacked AMX matmul (ggml_backend_amx_mul_mat) can die with
+            # SIGSEGV, printing nothing: run without weight repacking instead, and say so in the row.
+            print(f"llama-bench died of {signal_name(proc.returncode)}; rerunning with --repack 0",
+                  file=sys.stderr, flush=True)
+            repack.extend(["--repack", "0"])
+            proc = subprocess.run(cmd + repack, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"llama-bench failed: {proc.stderr[-800:]}")
+            why = signal_name(proc.returncode) if proc.returncode < 0 else f"exit status {proc.returncode}"
+            raise RuntimeError(f"llama-bench failed ({why}, {' '.join(cmd + repack)}): "
+                               f"{proc.stderr[-800:] or '(no output)'}")
         return [float(x) for x in json.loads(proc.stdout)[0]["samples_ts"]]
 
     t0 = time.perf_counter()
@@ -236,7 +247,18 @@ def worker_llamacpp(spec: dict[str, Any]) -> None:
             for pp, tg in zip(prefill_ts, decode_ts, strict=False)]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"runs": runs, "tokens": [], "load_s": time.perf_counter() - t0, "rss_after_load_bytes": None,
-                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"])}), flush=True)
+                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"]),
+                      "note": "--repack 0 (the repacking run crashed)" if repack else None}), flush=True)
+
+
+def signal_name(returncode: int) -> str:
+    """A negative subprocess return code as its signal's name (SIGSEGV, ...)."""
+    import signal
+
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint,
@@ -358,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                          if compared else None),
                  "ours_prefill_speedup": r["quiet_prefill_ms"] / ref["quiet_prefill_ms"] if compared else None}
         table[name] = entry
-        rows.append([name, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
+        label = f"{name}, {r['note']}" if r.get("note") else name
+        rows.append([label, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
                      r["decode_tokens_per_s_best"], f"{entry['fraction_of_roofline']:.0%}", mib(r["peak_rss_bytes"]),
                      f"{entry['ours_prefill_speedup']:.2f}x" if entry["ours_prefill_speedup"] else "-",
                      f"{entry['ours_decode_speedup']:.2f}x" if entry["ours_decode_speedup"] else "-",

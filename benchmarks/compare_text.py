@@ -149,7 +149,8 @@ def main() -> None:
     rows = []
     for name, r in results.items():
         same = f"{decode.agreement(r['tokens'], ours['tokens'])}/{args.new_tokens}" if r["tokens"] else "-"
-        rows.append([name, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
+        label = f"{name}, {r['note']}" if r.get("note") else name
+        rows.append([label, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
                      mib(r["peak_rss_bytes"]), same])
     env = environment(["CPUExecutionProvider"], args.threads)
     print(f"\nSmolLM2-135M-Instruct: prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, batch 1; "

@@ -135,7 +135,9 @@ def worker_ours(spec: dict[str, Any]) -> None:
     from focalrt.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_bundle(spec["bundle"], provider="cpu", threads=spec["threads"])
+    # The KV budget is what the run needs (prompt + new tokens), as genai's max_length is in compare.py.
+    budget = len(spec["ids"]) + spec["new_tokens"]
+    pipe = Pipeline.from_bundle(spec["bundle"], provider="cpu", threads=spec["threads"], max_context=budget)
     load_s, rss = time.perf_counter() - t0, current_rss_bytes()
     ids = np.asarray(spec["ids"], np.int64)[None]
     positions = batch_positions(text_positions(ids.shape[1], pipe.model.rope_axes), 1)
