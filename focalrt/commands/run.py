@@ -212,8 +212,11 @@ def run(args) -> int:
     print("summary " + json.dumps(summary), file=sys.stderr)
     bad = {k: source.stats[k] for k in ("corrupt_frames", "frames_missing") if source.stats.get(k)}
     if bad and code == 0:
-        print(f"focalrt run: warning: the input was incomplete ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
-              f"exit status 5", file=sys.stderr)
+        named = source.stats.get("unreadable_named") or []  # image folders: the files that did not decode
+        more = source.stats.get("unreadable_files", 0) - len(named)
+        files = f"; unreadable files: {', '.join(named)}" + (f" and {more} more" if more > 0 else "") if named else ""
+        print(f"focalrt run: warning: the input was incomplete ({', '.join(f'{k} {v}' for k, v in bad.items())}"
+              f"{files}); exit status 5", file=sys.stderr)
         code = 5
     return code
 
