@@ -614,3 +614,40 @@ def test_folder_source_names_its_unreadable_files(tiny_bundle, tmp_path):
     assert summary["source"]["unreadable_named"] == ["bad_a.jpg", "bad_b.png", "bad_c.jpg", "bad_d.jpg", "bad_e.jpg"]
     assert "unreadable files: bad_a.jpg, bad_b.png, bad_c.jpg, bad_d.jpg, bad_e.jpg and 2 more" in proc.stderr
     assert len(whole_lines(out)) == 3
+
+
+# --- outputs that cannot block: FIFOs and stdout (issue 26) --------------------------------------------------
+
+def test_fifo_out_without_a_reader_fails_in_one_line(tiny_bundle, avi_clip, tmp_path):
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", fifo, "--quiet", timeout=120)  # no hang
+    line = one_line_error(proc)
+    assert f"--out {fifo} is a FIFO with no reader" in line and "start the reader first" in line
+
+
+def test_fifo_out_with_a_reader_gets_every_line(tiny_bundle, avi_clip, tmp_path):
+    import threading
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))  # opens once the run opens it
+    reader.start()
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", fifo, "--quiet", timeout=300)
+    reader.join(60)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["frame"] for line in got[0].decode().splitlines()] == list(range(12))
+
+
+def test_out_dash_is_stdout(tiny_bundle, avi_clip, tmp_path):
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", "-", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["frame"] for e in events] == list(range(12)) and all(e["type"] == "description" for e in events)
+    assert not (tmp_path / "-").exists()
+    with open("/dev/full", "wb") as full:  # stdout on a full device: the JSONL rules, exit 4
+        proc = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source",
+                               str(avi_clip), *BOX, "--out", "-", "--quiet"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert proc.returncode == 4 and "writing <stdout> failed (No space left on device)" in proc.stderr, proc.stderr

@@ -61,8 +61,9 @@ def register(sub) -> None:
                         "off; 0.6 if given without a value)")
     p.add_argument("--max-frames", type=unlimited_int, default=None,
                    help="stop after this many frames; -1 = no limit (default: no limit, run until the source ends)")
-    p.add_argument("--out", help="JSONL file: one event per line, flushed line by line; or *.mcap: typed events "
-                                 "and annotated frames for Foxglove / ROS 2 tools (needs the [robotics] extra)")
+    p.add_argument("--out", help="JSONL file: one event per line, flushed line by line (- for stdout; a FIFO needs "
+                                 "its reader within 3 s); or *.mcap: typed events and annotated frames for Foxglove "
+                                 "/ ROS 2 tools (needs the [robotics] extra)")
     p.add_argument("--foxglove", type=int, nargs="?", const=8765, default=None, metavar="PORT",
                    help="stream events and annotated frames live to the Foxglove app over WebSocket "
                         "(default port 8765; needs the [robotics] extra)")
@@ -100,6 +101,7 @@ examples:
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
+    from focalrt.outputs import is_stream, open_stream
     from focalrt.runtime.faces.regions import parse_box
     from focalrt.runtime.stream.annotate import annotate
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
@@ -116,7 +118,10 @@ def run(args) -> int:
     if args.video_window and args.server:
         raise ValueError("--video-window is not sent to --server yet; describe video windows locally")
     locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
+    out_stream = None
     try:
+        if args.out and is_stream(args.out) and not args.out.lower().endswith(".mcap"):
+            out_stream = open_stream(args.out, "--out")  # stdout, or a FIFO whose reader must show up now
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
         pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=args.threads)
         warn_if_random(pipeline.bundle)
@@ -137,8 +142,10 @@ def run(args) -> int:
             robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True)
             if robot.port is not None:
                 print(f"Foxglove WebSocket on ws://{args.host}:{robot.port}", file=sys.stderr, flush=True)
-        jsonl = JsonlSink(args.out, append=args.append) if args.out and not mcap_out else None
+        jsonl = JsonlSink(args.out, append=args.append, stream=out_stream) if args.out and not mcap_out else None
     except BaseException:
+        if out_stream is not None:
+            out_stream.close()
         for lock in locks:
             lock.release(remove_if_new_and_empty=True)
         raise
@@ -225,7 +232,7 @@ def claim_outputs(args) -> list:
     """Check --out and --write-video before any model loads, and hold an exclusive lock on each."""
     from pathlib import Path
 
-    from focalrt.outputs import FileLock, OutputError, check_distinct, check_file
+    from focalrt.outputs import STDOUT, FileLock, OutputError, check_distinct, check_file, is_stream
     from focalrt.runtime.stream.sinks import KILL_SAFE_SUFFIXES
 
     if args.overwrite and args.append:
@@ -234,16 +241,20 @@ def claim_outputs(args) -> list:
         raise OutputError(f"--write-video {args.write_video}: use a .mkv or .avi path (MJPEG), which stays "
                           f"playable if the run is killed; an .mp4 written by OpenCV does not")
     source = args.source if Path(args.source).is_file() else None
-    check_distinct({"--source": source, "--out": args.out, "--write-video": args.write_video})
-    if args.out:
-        check_file(args.out, "--out", overwrite=args.overwrite, append=args.append, can_append=True)
+    out = args.out if args.out != STDOUT else None  # `--out -`: stdout, nothing to check or lock
+    check_distinct({"--source": source, "--out": out, "--write-video": args.write_video})
+    if out and out.lower().endswith(".mcap") and is_stream(out):
+        raise OutputError(f"--out {out} is not a regular file; an MCAP file needs one (it seeks back to index "
+                          f"its chunks): give a file path")
+    if out:
+        check_file(out, "--out", overwrite=args.overwrite, append=args.append, can_append=True)
     if args.write_video:
         check_file(args.write_video, "--write-video", overwrite=args.overwrite)
         if not Path(args.write_video).resolve().is_file() and Path(args.write_video).exists():
             raise OutputError(f"--write-video {args.write_video} is not a regular file; give a file path")
     locks: list[FileLock] = []
     try:
-        for flag, path in (("--out", args.out), ("--write-video", args.write_video)):
+        for flag, path in (("--out", out), ("--write-video", args.write_video)):
             if path:
                 locks.append(FileLock(path, flag))
     except OutputError:
