@@ -651,3 +651,56 @@ def test_out_dash_is_stdout(tiny_bundle, avi_clip, tmp_path):
                                str(avi_clip), *BOX, "--out", "-", "--quiet"], stdout=full, stderr=subprocess.PIPE,
                               text=True, timeout=300)
     assert proc.returncode == 4 and "writing <stdout> failed (No space left on device)" in proc.stderr, proc.stderr
+
+
+# --- a failed video write is an error that says what was kept (issue 26) -------------------------------------
+
+def _readable_frames(path: Path) -> int:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def test_mkv_on_a_full_disk_exits_4_saying_how_many_frames_were_kept(tiny_bundle, tmp_path):
+    clip = write_avi(tmp_path / "clip20.avi", 20)
+    video = tmp_path / "x.mkv"
+    proc = cli("run", tiny_bundle, "--source", clip, *BOX, "--write-video", video, "--quiet",
+               preexec_fn=_limit_file_size(60_000))
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    kept = _readable_frames(video)
+    assert 0 < kept < 20
+    assert f"writing video {video} failed" in proc.stderr and f"it keeps {kept} of the " in proc.stderr
+
+
+def test_video_sink_without_a_write_status_counts_what_the_file_holds(tmp_path):
+    """OpenCV 4 (Jetson's system build) returns None from VideoWriter.write: the file is counted at close."""
+    code = ("import resource, signal, sys\n"
+            "import numpy as np\n"
+            "import cv2\n"
+            "from focalrt.runtime.stream.sinks import VideoSink, WriteError\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "Real = cv2.VideoWriter\n"
+            "class Silent:  # OpenCV 4: write() returns None whatever happens\n"
+            "    def __init__(self, *a): self.real = Real(*a)\n"
+            "    def isOpened(self): return self.real.isOpened()\n"
+            "    def write(self, image): self.real.write(image)\n"
+            "    def release(self): self.real.release()\n"
+            "cv2.VideoWriter = Silent\n"
+            "sink = VideoSink(sys.argv[1], 10.0, (160, 120))\n"
+            "for i in range(12):\n"
+            "    sink.write(np.random.default_rng(i).integers(0, 255, (120, 160, 3), dtype=np.uint8))\n"
+            "try:\n"
+            "    sink.close()\n"
+            "except WriteError as e:\n"
+            "    print(e)\n")
+    video = tmp_path / "v.avi"
+    done = subprocess.run([sys.executable, "-c", code, str(video)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kept = _readable_frames(video)
+    assert kept < 12 and f"it keeps {kept} of the 12 frames written" in done.stdout, done.stdout
