@@ -140,6 +140,79 @@ def export_decoder(model, out: Path, max_context: int) -> dict[str, Any]:
     return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
 
 
+def check_keep_quantization(model_id: str | None, preset: str | None) -> None:
+    """--keep-quantization needs a GGUF source whose quantized tensors all have an exact MatMulNBits form;
+    checked from the file's header before anything is loaded."""
+    from focalrt.export.gguf_grid import check_types
+
+    path = locate_preset(preset) if preset else Path(model_id or "")
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"--keep-quantization keeps a GGUF file's quantized weights; {path} is not a .gguf file "
+                         f"(leave the flag out, or use `focalrt convert` to quantize a checkpoint)")
+    _require_gguf_support()
+    check_types(path)
+
+
+def keep_quantization(source: Source, out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The exported fp32 decoder rewritten with the GGUF's own Q4_0/Q4_1/Q8_0 blocks as MatMulNBits
+    (`gguf_grid`), then validated twice: with fp32 compute (accuracy_level 0) against PyTorch at the fp32
+    tolerance, which proves the weights are the dequantized model's exactly; and as shipped (accuracy_level
+    4, int8 activations per block) against that, on a real prompt, at `GRID_LOGITS_ATOL` (see there)."""
+    from focalrt.export.gguf_grid import ACCURACY_LEVEL, read_grid, with_accuracy_level
+    from focalrt.export.gguf_grid import keep_quantization as rewrite
+
+    model = source.model
+    path = out / "decoder.onnx"
+    log.info("keeping the GGUF quantization: matching the decoder's MatMul weights to %s", source.path.name)
+    summary = rewrite(path, path, read_grid(source.path))
+    exact = out / ".decoder-fp32-compute.onnx"
+    try:
+        with_accuracy_level(path, exact, 0)
+        err = validate_kv_decoder(model.model, model.lm_head, exact, head_dim_of(model.config))
+        log.info("the GGUF-grid decoder with fp32 compute matches PyTorch (max abs diff %.2e)", err)
+        grid_err = compare_accuracy_levels(model, source.tokenizer, exact, path)
+    finally:
+        for f in (exact, exact.with_name(exact.name + ".data")):
+            f.unlink(missing_ok=True)
+    log.info("with int8 activations (accuracy_level %d) the logits differ by up to %.3f", ACCURACY_LEVEL, grid_err)
+    precision = "int4" if summary["nodes_4bit"] else "int8"
+    return {**{k: v for k, v in record.items() if k not in ("inputs", "outputs")}, **describe_io(path),
+            "validation_max_abs_diff": err, "validation_max_abs_diff_accuracy_level_4": grid_err,
+            "precision": precision, "quantization": {"source": "gguf", "kept_on_grid": True, **summary}}
+
+
+# The shipped MatMulNBits quantize each block of 32 activations to int8 inside the kernel (accuracy_level 4),
+# so they differ from fp32 compute by that rounding, not by the weights. Measured on SmolLM2-135M (Q4_1,
+# logits of magnitude up to ~30, 30 layers): up to 0.5 at a prompt's positions (GRID_LOGITS_* chosen with
+# that margin; docs/precision-and-tensorrt.md). A wrong weight layout is off by whole logits everywhere.
+GRID_LOGITS_ATOL = 1.5
+GRID_LOGITS_RTOL = 0.05
+GRID_CHECK_PROMPT = "Explain step by step how photosynthesis works, then name three plants that use it."
+
+
+def compare_accuracy_levels(model, tokenizer, exact: Path, shipped: Path) -> float:
+    """Logits of every position of a real chat prompt: the shipped decoder against the fp32-compute one."""
+    import numpy as np
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": GRID_CHECK_PROMPT}], tokenize=True,
+                                        add_generation_prompt=True)
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids).numpy()
+    cfg = model.config
+    seq = embeds.shape[1]
+    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, seq), np.int64),
+             "position_ids": np.arange(seq, dtype=np.int64)[None], "logits_to_keep": np.array([seq], np.int64)}
+    for i in range(cfg.num_hidden_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, seq, head_dim_of(cfg)),
+                                                          np.float32)
+    ref = cpu_session(exact).run(["logits"], feeds)[0]
+    got = cpu_session(shipped).run(["logits"], feeds)[0]
+    return compare("decoder logits with int8 activations (accuracy_level 4)", got, ref, atol=GRID_LOGITS_ATOL,
+                   rtol=GRID_LOGITS_RTOL)
+
+
 def chat_profile(tokenizer, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The prompt profile from the checkpoint's chat template: a format string with {system} and
     {instruction}, the template's default system prompt, and stop tokens. Checked to give the same token
