@@ -1,16 +1,22 @@
 """A trained text model side by side in one run: SmolLM2-135M-Instruct from its GGUF.
 
-    python benchmarks/compare_text.py --bundle BUNDLE [--int8 B] [--int4 B] [--llama-cpp DIR] [--rounds 2]
+    python benchmarks/compare_text.py --bundle BUNDLE [--int8 B] [--int4 B] [--keep-quantization B]
+                                      [--llama-cpp DIR] [--rounds 2]
 
-Rows (each in its own subprocess, rounds in alternating order, same threads, same prompt token ids):
-  - focalrt fp32 (the exported bundle) and, when given, our int8 / int4 bundles;
+Rows (each in its own subprocess, rounds in alternating order, same threads, same prompt token ids, the same
+context budget of prompt + new tokens on every side):
+  - focalrt fp32 (the exported bundle) and, when given, our int8 / int4 bundles and the --keep-quantization
+    bundle (the GGUF's own Q4_1/Q8_0 blocks, compared against llama.cpp on the same file);
   - transformers fp32 on the same GGUF (dequantized by transformers; generate());
   - onnxruntime-genai fp32 and int4 (block 32 and its default algorithm), built by its own model builder
     from a dequantized HF directory written here (safetensors + config.json + tokenizer), since
     transformers' save_pretrained refuses a GGUF-loaded model;
   - with --llama-cpp DIR (built with cmake): llama.cpp's llama-bench on the very GGUF file (Q4_1 as
-    shipped), plus F32 and Q8_0 made from it by its own llama-quantize (--allow-requantize).
-Reported: prefill ms, decode tok/s (median step), peak RSS, and how many greedy tokens agree with ours.
+    shipped), plus F32 and Q8_0 made from it by its own llama-quantize (--allow-requantize); a llama-bench
+    that dies of a signal with its default repack (AMX on Xeon VMs) is rerun with --repack 0, which its row
+    names.
+Reported: prefill ms, decode tok/s (median step), peak RSS, how many greedy tokens agree with ours, and the
+decode ratios the targets name.
 The prompt is the chat-template prompt of a question; generation is forced to --new-tokens.
 """
 

@@ -227,6 +227,7 @@ def keep_quantization(src: Path, dst: Path, grid: dict[str, GridTensor], accurac
     index = row_index(grid)
     new_nodes, new_inits, replaced = [], [], set()
     block_sums: dict[str, str] = {}  # MatMul input -> its block sums
+    block_ones: set[str] = set()
     summary: dict[str, Any] = {"nodes_4bit": 0, "nodes_8bit": 0, "nodes_with_offsets": 0, "float_matmuls": 0,
                                "columns": {}}
     for node in graph.node:
@@ -258,10 +259,12 @@ def keep_quantization(src: Path, dst: Path, grid: dict[str, GridTensor], accurac
         if packed.offsets is not None:
             x = node.input[0]
             if x not in block_sums:
-                ones = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))  # [K, K/32]
-                sums_w = f"{base}.gguf_block_ones"
+                sums_w = f"gguf_block_ones_{k}"  # [K, K/32]: 1 where row k is in block b; one per K
+                if sums_w not in block_ones:
+                    ones = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
+                    block_ones.add(sums_w)
+                    new_inits.append(numpy_helper.from_array(ones, sums_w))
                 block_sums[x] = f"{base}.gguf_block_sums"
-                new_inits.append(numpy_helper.from_array(ones, sums_w))
                 new_nodes.append(helper.make_node("MatMul", [x, sums_w], [block_sums[x]], name=f"{base}.gguf_sums"))
             new_inits.append(numpy_helper.from_array(packed.offsets, f"{base}.gguf_offsets"))
             new_nodes.append(helper.make_node("MatMul", [block_sums[x], f"{base}.gguf_offsets"],

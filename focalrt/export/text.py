@@ -157,7 +157,7 @@ def keep_quantization(source: Source, out: Path, record: dict[str, Any]) -> dict
     """The exported fp32 decoder rewritten with the GGUF's own Q4_0/Q4_1/Q8_0 blocks as MatMulNBits
     (`gguf_grid`), validated on a real chat prompt (prefill, every position, then cached steps) in two
     steps: with fp32 compute (accuracy_level 0) against the fp32 decoder, which export_decoder validated
-    against PyTorch, at that same tolerance: the weights are exactly the dequantized model's; then as
+    against PyTorch, within float rounding (GRID_FP32_ATOL): the weights are exactly the dequantized model's; then as
     shipped (accuracy_level 4) against the fp32-compute graph, at GRID_LOGITS_ATOL/RTOL (see there)."""
     import shutil
 
@@ -175,7 +175,7 @@ def keep_quantization(source: Source, out: Path, record: dict[str, Any]) -> dict
         ref = run_decoder(path, feeds)
         exact = run_decoder(work / "fp32-compute.onnx", feeds)
         shipped = run_decoder(work / path.name, feeds)
-        err = max(compare(f"GGUF-grid decoder (fp32 compute) logits, call {i}", e, r, atol=1e-4)
+        err = max(compare(f"GGUF-grid decoder (fp32 compute) logits, call {i}", e, r, atol=GRID_FP32_ATOL)
                   for i, (e, r) in enumerate(zip(exact, ref, strict=True)))
         grid_err = max(compare(f"GGUF-grid decoder (int8 activations, accuracy_level {ACCURACY_LEVEL}) logits, "
                                f"call {i}", s, e, atol=GRID_LOGITS_ATOL, rtol=GRID_LOGITS_RTOL)
@@ -196,9 +196,15 @@ def keep_quantization(source: Source, out: Path, record: dict[str, Any]) -> dict
 
 
 # The shipped MatMulNBits quantize each block of 32 activations to int8 inside the kernel (accuracy_level 4),
-# so they differ from fp32 compute by that rounding, not by the weights. Measured on SmolLM2-135M (Q4_1):
-# see docs/precision-and-tensorrt.md for the measured difference and why these bounds.
-GRID_LOGITS_ATOL = 1.5
+# so they differ from fp32 compute by that rounding, not by the weights. On SmolLM2-135M (Q4_1, logits up to
+# ~41) over 200 positions of CPython's docs: max 1.45, mean 0.17, top-1 equal at 98% of positions; with
+# the Q4_1 offsets left out (a wrong grid) the logits are off by up to 46 and no top-1 agrees.
+# docs/precision-and-tensorrt.md has the numbers and the perplexity that follows.
+GRID_LOGITS_ATOL = 2.0
+# With fp32 compute the grid graph sums the same products in another order (per-block 4-bit products plus a
+# separate offset term for Q4_1), so it differs from the dense fp32 decoder by float rounding only: up to
+# 1.8e-4 on SmolLM2-135M's logits (up to ~41). A wrong grid is off by tens.
+GRID_FP32_ATOL = 1e-3
 GRID_LOGITS_RTOL = 0.05
 GRID_CHECK_PROMPT = "Explain step by step how photosynthesis works, then name three plants that use it."
 GRID_CHECK_STEPS = 3
