@@ -12,11 +12,6 @@ BOXES = [(170, 80, 280, 200), (190, 120, 260, 170), (200, 150, 250, 185), (150, 
 NEW = 12
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle) -> Pipeline:
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 def _plain(pipe, image, boxes, new=NEW):
     return [pipe.describe(image, box=b, max_new_tokens=new) for b in boxes]
 

@@ -22,11 +22,6 @@ from focalrt.runtime.pipeline import Pipeline
 BOX = (170, 80, 280, 200)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle) -> Pipeline:
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 def _text_positions(n: int, axes: int) -> np.ndarray:
     pos = np.arange(n, dtype=np.int64)[None]
     return np.repeat(pos, axes, axis=0) if axes > 1 else pos

@@ -35,11 +35,6 @@ def clip(tmp_path_factory, astronaut_bgr):
     return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", pan_zoom_frames(astronaut_bgr, 4))
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 def _run_events(tiny_bundle, clip, out, *extra):
     code = cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth,eyes", "--box",
                      "10,10,120,90", "--out", str(out), "--max-new-tokens", MAX_TOKENS, "--state-every", "2",

@@ -19,6 +19,7 @@ from focalrt.bundle import Bundle, BundleError, load
 from focalrt.runtime.backends.sessions import TENSORRT, create_session, device_for, resolve_providers
 from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
 from focalrt.runtime.faces import crops
+from focalrt.runtime.frames import check_frame, read_image
 from focalrt.runtime.generation import prompt as prompts
 from focalrt.runtime.generation.drafts import Drafts
 from focalrt.runtime.generation.generate import (
@@ -34,7 +35,6 @@ from focalrt.runtime.generation.generate import (
     generate,
 )
 from focalrt.runtime.models.adapters import adapter_for
-from focalrt.runtime.models.preprocess import check_frame, read_image
 
 
 @dataclass(frozen=True)
