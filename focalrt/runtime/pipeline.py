@@ -102,7 +102,8 @@ def io_record(session: ort.InferenceSession) -> dict[str, Any]:
 
 
 class Pipeline:
-    """Holds the sessions, tokenizer and one KV cache; not thread-safe.
+    """Holds the sessions, tokenizer and one KV cache; not thread-safe. (The camera loop around it is
+    `stream/runner.py`; "pipeline" here means the model's, not the frame's.)
 
     `describe_batch(requests)` is the one entry point; `describe` (one request, with streaming) and the
     `describe_*` conveniences build requests for it.

@@ -4,8 +4,8 @@ llguidance (MIT, no dependencies) compiles a JSON schema, regex or Lark grammar 
 at each step, computes the set of tokens that keep the output a valid prefix. We use its numpy path only
 (no torch). The pieces:
 
-- `grammar_tokenizer(tokenizer, vocab_size, stop_ids)`: llguidance's view of a `tokenizers` tokenizer,
-  built from its JSON (llguidance reads the same format). Building it walks the whole vocabulary (~1 s for
+- `grammar_tokenizer(tokenizer, vocab_size, stop_ids)`: llguidance's own tokenizer object for a `tokenizers`
+  tokenizer, built from its JSON (llguidance reads the same format). Building it walks the whole vocabulary (~1 s for
   Qwen's 151k tokens), so it is cached per tokenizer.
 - `compile_schema(schema, ...)` -> `CompiledGrammar`: checks the schema once, with a clear error when
   llguidance cannot compile it (before any frame is read). `SchemaCache` keeps one per distinct schema.
