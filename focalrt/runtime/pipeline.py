@@ -153,9 +153,6 @@ class Pipeline:
         self.image_token_id = int(self.text_cfg.get("image_token_id", -1))  # -1: no image token (text-only)
         self.cache = PromptCache.allocate(self.text_cfg["num_layers"], 1, self.text_cfg["num_kv_heads"],
                                           self.text_cfg["head_dim"], self.max_context, self.device)
-        self.setup = planning.PromptSetup(self.tokenizer, self.profile, self.adapter, self.max_context,
-                                          vision=self.vision is not None, video=self.video is not None,
-                                          source=str(bundle.path))
         self.schemas = SchemaCache(self.tokenizer, tok_path, int(self.text_cfg["vocab_size"]), self.stop_ids,
                                    self.profile.get("json_schema"))
 
@@ -169,6 +166,13 @@ class Pipeline:
         if tid is None:
             raise BundleError(f"{self.bundle.path}: stop token {token!r} is not in the tokenizer")
         return tid
+
+    @property
+    def setup(self) -> planning.PromptSetup:
+        """What planning reads: this pipeline's tokenizer, prompt profile, adapter and context, as they are now."""
+        return planning.PromptSetup(self.tokenizer, self.profile, self.adapter, self.max_context,
+                                    vision=self.vision is not None, video=self.video is not None,
+                                    source=str(self.bundle.path))
 
     @property
     def image_size(self) -> int:
