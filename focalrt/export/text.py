@@ -313,13 +313,13 @@ def _check_profile(tokenizer, profile: dict[str, Any]) -> None:
 
 def write_text_tokenizer(tokenizer, out: Path, source: str) -> dict[str, Any]:
     """The checkpoint's fast tokenizer as tokenizer.json, and whether a BOS token starts every text."""
-    from focalrt.export.tokenizer import _added_tokens
+    from focalrt.export.tokenizer import added_tokens
 
     path = out / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(path))
     bos = tokenizer.bos_token_id
     add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None
-    return {"file": path.name, "special_tokens": _added_tokens(path), "source": source,
+    return {"file": path.name, "special_tokens": added_tokens(path), "source": source,
             "bos_token": tokenizer.bos_token, "add_bos_token": add_bos}
 
 
