@@ -117,9 +117,11 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, provider: str | None = None, max_context: int | None = None,
                  threads: int | None = None, max_batch: int = 8,
-                 session_factory: Callable[[Path], ort.InferenceSession] | None = None):
+                 session_factory: Callable[[Path], ort.InferenceSession] | None = None, spinning: bool = True):
         """`session_factory` loads each component's ONNX file (default: `sessions.create_session` with the
-        chosen providers); calibration passes one that runs FP8 graphs literally."""
+        chosen providers); calibration passes one that runs FP8 graphs literally. `threads` and `spinning`
+        set the sessions' intra-op pools (spinning off when another lane shares the CPU)."""
+        self.spinning = spinning
         self.bundle = bundle
         self.session_factory = session_factory
         m = bundle.manifest
@@ -172,12 +174,13 @@ class Pipeline:
             signed = self.bundle.component(component).get("tensorrt_file")
             if signed:
                 path = self.bundle.file(signed["file"])
-        return create_session(path, self.providers, threads, trt)
+        return create_session(path, self.providers, threads, trt, spinning=self.spinning)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, provider: str | None = None, max_context: int | None = None,
-                    threads: int | None = None, max_batch: int = 8) -> Pipeline:
-        return cls(load(path), provider=provider, max_context=max_context, threads=threads, max_batch=max_batch)
+                    threads: int | None = None, max_batch: int = 8, spinning: bool = True) -> Pipeline:
+        return cls(load(path), provider=provider, max_context=max_context, threads=threads, max_batch=max_batch,
+                   spinning=spinning)
 
     def _token_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)

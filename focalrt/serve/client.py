@@ -232,10 +232,10 @@ class RemotePipeline:
 
 
 def open_pipeline(bundle: str | Path, provider: str | None = None, server: str | None = None,
-                  threads: int | None = None):
+                  threads: int | None = None, spinning: bool = True):
     """A local Pipeline, or with `server` a RemotePipeline that describes on that `focalrt serve`."""
     if server:
         return RemotePipeline(bundle, server, provider=provider)
     from focalrt.runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(bundle, provider=provider, threads=threads)
+    return Pipeline.from_bundle(bundle, provider=provider, threads=threads, spinning=spinning)
