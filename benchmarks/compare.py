@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,9 @@ import decode  # noqa: E402  (benchmarks/decode.py: shared workers and orchestra
 from focalrt.calibration.quantize import INT4_BLOCK_SIZE  # noqa: E402
 
 CACHE = decode.CACHE
+# Every runtime gets the context the run needs: ours a KV cache of one slot and prompt + new tokens,
+# onnxruntime-genai max_length = prompt + new tokens, llama-bench the context of each of its tests.
+CONTEXT_NOTE = "context budget {n} tokens on every side (prompt + new tokens, one sequence)"
 GENAI_PRECISIONS = ("fp32", "int4")
 
 
@@ -214,19 +218,46 @@ def ensure_gguf(checkpoint: Path, llama_cpp: Path, precision: str) -> Path:
     return out
 
 
+def llama_bench_failure(proc: subprocess.CompletedProcess) -> str:
+    """What killed llama-bench, in words: the signal or exit code and the last lines it wrote."""
+    code = proc.returncode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+        else f"exit {code}"
+    tail = "\n".join((proc.stderr or "").strip().splitlines()[-8:]) or "(nothing on stderr)"
+    return f"llama-bench {how}: {tail}"
+
+
+def crashed_in_repack(proc: subprocess.CompletedProcess) -> bool:
+    """llama-bench died of a signal (SIGSEGV/SIGILL/SIGBUS), as llama.cpp's AMX repack path
+    (`ggml_backend_amx_mul_mat`) does on Xeon VMs whose AMX tiles are advertised but not usable; it writes
+    nothing before dying (`-o json` holds its output until the end). `--repack 0` leaves the CPU's extra
+    (repacked) buffer types out, AMX included."""
+    return proc.returncode in (-signal.SIGSEGV, -signal.SIGILL, -signal.SIGBUS, 128 + signal.SIGSEGV)
+
+
 def worker_llamacpp(spec: dict[str, Any]) -> None:
     """llama.cpp's own `llama-bench`: prefill of the prompt length from an empty cache, then decode steps
-    at that depth (-d), same thread count; one repetition per timed run. No token ids come back."""
+    at that depth (-d), same thread count; one repetition per timed run. No token ids come back. Its
+    context is what each test needs (prompt, or depth + generated tokens), like ours and genai's here.
+    If it dies of a signal with the default repack (AMX on Xeon VMs), it is run again with `--repack 0`
+    and the result says so."""
     import resource
 
     bench = Path(spec["llama_cpp"]) / "build" / "bin" / "llama-bench"
     n_prompt, n_gen, reps = len(spec["ids"]), spec["new_tokens"], spec["runs"]
+    notes: list[str] = []
+    extra: list[str] = list(spec.get("llama_bench_args", []))
 
     def run(args: list[str]) -> list[float]:
         cmd = [str(bench), "-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(reps), "-o", "json", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True)
+        if proc.returncode != 0 and crashed_in_repack(proc) and "--repack" not in extra:
+            notes.append(f"{llama_bench_failure(proc).splitlines()[0]} with the default repack (llama.cpp's AMX "
+                         f"path on this CPU); rerun with --repack 0")
+            extra.extend(["--repack", "0"])
+            proc = subprocess.run(cmd + extra, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"llama-bench failed: {proc.stderr[-800:]}")
+            raise RuntimeError(llama_bench_failure(proc))
         return [float(x) for x in json.loads(proc.stdout)[0]["samples_ts"]]
 
     t0 = time.perf_counter()
@@ -236,7 +267,16 @@ def worker_llamacpp(spec: dict[str, Any]) -> None:
             for pp, tg in zip(prefill_ts, decode_ts, strict=False)]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"runs": runs, "tokens": [], "load_s": time.perf_counter() - t0, "rss_after_load_bytes": None,
-                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"])}), flush=True)
+                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"]), "llama_bench_args": extra,
+                      "notes": notes}), flush=True)
+
+
+def row_name(name: str, result: dict[str, Any]) -> str:
+    """A row's name, with how llama-bench had to be run when it was not its default."""
+    args = result.get("llama_bench_args") or []
+    if "--repack" in args and result.get("notes"):
+        return f"{name} (--repack 0: crashed with the default repack)"
+    return name
 
 
 decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint,
@@ -358,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                          if compared else None),
                  "ours_prefill_speedup": r["quiet_prefill_ms"] / ref["quiet_prefill_ms"] if compared else None}
         table[name] = entry
-        rows.append([name, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
+        notes += [f"{name}: {note}" for note in dict.fromkeys(r.get("notes") or [])]
+        rows.append([row_name(name, r), r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
                      r["decode_tokens_per_s_best"], f"{entry['fraction_of_roofline']:.0%}", mib(r["peak_rss_bytes"]),
                      f"{entry['ours_prefill_speedup']:.2f}x" if entry["ours_prefill_speedup"] else "-",
                      f"{entry['ours_decode_speedup']:.2f}x" if entry["ours_decode_speedup"] else "-",
@@ -382,14 +423,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             targets[f"prefill_vs_llamacpp_{precision}"] = lc["quiet_prefill_ms"] / o["quiet_prefill_ms"]
     result = {"preset": args.preset, "bundle": str(bundle), "prompt_tokens": len(spec["ids"]),
               "new_tokens": args.new_tokens, "runs_per_round": args.runs, "warmup": args.warmup,
-              "rounds": args.rounds, "threads": spec["threads"], "bandwidth": bandwidth,
+              "rounds": args.rounds, "threads": spec["threads"], "context_budget": spec["max_context"],
+              "bandwidth": bandwidth,
               "bandwidth_runs": bandwidth_runs, "environment": env, "rows": table, "targets": targets,
               "notes": notes}
 
     print(f"\n{args.preset}: prompt {len(spec['ids'])} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
           f"{args.rounds} rounds x {args.runs} runs per row after {args.warmup} warm-up; {spec['threads']} threads; "
           f"bandwidth {bandwidth['best_gb_s']:.1f} GB/s ({bandwidth['best_kernel']}); "
-          f"'quiet' = median of the least disturbed round")
+          f"'quiet' = median of the least disturbed round; {CONTEXT_NOTE.format(n=spec['max_context'])}")
     print(describe(env) + "\n")
     print(markdown_table(["runtime", "prefill ms (quiet)", "decode tok/s (quiet)", "decode tok/s (all runs)",
                           "best run tok/s", "of roofline", "peak RSS", "ours: prefill speedup",

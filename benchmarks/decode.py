@@ -135,7 +135,10 @@ def worker_ours(spec: dict[str, Any]) -> None:
     from focalrt.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_bundle(spec["bundle"], provider="cpu", threads=spec["threads"])
+    # The same context budget as the other runtimes get (genai's max_length, transformers' growing cache):
+    # one slot of prompt + new tokens, not the bundle's max_context for every slot.
+    pipe = Pipeline.from_bundle(spec["bundle"], provider="cpu", threads=spec["threads"],
+                                max_context=spec.get("max_context"), max_batch=1)
     load_s, rss = time.perf_counter() - t0, current_rss_bytes()
     ids = np.asarray(spec["ids"], np.int64)[None]
     positions = batch_positions(text_positions(ids.shape[1], pipe.model.rope_axes), 1)
@@ -269,7 +272,7 @@ def base_spec(args) -> tuple[dict[str, Any], Path]:
     length = args.prompt_tokens or region_prompt_length(bundle)
     spec = {"bundle": str(bundle), "preset": args.preset, "seed": bundle_seed(bundle),
             "ids": prompt_ids(bundle, length), "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
-            "threads": args.threads or cpu_cores()["usable"] or 1}
+            "threads": args.threads or cpu_cores()["usable"] or 1, "max_context": length + args.new_tokens}
     return spec, bundle
 
 
