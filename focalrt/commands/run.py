@@ -7,7 +7,8 @@ written; files run them in lock-step (each frame described before the next is re
 
 Exit status: 0 done; 2 bad input (nothing written); 3 a source was lost; 4 an output could not be written (the
 message says what was kept); 5 the input had unreadable frames or ended before its declared length (see
-corrupt_frames and frames_missing in the summary); 130 Ctrl-C; 143 SIGTERM.
+corrupt_frames and frames_missing in the summary); 6 the --server went away and did not come back within its
+reconnect attempts (summary "server": outages, retries, undescribed); 130 Ctrl-C; 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true",
                    help="no progress line; without --out, print only fresh events")
     p.add_argument("--server", help="describe on a `focalrt serve` at this URL (http://HOST:8000); faces stay local")
+    p.add_argument("--server-timeout", type=non_negative_float, default=60.0,
+                   help="with --server: seconds to wait at start for the server's models to be ready (a server "
+                        "started with the camera loads them for a while); default 60")
     p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     add_schema(p)
     p.add_argument("--video-window", action="store_true",
@@ -157,16 +161,15 @@ def run(args) -> int:
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.stream.sinks import JsonlSink, ShowSink, VideoSink, WriteError
     from focalrt.runtime.stream.sources import SourceError, classify, open_source
-    from focalrt.serve.client import open_pipeline
+    from focalrt.serve.client import ServerLost, open_pipeline
 
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
     boxes = [parse_box(b) for b in args.box]
     schema = schema_choice(args)
-    if schema is not None and args.server:
-        raise ValueError("--schema/--format json are not sent to --server yet; describe locally to constrain answers")
-    if args.video_window and args.server:
-        raise ValueError("--video-window is not sent to --server yet; describe video windows locally")
+    if args.server and args.threads:
+        raise ValueError("--threads sizes the VLM's thread pool, and with --server the VLM runs on the server; drop "
+                         "--threads (--face-threads sizes the face models, which stay local)")
     realtime = realtime_mode(args)
     kinds = [classify(spec)[0] for spec in args.source]
     if realtime and {"image", "folder"} & set(kinds):
@@ -182,7 +185,8 @@ def run(args) -> int:
     opened = []
     try:
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
-        pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=threads, spinning=not realtime)
+        pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=threads, spinning=not realtime,
+                                 server_timeout_s=args.server_timeout)
         warn_if_random(pipeline.bundle)
         face_providers = resolve_providers(face_provider) if face_provider else None
         state = bundle_face_state(pipeline, args.smooth, face_providers, face_threads, spinning=not realtime) \
@@ -267,6 +271,10 @@ def run(args) -> int:
         progress.end()
         print(f"focalrt run: {e}", file=sys.stderr)
         code = 4
+    except ServerLost as e:
+        progress.end()
+        print(f"focalrt run: server lost: {e}", file=sys.stderr)
+        code = 6
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
         progress.end()
@@ -313,6 +321,8 @@ def run(args) -> int:
     else:
         summary["source"] = opened[0].stats
     summary["drafts"] = runner.drafts.stats()
+    if args.server:
+        summary["server"] = {"url": args.server, **pipeline.stats}
     if realtime:
         summary["lanes"] = {"frame_lane_threads": face_threads, "description_lane_threads": threads,
                             "face_providers": face_providers, "describe_provider": pipeline.providers[0],
