@@ -1,6 +1,6 @@
 """Our runtime against the baselines, side by side in one invocation, on the same weights and prompt.
 
-    python benchmarks/compare.py --preset small [--json out.json] [--skip-int4]
+    python -m benchmarks.compare --preset small [--json out.json] [--skip-int4]
 
 Rows:
   1. focalrt, fp32 bundle and an int4 bundle (`focalrt convert --precision int4`);
@@ -34,12 +34,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import decode  # noqa: E402  (benchmarks/decode.py: shared workers and orchestration)
+from benchmarks import decode, harness
+from focalrt.calibration.quantize import INT4_BLOCK_SIZE
 
-from focalrt.calibration.quantize import INT4_BLOCK_SIZE  # noqa: E402
-
-CACHE = decode.CACHE
+CACHE = harness.CACHE
 # Every runtime gets the context the run needs: ours a KV cache of one slot and prompt + new tokens,
 # onnxruntime-genai max_length = prompt + new tokens, llama-bench the context of each of its tests.
 CONTEXT_NOTE = "context budget {n} tokens on every side (prompt + new tokens, one sequence)"
@@ -73,7 +71,7 @@ def ensure_checkpoint(spec: dict[str, Any]) -> Path:
     if not (out / "config.json").is_file():
         print(f"saving the {spec['preset']} checkpoint to {out} (once) ...", file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        decode.run_worker(Path(__file__).resolve(), "checkpoint", {**spec, "out": str(out)})
+        harness.run_worker("benchmarks.compare", "checkpoint", {**spec, "out": str(out)})
     return out
 
 
@@ -180,8 +178,8 @@ def worker_genai(spec: dict[str, Any]) -> None:
             tokens.append(int(gen.get_next_tokens()[0]))
         del gen
         if i >= spec["warmup"]:
-            runs.append(decode.one_run(prefill_ms, steps))
-    decode.finish_worker(runs, tokens, load_s, rss, {"onnxruntime_genai": og.__version__})
+            runs.append(harness.one_run(prefill_ms, steps))
+    harness.finish_worker(runs, tokens, load_s, rss, {"onnxruntime_genai": og.__version__})
 
 
 # ---------------------------------------------------------------- the llama.cpp worker
@@ -263,7 +261,7 @@ def worker_llamacpp(spec: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     prefill_ts = run(["-p", str(n_prompt), "-n", "0"])
     decode_ts = run(["-p", "0", "-n", str(n_gen - 1), "-d", str(n_prompt)])
-    runs = [decode.one_run(n_prompt / pp * 1e3, [1e3 / tg] * (n_gen - 1))
+    runs = [harness.one_run(n_prompt / pp * 1e3, [1e3 / tg] * (n_gen - 1))
             for pp, tg in zip(prefill_ts, decode_ts, strict=False)]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"runs": runs, "tokens": [], "load_s": time.perf_counter() - t0, "rss_after_load_bytes": None,
@@ -279,8 +277,7 @@ def row_name(name: str, result: dict[str, Any]) -> str:
     return name
 
 
-decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint,
-                       "llamacpp": worker_llamacpp})
+WORKERS = {**decode.WORKERS, "genai": worker_genai, "checkpoint": worker_checkpoint, "llamacpp": worker_llamacpp}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -323,7 +320,7 @@ def focalrt_weight_bytes(bundle: Path) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    decode.common_args(p)
+    harness.common_args(p)
     p.add_argument("--skip-int4", action="store_true", help="only the fp32 rows")
     p.add_argument("--int4-block-size", type=int, default=INT4_BLOCK_SIZE,
                    help=f"int4 weights per scale, for ours and genai's (default {INT4_BLOCK_SIZE}, ours)")
@@ -332,14 +329,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "and llama-quantize): adds llama.cpp f32 and Q4_0 rows")
     args = p.parse_args(argv)
     if args.worker:
-        decode.WORKERS[args.worker](json.loads(args.spec))
+        WORKERS[args.worker](json.loads(args.spec))
         return {}
     from focalrt.bench.environment import describe, environment
     from focalrt.bench.report import markdown_table, mib
     from focalrt.bench.roofline import measure_bandwidth
 
-    spec, bundle = decode.base_spec(args)
-    script = Path(__file__).resolve()
+    spec, bundle = harness.base_spec(args)
+    script = "benchmarks.compare"
     notes: list[str] = []
     sides: dict[str, dict[str, Any]] = {"focalrt fp32": {**spec, "worker": "ours"},
                                         "transformers fp32": {**spec, "worker": "transformers"}}
@@ -378,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # round and keeping the best gives the bound the runtimes had when the machine was quietest.
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
     bandwidth_runs = [measure_bandwidth()]
-    results = decode.measure_sides(script, sides, args.rounds,
+    results = harness.measure_sides(script, sides, args.rounds,
                                    after_round=lambda: bandwidth_runs.append(measure_bandwidth()))
     bandwidth = max(bandwidth_runs, key=lambda b: b["best_gb_s"])
     env = environment(["CPUExecutionProvider"], spec["threads"])
@@ -393,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry = {**{k: v for k, v in r.items() if k != "tokens"},
                  "weight_bytes_per_token": weight_bytes[name], "roofline_tokens_per_s": bound,
                  "fraction_of_roofline": r["quiet_decode_tokens_per_s"] / bound,
-                 "greedy_tokens_agreeing_with_focalrt_fp32": decode.agreement(r["tokens"], ours["tokens"]),
+                 "greedy_tokens_agreeing_with_focalrt_fp32": harness.agreement(r["tokens"], ours["tokens"]),
                  "ours_decode_speedup": (ref["quiet_decode_tokens_per_s"] / r["quiet_decode_tokens_per_s"]
                                          if compared else None),
                  "ours_prefill_speedup": r["quiet_prefill_ms"] / ref["quiet_prefill_ms"] if compared else None}

@@ -1,6 +1,6 @@
 """A trained text model side by side in one run: SmolLM2-135M-Instruct from its GGUF.
 
-    python benchmarks/compare_text.py --bundle BUNDLE [--int8 B] [--int4 B] [--keep-quantization B]
+    python -m benchmarks.compare_text --bundle BUNDLE [--int8 B] [--int4 B] [--keep-quantization B]
                                       [--llama-cpp DIR] [--rounds 2]
 
 Rows (each in its own subprocess, rounds in alternating order, same threads, same prompt token ids, the same
@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare  # noqa: E402  (benchmarks/compare.py: the genai and llama.cpp workers)
-import decode  # noqa: E402  (benchmarks/decode.py: ours, orchestration)
+from benchmarks import compare, decode, harness  # compare: the genai and llama.cpp workers; decode: ours
 
-CACHE = decode.CACHE
+CACHE = harness.CACHE
 KEPT_ROW = "focalrt GGUF grid (--keep-quantization)"
 QUESTION = "Write a short story about a robot who learns to paint."
 
@@ -75,15 +73,15 @@ def worker_hf_dir(spec: dict[str, Any]) -> None:
     print(json.dumps({"checkpoint": str(out)}))
 
 
-decode.WORKERS.update({"transformers_gguf": worker_transformers_gguf, "hf_dir": worker_hf_dir,
-                       "genai": compare.worker_genai, "llamacpp": compare.worker_llamacpp})
+WORKERS = {**decode.WORKERS, "transformers_gguf": worker_transformers_gguf, "hf_dir": worker_hf_dir,
+           "genai": compare.worker_genai, "llamacpp": compare.worker_llamacpp}
 
 
 def ensure_hf_dir(gguf: Path) -> Path:
     out = CACHE / "checkpoints" / gguf.stem
     if not (out / "model.safetensors").is_file():
         print(f"writing the dequantized HF directory {out} (once) ...", file=sys.stderr, flush=True)
-        decode.run_worker(Path(__file__).resolve(), "hf_dir", {"gguf": str(gguf), "out": str(out)})
+        harness.run_worker("benchmarks.compare_text", "hf_dir", {"gguf": str(gguf), "out": str(out)})
     return out
 
 
@@ -121,7 +119,7 @@ def main() -> None:
     p.add_argument("--spec")
     args = p.parse_args()
     if args.worker:
-        decode.WORKERS[args.worker](json.loads(args.spec))
+        WORKERS[args.worker](json.loads(args.spec))
         return
     from focalrt.bench.environment import describe, environment
     from focalrt.bench.report import markdown_table, mib
@@ -155,11 +153,11 @@ def main() -> None:
                                               "llama_cpp": str(args.llama_cpp)}
             except RuntimeError as e:
                 notes.append(str(e))
-    results = decode.measure_sides(Path(__file__).resolve(), sides, args.rounds)
+    results = harness.measure_sides("benchmarks.compare_text", sides, args.rounds)
     ours = results["focalrt fp32"]
     rows = []
     for name, r in results.items():
-        same = f"{decode.agreement(r['tokens'], ours['tokens'])}/{args.new_tokens}" if r["tokens"] else "-"
+        same = f"{harness.agreement(r['tokens'], ours['tokens'])}/{args.new_tokens}" if r["tokens"] else "-"
         notes += [f"{name}: {note}" for note in dict.fromkeys(r.get("notes") or [])]
         rows.append([compare.row_name(name, r), r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"],
                      r["decode_tokens_per_s"], mib(r["peak_rss_bytes"]), same])

@@ -1,6 +1,6 @@
 """Precision on real weights: a text bundle (SmolLM2-135M-Instruct) in fp16, int8 and int4, against fp32.
 
-    python benchmarks/precision_text.py --bundle BUNDLE --out DIR [--windows 16] [--variants ...]
+    python -m benchmarks.precision_text --bundle BUNDLE --out DIR [--windows 16] [--variants ...]
 
 For each variant the decoder is converted with the project's own transforms (focalrt.calibration.quantize;
 int4 through each of onnxruntime's MatMulNBits algorithms), the rest of the bundle is hard-linked, and:

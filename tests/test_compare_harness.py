@@ -7,13 +7,11 @@ A stand-in llama-bench (a shell script) plays the crash, so these run without a 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-compare = pytest.importorskip("compare")
+from benchmarks import compare
 
 SAMPLES = '[{"samples_ts": [250.0, 200.0]}]'
 

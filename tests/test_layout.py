@@ -51,3 +51,19 @@ def test_no_module_imports_another_modules_private_names():
                 offenders += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
                               if a.name.startswith("_") and not a.name.startswith("__")]
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_benchmark_runs_as_a_module_and_none_edits_sys_path():
+    """benchmarks/ is a package: scripts share `benchmarks.harness` by import, not by sys.path edits, and each
+    answers `python -m benchmarks.NAME --help` from the checkout's root, as its docs say to run it."""
+    import subprocess
+    import sys
+
+    root = RUNTIME.parents[1]
+    scripts = sorted(p for p in (root / "benchmarks").glob("*.py") if p.stem not in ("__init__", "harness"))
+    assert len(scripts) >= 10
+    for path in scripts:
+        assert "sys.path" not in path.read_text(), path.name
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{path.stem}", "--help"], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, (path.name, done.stderr[-500:])
