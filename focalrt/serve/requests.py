@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from focalrt.runtime.faces.regions import REGIONS, parse_regions
+from focalrt.runtime.generation.planning import VideoClip
 
 
 class RequestError(ValueError):
@@ -29,11 +30,13 @@ class Limits:
     max_prompt_chars: int = 2000
     max_new_tokens: int = 256
     max_schema_chars: int = 16384
+    # a video window's frames together are bounded by max_image_bytes too, and there must be exactly as many
+    # as the bundle's video encoder takes (checked before any frame is read)
 
 
 @dataclass
 class DescribeRequest:
-    image: np.ndarray                      # HxWx3 uint8 BGR
+    image: np.ndarray | None               # HxWx3 uint8 BGR (None for a video window)
     boxes: list[tuple[int, int, int, int]]
     regions: list[str]
     landmarks68: np.ndarray | None
@@ -41,6 +44,7 @@ class DescribeRequest:
     max_new_tokens: int | None
     schema: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    window: VideoClip | None = None  # a video window request (then image is None): its frames and landmarks
 
 
 def _one(request: dict[str, np.ndarray], name: str) -> np.ndarray | None:
@@ -234,3 +238,70 @@ def decode_describe(request: dict[str, np.ndarray], limits: Limits, schema_suppo
                                f"1..{limits.max_new_tokens}")
     schema = check_schema(request, limits, schema_supported)
     return DescribeRequest(image, boxes, regions, lm, prompt, max_new_tokens, schema)
+
+
+def is_window(request: dict[str, np.ndarray]) -> bool:
+    """A video-window request: it carries `video_frames` instead of `image`."""
+    return request.get("video_frames") is not None
+
+
+def decode_window(request: dict[str, np.ndarray], limits: Limits, frames: int) -> DescribeRequest:
+    """A video window: exactly `frames` raw BGR frames of one size (`video_frames` with `image_shape`), optionally
+    `video_landmarks68` [F, 68, 2], and the prompt, schema and max_new_tokens of any request. The frame count
+    and the window's total bytes (at most max_image_bytes) are checked before any pixel is read, so a window
+    cannot be used to make the server allocate more than one large image would."""
+    if frames < 1:
+        raise RequestError("input 'video_frames': this bundle has no video encoder, so it cannot describe video "
+                           "windows; send an image with boxes or regions")
+    if request.get("image") is not None:
+        raise RequestError("send either input 'image' or input 'video_frames' (a video window), not both")
+    items = np.asarray(_one(request, "video_frames"), dtype=object).reshape(-1)
+    if items.size != frames:
+        raise RequestError(f"input 'video_frames' has {items.size} frames; this bundle's video encoder takes "
+                           f"exactly {frames}")
+    if not all(isinstance(item, bytes) for item in items):
+        raise RequestError("input 'video_frames' must hold BYTES elements (each frame's raw BGR pixels)")
+    total = sum(len(item) for item in items)
+    if total > limits.max_image_bytes:
+        raise RequestError(f"input 'video_frames' has {total} bytes; the server accepts at most "
+                           f"{limits.max_image_bytes} per request (--max-image-bytes)")
+    shape = _one(request, "image_shape")
+    if shape is None:
+        raise RequestError("input 'image_shape' [height, width] is required with 'video_frames' (raw BGR pixels)")
+    shape = np.asarray(shape).reshape(-1)
+    if shape.dtype.kind not in "iu" or shape.size != 2 or min(shape.tolist()) < 1:
+        raise RequestError(f"input 'image_shape' must be [height, width] integers >= 1, got {shape.tolist()}")
+    h, w = (int(v) for v in shape)
+    if h * w > limits.max_pixels:
+        raise RequestError(f"input 'video_frames': frames of {w}x{h} pixels; the server accepts at most "
+                           f"{limits.max_pixels} pixels")
+    for i, item in enumerate(items):
+        if len(item) != h * w * 3:
+            raise RequestError(f"input 'video_frames' frame {i}: a raw BGR frame of {w}x{h} needs {h * w * 3} "
+                               f"bytes, got {len(item)}; send frame.tobytes() of each HxWx3 uint8 frame")
+    pixels = [np.frombuffer(item, np.uint8).reshape(h, w, 3) for item in items]
+    landmarks = None
+    raw = _one(request, "video_landmarks68")
+    if raw is not None:
+        lm = np.asarray(raw)
+        if lm.dtype.kind not in "fiu" or lm.shape != (frames, 68, 2) or not np.isfinite(lm).all():
+            raise RequestError(f"input 'video_landmarks68' must be {frames} x 68 finite (x, y) points, got "
+                               f"{lm.dtype.name} {list(lm.shape)}")
+        landmarks = list(lm.astype(np.float32))
+    prompt = _text(request, "prompt", limits.max_prompt_chars)
+    max_new_tokens = check_max_new_tokens(request, limits)
+    schema = check_schema(request, limits, supported=True)
+    return DescribeRequest(None, [], [], None, prompt, max_new_tokens, schema, window=VideoClip(pixels, landmarks))
+
+
+def check_max_new_tokens(request: dict[str, np.ndarray], limits: Limits) -> int | None:
+    value = _one(request, "max_new_tokens")
+    if value is None:
+        return None
+    values = np.asarray(value).reshape(-1)
+    if values.dtype.kind not in "iu" or values.size != 1:
+        raise RequestError(f"input 'max_new_tokens' must hold one integer, got {values.tolist()}")
+    n = int(values[0])
+    if not 1 <= n <= limits.max_new_tokens:
+        raise RequestError(f"input 'max_new_tokens': max_new_tokens={n}; the server accepts 1..{limits.max_new_tokens}")
+    return n

@@ -2,8 +2,11 @@
 
 Both go through foxglove-sdk (the `[robotics]` extra), which owns the MCAP writer, the WebSocket server and
 the well-known message schemas. One topic per event type, JSON-encoded with the JSON schema from
-focalrt/schemas; annotated frames on a `foxglove.CompressedImage` topic (JPEG). Every message's log time is
-its frame's timestamp in nanoseconds, so video and face state share one timeline in Foxglove.
+focalrt/schemas; annotated frames on a `foxglove.CompressedImage` topic (JPEG; one topic per source,
+/focalrt/image/N, when a run has several). Every message's log time is its frame's timestamp in nanoseconds,
+so video and face state share one timeline in Foxglove; a real-time description, which finishes after later
+frames, is logged at the frame it was emitted with (`emitted_timestamp`), so the file stays in time order and
+its payload's `frame`/`timestamp` say which frame it describes.
 
 Nothing lost: the MCAP file is written through mcap_file.McapFile, and a background thread closes and
 flushes the open chunk every `flush_interval_s` (1 s), so after a SIGKILL every message older than that is
@@ -97,6 +100,7 @@ class FoxgloveSink:
         self.channels = {kind: fg.Channel(topic, schema=event_schema(kind), message_encoding="json",
                                           context=self.context) for kind, topic in TOPICS.items()}
         self.image = fg.channels.CompressedImageChannel(IMAGE_TOPIC, context=self.context)
+        self.source_images: dict[int, Any] = {}  # several sources: one image topic each, made on first use
         self.jpeg_quality = int(jpeg_quality)
 
     @property
@@ -110,11 +114,12 @@ class FoxgloveSink:
         message = json.loads(json.dumps(event, default=_plain))
         with self._lock:
             self._raise_failure()
-            self.channels[kind].log(message, log_time=log_time_ns(event["timestamp"]))
+            self.channels[kind].log(message, log_time=log_time_ns(event.get("emitted_timestamp", event["timestamp"])))
             self.messages_written += self.writer is not None
 
-    def write_frame(self, image_bgr: np.ndarray, timestamp_s: float) -> None:
-        """One (already annotated) frame as a JPEG foxglove.CompressedImage at the frame's time."""
+    def write_frame(self, image_bgr: np.ndarray, timestamp_s: float, source: int | None = None) -> None:
+        """One (already annotated) frame as a JPEG foxglove.CompressedImage at the frame's time; a frame of
+        source N among several goes to /focalrt/image/N."""
         ok, jpeg = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         if not ok:
             raise RuntimeError("OpenCV could not encode the frame as JPEG")
@@ -124,7 +129,10 @@ class FoxgloveSink:
             frame_id=FRAME_ID, data=jpeg.tobytes(), format="jpeg")
         with self._lock:
             self._raise_failure()
-            self.image.log(msg, log_time=ns)
+            if source is not None and source not in self.source_images:
+                self.source_images[source] = self._fg.channels.CompressedImageChannel(f"{IMAGE_TOPIC}/{source}",
+                                                                                       context=self.context)
+            (self.image if source is None else self.source_images[source]).log(msg, log_time=ns)
             self.messages_written += self.writer is not None
 
     def _flush_every_interval(self) -> None:

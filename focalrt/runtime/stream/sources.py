@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class Frame:
     timestamp: float  # seconds: media position for files, time.monotonic() for live sources
     image: np.ndarray  # HxWx3 uint8 BGR
     capture_ms: float  # time spent reading and decoding this frame
+    captured: float = field(default_factory=time.monotonic)  # time.monotonic() when read (live: when delivered)
+    source: int | None = None  # which of several sources (its place among them); None when there is one
 
 
 def default_capture_factory(target: Any, api: int) -> Any:
@@ -429,7 +431,7 @@ class NewestFrameReader:
                     wait = start + frame.index / self.pace_fps - time.monotonic()
                     if wait > 0 and self.device.stopped.wait(wait):
                         break
-                    frame.timestamp = time.monotonic()
+                    frame.timestamp = frame.captured = time.monotonic()
                 with self.cond:
                     if self.slot is not None:
                         self.device.stats["frames_dropped"] += 1
