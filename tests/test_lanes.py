@@ -237,7 +237,7 @@ def test_lane_threads_share_the_cores_and_sessions_can_sleep(tiny_bundle):
     options = session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    r = report(probe_cameras=False)
+    r = report()  # no cameras probed (the caller probes them since the rooms refactor)
     assert r.lanes["frame_lane"] == {"provider": "CPUExecutionProvider", "threads": lane_threads()[0]}
     assert "frame lane (face models) on CPUExecutionProvider" in format_report(r)
 

@@ -19,6 +19,8 @@ def run(args) -> int:
 
     if args.bundle:
         warn_if_random(args.bundle)
-    r = report(args.bundle, probe_cameras=not args.no_cameras)
+    from focalrt.runtime.stream.sources import list_cameras
+
+    r = report(args.bundle, cameras=None if args.no_cameras else list_cameras())
     print(to_json(r) if args.json else format_report(r))
     return 0 if not r.bundle or r.bundle["fits"] is not False else 1

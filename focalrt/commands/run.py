@@ -7,7 +7,8 @@ written; files run them in lock-step (each frame described before the next is re
 
 Exit status: 0 done; 2 bad input (nothing written); 3 a source was lost; 4 an output could not be written (the
 message says what was kept); 5 the input had unreadable frames or ended before its declared length (see
-corrupt_frames and frames_missing in the summary); 130 Ctrl-C; 143 SIGTERM.
+corrupt_frames and frames_missing in the summary); 6 the --server went away and did not come back within its
+reconnect attempts (summary "server": outages, retries, undescribed); 130 Ctrl-C; 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def register(sub) -> None:
                         "off; 0.6 if given without a value)")
     p.add_argument("--max-frames", type=unlimited_int, default=None,
                    help="stop after this many frames; -1 = no limit (default: no limit, run until the source ends)")
-    p.add_argument("--out", help="JSONL file: one event per line, flushed line by line; or *.mcap: typed events "
-                                 "and annotated frames for Foxglove / ROS 2 tools (needs the [robotics] extra)")
+    p.add_argument("--out", help="JSONL file: one event per line, flushed line by line (- for stdout; a FIFO needs "
+                                 "its reader within 3 s); or *.mcap: typed events and annotated frames for Foxglove "
+                                 "/ ROS 2 tools (needs the [robotics] extra)")
     p.add_argument("--foxglove", type=int, nargs="?", const=8765, default=None, metavar="PORT",
                    help="stream events and annotated frames live to the Foxglove app over WebSocket "
                         "(default port 8765; needs the [robotics] extra)")
@@ -101,6 +103,9 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true",
                    help="no progress line; without --out, print only fresh events")
     p.add_argument("--server", help="describe on a `focalrt serve` at this URL (http://HOST:8000); faces stay local")
+    p.add_argument("--server-timeout", type=non_negative_float, default=60.0,
+                   help="with --server: seconds to wait at start for the server's models to be ready (a server "
+                        "started with the camera loads them for a while); default 60")
     p.add_argument("--draft", choices=MODES, default=DEFAULT_DRAFT, help=DRAFT_HELP)
     add_schema(p)
     p.add_argument("--video-window", action="store_true",
@@ -150,6 +155,7 @@ def video_paths(args) -> list[str]:
 def run(args) -> int:
     from focalrt.commands.notices import warn_if_random
     from focalrt.commands.progress import ProgressLine
+    from focalrt.outputs import is_stream, open_stream
     from focalrt.runtime.backends.sessions import lane_threads, resolve_providers
     from focalrt.runtime.faces.regions import parse_box
     from focalrt.runtime.stream.annotate import annotate
@@ -157,16 +163,15 @@ def run(args) -> int:
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.stream.sinks import JsonlSink, ShowSink, VideoSink, WriteError
     from focalrt.runtime.stream.sources import SourceError, classify, open_source
-    from focalrt.serve.client import open_pipeline
+    from focalrt.serve.client import ServerLost, open_pipeline
 
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
     boxes = [parse_box(b) for b in args.box]
     schema = schema_choice(args)
-    if schema is not None and args.server:
-        raise ValueError("--schema/--format json are not sent to --server yet; describe locally to constrain answers")
-    if args.video_window and args.server:
-        raise ValueError("--video-window is not sent to --server yet; describe video windows locally")
+    if args.server and args.threads:
+        raise ValueError("--threads sizes the VLM's thread pool, and with --server the VLM runs on the server; drop "
+                         "--threads (--face-threads sizes the face models, which stay local)")
     realtime = realtime_mode(args)
     kinds = [classify(spec)[0] for spec in args.source]
     if realtime and {"image", "folder"} & set(kinds):
@@ -180,9 +185,13 @@ def run(args) -> int:
     face_provider = args.face_provider or ("cpu" if realtime else None)
     locks = claim_outputs(args)  # before any model loads: refused outputs cost nothing
     opened = []
+    out_stream = None
     try:
+        if args.out and is_stream(args.out) and not args.out.lower().endswith(".mcap"):
+            out_stream = open_stream(args.out, "--out")  # stdout, or a FIFO whose reader must show up now
         show = ShowSink() if args.show else None  # fails early and clearly when there is no display
-        pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=threads, spinning=not realtime)
+        pipeline = open_pipeline(args.bundle, args.provider, args.server, threads=threads, spinning=not realtime,
+                                 server_timeout_s=args.server_timeout)
         warn_if_random(pipeline.bundle)
         face_providers = resolve_providers(face_provider) if face_provider else None
         state = bundle_face_state(pipeline, args.smooth, face_providers, face_threads, spinning=not realtime) \
@@ -207,10 +216,12 @@ def run(args) -> int:
             robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True)
             if robot.port is not None:
                 print(f"Foxglove WebSocket on ws://{args.host}:{robot.port}", file=sys.stderr, flush=True)
-        jsonl = JsonlSink(args.out, append=args.append) if args.out and not mcap_out else None
+        jsonl = JsonlSink(args.out, append=args.append, stream=out_stream) if args.out and not mcap_out else None
     except BaseException:
         for source in opened:
             source.close()
+        if out_stream is not None:
+            out_stream.close()
         for lock in locks:
             lock.release(remove_if_new_and_empty=True)
         raise
@@ -267,6 +278,10 @@ def run(args) -> int:
         progress.end()
         print(f"focalrt run: {e}", file=sys.stderr)
         code = 4
+    except ServerLost as e:
+        progress.end()
+        print(f"focalrt run: server lost: {e}", file=sys.stderr)
+        code = 6
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
         progress.end()
@@ -312,6 +327,8 @@ def run(args) -> int:
     else:
         summary["source"] = sources.stats(0)
     summary["drafts"] = runner.drafts.stats()
+    if args.server:
+        summary["server"] = {"url": args.server, **pipeline.stats}
     if realtime:
         summary["lanes"] = {"frame_lane_threads": face_threads, "description_lane_threads": threads,
                             "face_providers": face_providers, "describe_provider": pipeline.providers[0],
@@ -324,8 +341,11 @@ def run(args) -> int:
             if source.stats.get(k):
                 bad[k] = bad.get(k, 0) + source.stats[k]
     if bad and code == 0:
-        print(f"focalrt run: warning: the input was incomplete ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
-              f"exit status 5", file=sys.stderr)
+        named = [n for source in opened for n in source.stats.get("unreadable_named") or []]  # image folders
+        more = sum(source.stats.get("unreadable_files", 0) for source in opened) - len(named)
+        files = f"; unreadable files: {', '.join(named)}" + (f" and {more} more" if more > 0 else "") if named else ""
+        print(f"focalrt run: warning: the input was incomplete ({', '.join(f'{k} {v}' for k, v in bad.items())}"
+              f"{files}); exit status 5", file=sys.stderr)
         code = 5
     return code
 
@@ -345,7 +365,7 @@ def claim_outputs(args) -> list:
     """Check --out and --write-video before any model loads, and hold an exclusive lock on each."""
     from pathlib import Path
 
-    from focalrt.outputs import FileLock, OutputError, check_distinct, check_file
+    from focalrt.outputs import STDOUT, FileLock, OutputError, check_distinct, check_file, is_stream
     from focalrt.runtime.stream.sinks import KILL_SAFE_SUFFIXES
 
     if args.overwrite and args.append:
@@ -354,19 +374,23 @@ def claim_outputs(args) -> list:
         raise OutputError(f"--write-video {args.write_video}: use a .mkv or .avi path (MJPEG), which stays "
                           f"playable if the run is killed; an .mp4 written by OpenCV does not")
     videos = video_paths(args)  # one per source when there are several
-    outputs = {"--out": args.out, **{"--write-video" + (f" ({i})" if len(videos) > 1 else ""): path
-                                     for i, path in enumerate(videos)}}
+    out = args.out if args.out != STDOUT else None  # `--out -`: stdout, nothing to check or lock
+    outputs = {"--out": out, **{"--write-video" + (f" ({i})" if len(videos) > 1 else ""): path
+                                for i, path in enumerate(videos)}}
     for spec in args.source:  # two sources may be the same file; an output may not be any source
         check_distinct({"--source": spec if Path(spec).is_file() else None, **outputs})
-    if args.out:
-        check_file(args.out, "--out", overwrite=args.overwrite, append=args.append, can_append=True)
+    if out and out.lower().endswith(".mcap") and is_stream(out):
+        raise OutputError(f"--out {out} is not a regular file; an MCAP file needs one (it seeks back to index "
+                          f"its chunks): give a file path")
+    if out:
+        check_file(out, "--out", overwrite=args.overwrite, append=args.append, can_append=True)
     for path in videos:
         check_file(path, "--write-video", overwrite=args.overwrite)
         if not Path(path).resolve().is_file() and Path(path).exists():
             raise OutputError(f"--write-video {path} is not a regular file; give a file path")
     locks: list[FileLock] = []
     try:
-        for flag, path in [("--out", args.out)] + [("--write-video", path) for path in videos]:
+        for flag, path in [("--out", out)] + [("--write-video", path) for path in videos]:
             if path:
                 locks.append(FileLock(path, flag))
     except OutputError:

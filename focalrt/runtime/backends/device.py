@@ -217,15 +217,13 @@ def bundle_fit(bundle_path: str | os.PathLike, gpu: Gpu | None, ram_available: i
             "fits": fits}
 
 
-def report(bundle: str | os.PathLike | None = None, probe_cameras: bool = True) -> DeviceReport:
+def report(bundle: str | os.PathLike | None = None, cameras: list[int] | None = None) -> DeviceReport:
+    """What this device has; `cameras` are the camera indices the caller probed (`stream.sources.list_cameras`,
+    which lives in the stream room above this one)."""
     providers = list(ort.get_available_providers())
     found = gpus()
     total, available = ram()
-    cameras: list[int] = []
-    if probe_cameras:
-        from focalrt.runtime.stream.sources import list_cameras
-
-        cameras = list_cameras()
+    cameras = list(cameras or [])
     gpu = found[0] if found else None
     return DeviceReport(providers=providers, gpus=found, cuda=cuda_version(), tensorrt=tensorrt_version(),
                         onnxruntime=ort.__version__, ram_bytes=total, ram_available_bytes=available,
