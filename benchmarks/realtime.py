@@ -16,7 +16,7 @@ Each child measures after its warm-up (the first description written, or 5 s for
 from its frame's capture to the event leaving the frame loop (p50, p99). The report gives the median of the
 repeats and the ratios the issue asks for.
 
-    python benchmarks/realtime.py BUNDLE [--seconds 60] [--repeats 3] [--json results.json]
+    python -m benchmarks.realtime BUNDLE [--seconds 60] [--repeats 3] [--json results.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.harness import ROOT
 
 CONFIGS = ("states-only", "realtime", "lockstep", "realtime-2", "2-processes")
 
@@ -104,12 +106,12 @@ def child(args) -> dict:
 
 
 def spawn(args, config: str) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, args.bundle, "--child", config, "--clip", args.clip, "--seconds",
-           str(args.seconds), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd = [sys.executable, "-m", "benchmarks.realtime", args.bundle, "--child", config, "--clip", args.clip,
+           "--seconds", str(args.seconds), "--max-new-tokens", str(args.max_new_tokens)]
     for flag, value in (("--threads", args.threads), ("--face-threads", args.face_threads)):
         if value:
             cmd += [flag, str(value)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def collect(proc: subprocess.Popen) -> dict:

@@ -288,6 +288,50 @@ def _without(events: list[dict], *keys: str) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in ("timings_ms", *keys)} for e in events]
 
 
+# Recorded from `focalrt run` as it was before the two lanes (the lock-step loop of one `process` per frame), with
+# the arguments of the test below on the module's clip: (type, frame, region, fresh, described_frame, reason).
+BEFORE_TWO_LANES = [
+    ("state", 0, None, None, None, None),
+    ("description", 0, "mouth", True, 0, "first"), ("description", 0, "left_eye", True, 0, "first"),
+    ("description", 1, "mouth", True, 1, "interval"), ("description", 1, "left_eye", True, 1, "interval"),
+    ("state", 2, None, None, None, None),
+    ("description", 2, "mouth", True, 2, "interval"), ("description", 2, "left_eye", True, 2, "interval"),
+    ("description", 3, "mouth", True, 3, "interval"), ("description", 3, "left_eye", True, 3, "interval"),
+    ("state", 4, None, None, None, None),
+    ("description", 4, "mouth", False, 3, "not_due"), ("description", 4, "left_eye", False, 3, "not_due"),
+    ("description", 5, "mouth", True, 5, "interval"), ("description", 5, "left_eye", True, 5, "interval"),
+    ("state", 6, None, None, None, None),
+    ("description", 6, "mouth", True, 6, "interval"), ("description", 6, "left_eye", True, 6, "interval"),
+    ("description", 7, "mouth", False, 6, "not_due"), ("description", 7, "left_eye", False, 6, "not_due"),
+]
+STATE_KEYS = ["type", "frame", "timestamp", "face_id", "box", "emotion", "age", "geometry", "head_pose", "timings_ms"]
+FRESH_KEYS = ["type", "frame", "timestamp", "face_id", "region", "box", "text", "finish_reason", "fresh",
+              "described_frame", "reason", "tokens", "timings_ms"]
+
+
+def test_lockstep_file_runs_give_the_events_of_before_the_two_lanes(tiny_bundle, clip, tmp_path, capsys):
+    """A file runs in lock-step by default: the same events, in the same order, with the same fields as before
+    the two lanes (no emitted_frame, latency_ms or source), carried-over descriptions included."""
+    from focalrt import cli
+
+    out = tmp_path / "e.jsonl"
+    assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth,left_eye", "--min-interval",
+                     "0.1", "--state-every", "2", "--max-new-tokens", "2", "--out", str(out), "--quiet"]) == 0
+    assert _summary(capsys.readouterr().err)["mode"] == "lockstep"
+    events = _lines(out)
+    assert [(e["type"], e["frame"], e.get("region"), e.get("fresh"), e.get("described_frame"), e.get("reason"))
+            for e in events] == BEFORE_TWO_LANES
+    assert {e["face_id"] for e in events} == {1}
+    fresh = {(e["frame"], e["region"]): e for e in events if e.get("fresh")}
+    for e in events:
+        expected = STATE_KEYS if e["type"] == "state" else FRESH_KEYS if e["fresh"] else [
+            k for k in FRESH_KEYS if k != "tokens"]
+        assert list(e) == expected
+        if e["type"] == "description" and not e["fresh"]:  # carried over: what was said about the region then
+            said = fresh[(e["described_frame"], e["region"])]
+            assert (e["text"], e["finish_reason"]) == (said["text"], said["finish_reason"])
+
+
 def test_run_realtime_replays_a_file_as_a_camera(tiny_bundle, clip, tmp_path, capsys):
     from focalrt import cli
 
