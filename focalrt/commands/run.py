@@ -335,10 +335,9 @@ def run(args) -> int:
     summary = {**runner.stats.as_dict(), "mode": "realtime" if realtime else "lockstep"}
     if several:
         summary["sources"] = [{"source": i, "name": sources.names[i], **source_summary(runner, i),
-                               "capture": source.stats, "lost": sources.lost.get(i)}
-                              for i, source in enumerate(opened)]
+                               "capture": sources.stats(i), "lost": sources.lost.get(i)} for i in range(len(opened))]
     else:
-        summary["source"] = opened[0].stats
+        summary["source"] = sources.stats(0)
     summary["drafts"] = runner.drafts.stats()
     if args.server:
         summary["server"] = {"url": args.server, **pipeline.stats}
@@ -348,7 +347,7 @@ def run(args) -> int:
                             **(runner.lane.stats if runner.lane else {})}
     progress.end()
     print("summary " + json.dumps(summary), file=sys.stderr)
-    bad = {}
+    bad: dict[str, int] = {}
     for source in opened:
         for k in ("corrupt_frames", "frames_missing"):
             if source.stats.get(k):
