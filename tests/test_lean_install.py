@@ -1,8 +1,10 @@
-"""A device install has only the core dependencies: every runtime module, the CLI parser, every --help and
-the device commands work in a process where every module outside `dependencies` is blocked.
+"""A device install has only the core dependencies plus the device's ONNX Runtime and OpenCV: every runtime
+module, the CLI parser, every --help and the device commands work in a process where every other module is
+blocked; without ONNX Runtime or OpenCV a command says, in one line, the two ways to get them.
 
 The allowed modules are computed, not listed: the standard library, focalrt, and the top-level modules of
-the distributions in the transitive closure of pyproject's `dependencies`. On top of that, the modules the
+the distributions in the transitive closure of pyproject's `dependencies` and its [cpu] extra (on a device,
+its own onnxruntime-gpu and OpenCV give the same modules, onnxruntime and cv2). On top of that, the modules the
 extras bring are blocked by name even where a core dependency happens to pull them in (tqdm comes with
 tokenizers' huggingface-hub), because a device must not rely on that.
 """
@@ -25,8 +27,10 @@ ALWAYS_BLOCKED = ["torch", "transformers", "onnx", "onnx_ir", "onnxscript", "onn
 
 
 def core_requirements() -> list[str]:
+    """The wheel's own dependencies and the [cpu] extra, the stand-in for the device's ONNX Runtime and OpenCV."""
     tomllib = pytest.importorskip("tomllib")
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project["dependencies"] + project["optional-dependencies"]["cpu"]
 
 
 def allowed_top_level_modules() -> list[str]:
@@ -172,3 +176,22 @@ def test_a_command_needing_an_extra_says_which_in_one_line(guard, tiny_bundle, t
     assert len(lines) == 1, out.stderr
     assert f'pip install -e ".[{extra}]"' in lines[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("blocked,argv", [
+    ("onnxruntime", ["describe", "{bundle}", "--image", "{tmp}/face.png", "--max-new-tokens", "2"]),
+    ("cv2", ["run", "{bundle}", "--source", "{tmp}/face.png", "--regions", "mouth", "--out", "{tmp}/e.jsonl"]),
+    ("onnxruntime", ["doctor", "--no-cameras"]),
+])
+def test_without_the_devices_onnxruntime_or_opencv_a_command_names_both_routes(tiny_bundle, tmp_path, blocked,
+                                                                               argv):
+    guard = GUARD.format(allowed=allowed_top_level_modules(), blocked=ALWAYS_BLOCKED + [blocked])
+    (tmp_path / "face.png").write_bytes(b"")  # never read: the command stops at the missing module
+    out = lean_cli(guard, *[a.format(tmp=tmp_path, bundle=tiny_bundle) for a in argv])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"focalrt {argv[0]}: needs {blocked!r}")
+    assert 'pip install "onnxruntime>=1.20" "opencv-python-headless>=4.8"' in lines[0]
+    assert 'pip install -e ".[cpu]"' in lines[0] and "the device's own build" in lines[0]
+    assert not (tmp_path / "e.jsonl").exists()

@@ -19,8 +19,6 @@ from focalrt.runtime.backends.sessions import resolve_providers
 from focalrt.runtime.models.adapters import adapter_for
 from focalrt.runtime.pipeline import Description
 
-CLIENT_EXTRA = 'pip install -e ".[client]"'
-
 
 class ServeError(RuntimeError):
     """The server answered this request with an error (the message is the server's)."""
@@ -30,7 +28,9 @@ def _tritonclient_http():
     try:
         import tritonclient.http as httpclient
     except ImportError:
-        raise RuntimeError(f"talking to a focalrt server needs tritonclient: {CLIENT_EXTRA}") from None
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"talking to a focalrt server needs tritonclient: {install_hint('client')}") from None
     return httpclient
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-INSTALL = 'pip install -e ".[robotics]"'
 TOPICS = {"state": "/focalrt/state", "description": "/focalrt/description"}
 IMAGE_TOPIC = "/focalrt/image"
 FRAME_ID = "camera"
@@ -39,7 +38,9 @@ def _foxglove():
         import foxglove.channels
         import foxglove.messages
     except ImportError:
-        raise RuntimeError(f"--out *.mcap and --foxglove need foxglove-sdk; install it with `{INSTALL}`") from None
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"--out *.mcap and --foxglove need foxglove-sdk: {install_hint('robotics')}") from None
     return foxglove
 
 
