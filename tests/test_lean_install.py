@@ -181,7 +181,6 @@ def test_a_command_needing_an_extra_says_which_in_one_line(guard, tiny_bundle, t
 @pytest.mark.parametrize("blocked,argv", [
     ("onnxruntime", ["describe", "{bundle}", "--image", "{tmp}/face.png", "--max-new-tokens", "2"]),
     ("cv2", ["run", "{bundle}", "--source", "{tmp}/face.png", "--regions", "mouth", "--out", "{tmp}/e.jsonl"]),
-    ("onnxruntime", ["doctor", "--no-cameras"]),
 ])
 def test_without_the_devices_onnxruntime_or_opencv_a_command_names_both_routes(tiny_bundle, tmp_path, blocked,
                                                                                argv):
@@ -195,3 +194,13 @@ def test_without_the_devices_onnxruntime_or_opencv_a_command_names_both_routes(t
     assert 'pip install "onnxruntime>=1.20" "opencv-python-headless>=4.8"' in lines[0]
     assert 'pip install -e ".[cpu]"' in lines[0] and "the device's own build" in lines[0]
     assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_doctor_without_onnxruntime_reports_it_missing_with_both_routes(tiny_bundle):
+    guard = GUARD.format(allowed=allowed_top_level_modules(), blocked=ALWAYS_BLOCKED + ["onnxruntime"])
+    out = lean_cli(guard, "doctor", str(tiny_bundle), "--no-cameras")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "onnxruntime: cannot be imported" in out.stdout and "execution providers: none" in out.stdout
+    warning = next(line for line in out.stdout.splitlines() if line.startswith("warning: onnxruntime"))
+    assert 'pip install -e ".[cpu]"' in warning and "the device's own build" in warning
+    assert "cv2 " in out.stdout and "fits" in out.stdout  # the rest of the report is still there
