@@ -16,6 +16,7 @@ from focalrt.commands.args import (
     add_parser,
     add_provider,
     add_schema,
+    add_stream_timeouts,
     add_threads,
     non_negative_float,
     positive_int,
@@ -71,6 +72,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --write-video files")
     p.add_argument("--append", action="store_true", help="add to an existing --out JSONL instead of refusing it")
     p.add_argument("--loop", action="store_true", help="start a video file, image or folder again at its end")
+    add_stream_timeouts(p)
     p.add_argument("--show", action="store_true", help="live window (needs a display and GUI OpenCV)")
     add_provider(p)
     add_threads(p)
@@ -127,7 +129,8 @@ def run(args) -> int:
                               prompt=args.prompt, max_new_tokens=args.max_new_tokens, state=state,
                               state_every=max(1, args.state_every), draft=args.draft, schema=schema,
                               video_window=args.video_window, window_stride=args.window_stride)
-        source = open_source(args.source, every=args.every, loop=args.loop)
+        source = open_source(args.source, every=args.every, loop=args.loop, open_timeout_s=args.open_timeout,
+                             read_timeout_s=args.read_timeout)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None
         if mcap_out or args.foxglove is not None:
