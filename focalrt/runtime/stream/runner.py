@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from focalrt.bundle import has_random_weights
 from focalrt.runtime.faces.crops import clip_box, crop_face, crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
@@ -137,6 +138,8 @@ class RegionRunner:
             pipeline.grammar(schema)  # compiled now: a schema llguidance rejects fails before any frame is read
         self.stats = RunStats()
         self.drafts = Drafts(draft)  # "temporal": each (face id, region) drafts from its last description
+        # A random-weight bundle's text is gibberish by design: its description events say so themselves.
+        self.weights_note = {"random_weights": True} if has_random_weights(pipeline.bundle.manifest) else {}
 
     def process(self, frame: Frame) -> list[dict[str, Any]]:
         """Events for one frame: one per (face, region), fresh or carried over from an earlier frame.
@@ -270,7 +273,7 @@ class RegionRunner:
             for decision in decided:
                 name, frame_box, reason = decision.job.name, decision.job.frame_box, decision.reason
                 key = (face_id, name)
-                base = self._base(frame, face_id, name, frame_box)
+                base = {**self._base(frame, face_id, name, frame_box), **self.weights_note}
                 if not decision.due:
                     last = self.scheduler.last(key)
                     if last is None:  # a window not described yet (it filled on a frame that was not due)
