@@ -152,7 +152,7 @@ def opener(bundle, perturbed=None, pretend=None):
 
 
 def test_check_cpu_against_itself_agrees(tiny_bundle):
-    from focalrt.runtime.backends.provider_check import check_bundle
+    from focalrt.bench.provider_check import check_bundle
 
     result = check_bundle(tiny_bundle, providers=["cpu"], open_pipeline=opener(tiny_bundle))
     assert result["ok"] is True
@@ -164,7 +164,7 @@ def test_check_cpu_against_itself_agrees(tiny_bundle):
 
 
 def test_check_catches_logits_that_moved_with_the_same_tokens(tiny_bundle, tmp_path):
-    from focalrt.runtime.backends.provider_check import check_bundle, format_check
+    from focalrt.bench.provider_check import check_bundle, format_check
 
     decoder = perturbed_decoder(tiny_bundle, tmp_path, shift=1.0)  # argmax unchanged, every logit off by 1
     result = check_bundle(tiny_bundle, providers=["perturbed"], open_pipeline=opener(tiny_bundle, decoder))
@@ -178,7 +178,7 @@ def test_check_catches_logits_that_moved_with_the_same_tokens(tiny_bundle, tmp_p
 
 
 def test_check_catches_other_tokens(tiny_bundle, tmp_path):
-    from focalrt.runtime.backends.provider_check import check_bundle
+    from focalrt.bench.provider_check import check_bundle
 
     decoder = perturbed_decoder(tiny_bundle, tmp_path, bump={100: 1e4})  # token 100 wins every step
     result = check_bundle(tiny_bundle, providers=["perturbed"], open_pipeline=opener(tiny_bundle, decoder))
@@ -189,7 +189,7 @@ def test_check_catches_other_tokens(tiny_bundle, tmp_path):
 
 
 def test_check_calls_a_silent_fallback_to_the_cpu_an_error(tiny_bundle):
-    from focalrt.runtime.backends.provider_check import check_bundle
+    from focalrt.bench.provider_check import check_bundle
 
     result = check_bundle(tiny_bundle, providers=["cuda"], open_pipeline=opener(tiny_bundle, pretend="cuda"))
     row = result["providers"][1]
@@ -197,7 +197,7 @@ def test_check_calls_a_silent_fallback_to_the_cpu_an_error(tiny_bundle):
 
 
 def test_gpu_providers_are_skipped_without_a_gpu_and_checked_with_one():
-    from focalrt.runtime.backends.provider_check import default_providers
+    from focalrt.bench.provider_check import default_providers
 
     gpu_ort = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert default_providers(gpu_ort, have_gpu=True) == (["tensorrt", "cuda"], {})

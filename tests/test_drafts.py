@@ -71,11 +71,6 @@ def test_k_adapts_to_acceptance_and_states_are_per_region():
 # ---------------------------------------------------------------- exactness of verification
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle) -> Pipeline:
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 class Scripted:
     """A draft hook that proposes from a fixed script: what the model will say, or a corruption of it."""
 
@@ -229,6 +224,7 @@ def test_temporal_drafts_through_the_pipeline(pipe, astronaut_bgr):
     assert drafts.stats()["accepted"] >= t["draft_accepted"]
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_smollm2_greedy_identical_with_drafts(request):
     """Trained weights (SmolLM2-135M bundle, from the `smollm2` fixture when present): two prompts that
     differ in one word; the first answer drafts the second, which must equal plain greedy."""

@@ -355,6 +355,7 @@ def _start_export(out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_killed_export_leftovers_are_removed_by_the_next_export(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "b"
@@ -369,6 +370,7 @@ def test_killed_export_leftovers_are_removed_by_the_next_export(tmp_path):
     assert not partial.exists() and not out.exists()
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_sigterm_during_export_leaves_nothing(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "b"

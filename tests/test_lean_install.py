@@ -110,7 +110,7 @@ def test_every_runtime_module_and_the_cli_import_with_core_dependencies_only(gua
 import importlib, pkgutil
 import focalrt, focalrt.runtime, focalrt.commands
 names = ['focalrt.bundle', 'focalrt.demo', 'focalrt.cli', 'focalrt.bench.measure', 'focalrt.bench.report',
-         'focalrt.bench.roofline', 'focalrt.bench.environment', 'focalrt.bench.memory', 'focalrt.bench.compare']
+         'focalrt.bench.roofline', 'focalrt.bench.environment', 'focalrt.bench.memory', 'focalrt.bench.ratios']
 names += ['focalrt.runtime.' + m.name for m in pkgutil.iter_modules(focalrt.runtime.__path__)]
 names += ['focalrt.commands.' + m.name for m in pkgutil.iter_modules(focalrt.commands.__path__)]
 for name in names:

@@ -142,13 +142,6 @@ def client(server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def local_pipeline(tiny_bundle):
-    from focalrt.runtime.pipeline import Pipeline
-
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 def test_startup_puts_this_interpreters_libpython_first(server):
     """The pyenv trap: the stub must load the serving interpreter's libpython, and the server says so."""
     from focalrt.serve.process import serve_python
@@ -168,7 +161,7 @@ def test_startup_puts_this_interpreters_libpython_first(server):
     assert "Triton Python stub loads this interpreter's" in server.log()
 
 
-def test_every_request_gets_exactly_one_answer_with_the_local_tokens(client, local_pipeline, astronaut_bgr):
+def test_every_request_gets_exactly_one_answer_with_the_local_tokens(client, pipe, astronaut_bgr):
     boxes = [(40 + 12 * i, 60 + 9 * i, 200 + 12 * i, 230 + 9 * i) for i in range(10)]
     answers = client.describe_many([dict(image=astronaut_bgr, boxes=[b], max_new_tokens=6) for b in boxes])
     assert len(answers) == len(boxes)
@@ -176,7 +169,7 @@ def test_every_request_gets_exactly_one_answer_with_the_local_tokens(client, loc
         assert len(results) == 1
         r = results[0]
         assert r.box == box and r.region == "box" and r.face_id == -1
-        local = local_pipeline.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=6)[0][0]
+        local = pipe.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=6)[0][0]
         assert r.token_ids == local.token_ids and r.text == local.text and r.finish_reason == local.finish_reason
     # Triton merged requests into batches that went through one describe_views call
     assert max(r[0].timings_ms["batch_requests"] for r in answers) > 1

@@ -453,7 +453,7 @@ def tiled_faces(image: np.ndarray, face_box: np.ndarray, n: int) -> np.ndarray:
 
 def face_scaling(bench: Bench, frame) -> list[dict[str, Any]]:
     """Front-end and whole-frame time against faces per frame (tiled copies of the source face)."""
-    from focalrt.runtime.faces.detection import check_frame
+    from focalrt.runtime.frames import check_frame
     from focalrt.runtime.stream.sources import Frame
 
     st = bench.settings

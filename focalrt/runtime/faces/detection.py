@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from focalrt.runtime.backends.sessions import create_session
+from focalrt.runtime.frames import check_frame
 
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion",
                   "left_ear_tragion")
@@ -39,19 +40,6 @@ class Face:
     keypoints: np.ndarray  # [6, 2], order KEYPOINT_NAMES
     landmarks: np.ndarray  # [468, 3] x, y in frame pixels, z (depth, smaller = closer) in the same scale
     presence: float        # FaceMesh's own face-presence probability for the crop
-
-
-def check_frame(frame: Any) -> np.ndarray:
-    """Reject anything but an HxWx3 uint8 image, with a message that says what arrived."""
-    if not isinstance(frame, np.ndarray):
-        raise ValueError(f"frame must be a numpy array (HxWx3 uint8 BGR), got {type(frame).__name__}")
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise ValueError(f"frame must have shape HxWx3 (BGR), got shape {frame.shape}; convert grayscale "
-                         f"with cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) and BGRA with COLOR_BGRA2BGR")
-    if frame.dtype != np.uint8:
-        raise ValueError(f"frame must be uint8 (0..255), got dtype {frame.dtype} with shape {frame.shape}; "
-                         f"convert with np.clip(f * 255, 0, 255).astype(np.uint8) for 0..1 floats")
-    return frame
 
 
 def ssd_anchors(options: dict[str, Any], input_size: int) -> np.ndarray:
@@ -150,7 +138,7 @@ class FaceDetector:
         return boxes.reshape(len(self.anchors), -1), scores.reshape(-1)
 
     def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
-        frame_bgr = check_frame(frame_bgr)
+        frame_bgr = check_frame(frame_bgr, "frame")
         image, sx, sy, pad_x, pad_y = self.letterbox(frame_bgr)
         raw, logits = self.raw_outputs(image)
         scores = _sigmoid(np.clip(logits, -self.score_clip, self.score_clip))
@@ -230,7 +218,7 @@ class FaceLandmarker:
         return coords.reshape(self.num_landmarks, 3), float(np.asarray(logit).reshape(-1)[0])
 
     def landmarks_and_presence(self, frame_bgr: np.ndarray, detection: Detection) -> tuple[np.ndarray, float]:
-        frame_bgr = check_frame(frame_bgr)
+        frame_bgr = check_frame(frame_bgr, "frame")
         crop, m = self.crop(frame_bgr, detection)
         coords, logit = self.raw_outputs(crop)
         a, b = m[:, :2], m[:, 2]
@@ -273,7 +261,7 @@ class FaceAnalyzer:
                    float(lm.get("presence_threshold", 0.5)))
 
     def analyze(self, frame_bgr: np.ndarray) -> list[Face]:
-        frame_bgr = check_frame(frame_bgr)
+        frame_bgr = check_frame(frame_bgr, "frame")
         faces = []
         for det in self.detector.detect(frame_bgr):
             points, presence = self.landmarker.landmarks_and_presence(frame_bgr, det)

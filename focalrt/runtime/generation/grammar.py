@@ -4,11 +4,11 @@ llguidance (MIT, no dependencies) compiles a JSON schema, regex or Lark grammar 
 at each step, computes the set of tokens that keep the output a valid prefix. We use its numpy path only
 (no torch). The pieces:
 
-- `grammar_tokenizer(tokenizer, vocab_size, stop_ids)`: llguidance's view of a `tokenizers` tokenizer,
-  built from its JSON (llguidance reads the same format). Building it walks the whole vocabulary (~1 s for
+- `grammar_tokenizer(tokenizer, vocab_size, stop_ids)`: llguidance's own tokenizer object for a `tokenizers`
+  tokenizer, built from its JSON (llguidance reads the same format). Building it walks the whole vocabulary (~1 s for
   Qwen's 151k tokens), so it is cached per tokenizer.
 - `compile_schema(schema, ...)` -> `CompiledGrammar`: checks the schema once, with a clear error when
-  llguidance cannot compile it (before any frame is read).
+  llguidance cannot compile it (before any frame is read). `SchemaCache` keeps one per distinct schema.
 - `CompiledGrammar.processor()` -> `GrammarProcessor`: one per row (one per region or face in a batch).
   It is a logits processor, `processor(tokens, logits) -> logits`: it feeds the tokens generated since its
   previous call to its matcher, then sets every token the grammar forbids to -inf. The tokens seen at the
@@ -115,6 +115,36 @@ def compile_schema(schema: str | Path | dict[str, Any], tokenizer: Any, vocab_si
     if is_error:
         raise GrammarError(f"llguidance cannot compile this JSON schema: {' '.join(messages[0].split())}")
     return CompiledGrammar(ll_tok, grammar, int(vocab_size), schema)
+
+
+
+class SchemaCache:
+    """The schemas one bundle's requests name, each compiled once for its tokenizer.
+
+    `get` takes a dict, a JSON file, "face_state" (the shipped default) or "profile" (the bundle profile's
+    own `json_schema`, else the default); equal schemas share one compiled grammar.
+    """
+
+    def __init__(self, tokenizer: Any, tokenizer_file: Path, vocab_size: int, stop_ids: Sequence[int],
+                 profile_schema: dict[str, Any] | None = None):
+        self.tokenizer = tokenizer
+        # llguidance's tokenizer is built once per file version, whichever Pipeline of the bundle asks first
+        self.tokenizer_key = (str(tokenizer_file.resolve()), tokenizer_file.stat().st_mtime_ns)
+        self.vocab_size = int(vocab_size)
+        self.stop_ids = sorted(int(t) for t in stop_ids)
+        self.profile_schema = profile_schema
+        self.compiled: dict[str, CompiledGrammar] = {}  # canonical schema JSON -> grammar
+
+    def get(self, schema: str | Path | dict[str, Any]) -> CompiledGrammar:
+        """The compiled grammar; raises GrammarError naming what is wrong with the schema."""
+        if isinstance(schema, str) and schema == "profile":
+            schema = self.profile_schema or "face_state"
+        schema = load_schema(schema)
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.compiled:
+            self.compiled[key] = compile_schema(schema, self.tokenizer, self.vocab_size, self.stop_ids,
+                                                cache_key=self.tokenizer_key)
+        return self.compiled[key]
 
 
 _BIT = np.arange(32)
