@@ -233,3 +233,28 @@ def test_doctor_check_command_prints_a_table_and_a_json_and_exits_1_on_a_mismatc
     assert cli.main(["doctor", "--check", str(tiny_bundle), "--providers", "cpu", "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False and result["providers"][1]["status"] == "mismatch" and opened == ["cpu", "cpu"]
+
+
+def test_gpu_check_script_skips_cleanly_without_a_gpu_or_onnxruntime_gpu(tmp_path):
+    """benchmarks/gpu_check.sh is for the first machine with an NVIDIA GPU; here it must say why it skips,
+    write that into its JSON and exit 0, both with no GPU and with a GPU but the CPU onnxruntime."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("nvidia-smi") or Path("/etc/nv_tegra_release").exists():
+        pytest.skip("a GPU machine: the script would really run")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA Test (UUID: GPU-0)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    for path, why in ((os.environ["PATH"], "no NVIDIA GPU"), (f"{fake}:{os.environ['PATH']}", "CUDAExecutionProvider")):
+        out = tmp_path / why.split()[0]
+        done = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PATH": path})
+        assert done.returncode == 0, done.stderr
+        assert "skipped" in done.stdout and why in done.stdout, done.stdout
+        result = json.loads((out / "gpu_check.json").read_text())
+        assert why in result["skipped"] and "steps" not in result and not (out / "bundles").exists()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 CPU = "CPUExecutionProvider"
-CHECK_BOX = (192, 129, 255, 164)  # the mouth in focalrt/data/astronaut.jpg (the README's example box)
+CHECK_BOX = (192, 129, 255, 164)  # the mouth in focalrt/data/astronaut.jpg (the README's Python example's box)
 CHECK_PROMPT = "What is the capital of France?"
 CHECK_TOKENS = 8
 # Logits may differ by atol + rtol * (largest |CPU logit| of the step): GPUs reorder sums and use TF32 / fp16
