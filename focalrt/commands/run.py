@@ -22,6 +22,7 @@ from focalrt.commands.args import (
     add_parser,
     add_provider,
     add_schema,
+    add_stream_timeouts,
     non_negative_float,
     positive_int,
     schema_choice,
@@ -88,6 +89,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --write-video files")
     p.add_argument("--append", action="store_true", help="add to an existing --out JSONL instead of refusing it")
     p.add_argument("--loop", action="store_true", help="start a video file, image or folder again at its end")
+    add_stream_timeouts(p)
     p.add_argument("--show", action="store_true", help="live window (needs a display and GUI OpenCV)")
     add_provider(p)
     p.add_argument("--threads", type=positive_int, default=None,
@@ -210,7 +212,8 @@ def run(args) -> int:
                               face_threads=face_threads)
         for spec, kind in zip(args.source, kinds, strict=True):  # real time replays a video file at its rate
             live = {"live": True} if realtime and kind == "video" else {}
-            opened.append(open_source(spec, every=args.every, loop=args.loop, **live))
+            opened.append(open_source(spec, every=args.every, loop=args.loop, open_timeout_s=args.open_timeout,
+                                      read_timeout_s=args.read_timeout, **live))
         sources = SourceSet(opened)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None
@@ -335,10 +338,9 @@ def run(args) -> int:
     summary = {**runner.stats.as_dict(), "mode": "realtime" if realtime else "lockstep"}
     if several:
         summary["sources"] = [{"source": i, "name": sources.names[i], **source_summary(runner, i),
-                               "capture": source.stats, "lost": sources.lost.get(i)}
-                              for i, source in enumerate(opened)]
+                               "capture": sources.stats(i), "lost": sources.lost.get(i)} for i in range(len(opened))]
     else:
-        summary["source"] = opened[0].stats
+        summary["source"] = sources.stats(0)
     summary["drafts"] = runner.drafts.stats()
     if args.server:
         summary["server"] = {"url": args.server, **pipeline.stats}
@@ -348,7 +350,7 @@ def run(args) -> int:
                             **(runner.lane.stats if runner.lane else {})}
     progress.end()
     print("summary " + json.dumps(summary), file=sys.stderr)
-    bad = {}
+    bad: dict[str, int] = {}
     for source in opened:
         for k in ("corrupt_frames", "frames_missing"):
             if source.stats.get(k):

@@ -27,7 +27,6 @@ import numpy as np
 
 from focalrt.runtime.stream.sinks import WriteError
 
-INSTALL = 'pip install -e ".[robotics]"'
 TOPICS = {"state": "/focalrt/state", "description": "/focalrt/description"}
 IMAGE_TOPIC = "/focalrt/image"
 FRAME_ID = "camera"
@@ -52,7 +51,9 @@ def _foxglove():
         import foxglove.mcap
         import foxglove.messages
     except ImportError:
-        raise RuntimeError(f"--out *.mcap and --foxglove need foxglove-sdk; install it with `{INSTALL}`") from None
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"--out *.mcap and --foxglove need foxglove-sdk: {install_hint('robotics')}") from None
     return foxglove
 
 
