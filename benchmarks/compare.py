@@ -1,6 +1,6 @@
 """Our runtime against the baselines, side by side in one invocation, on the same weights and prompt.
 
-    python benchmarks/compare.py --preset small [--json out.json] [--skip-int4]
+    python -m benchmarks.compare --preset small [--json out.json] [--skip-int4]
 
 Rows:
   1. focalrt, fp32 bundle and an int4 bundle (`focalrt convert --precision int4`);
@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import decode  # noqa: E402  (benchmarks/decode.py: shared workers and orchestration)
+from benchmarks import decode, harness
+from focalrt.calibration.quantize import INT4_BLOCK_SIZE
 
-from focalrt.calibration.quantize import INT4_BLOCK_SIZE  # noqa: E402
-
-CACHE = decode.CACHE
+CACHE = harness.CACHE
+# Every runtime gets the context the run needs: ours a KV cache of one slot and prompt + new tokens,
+# onnxruntime-genai max_length = prompt + new tokens, llama-bench the context of each of its tests.
+CONTEXT_NOTE = "context budget {n} tokens on every side (prompt + new tokens, one sequence)"
 GENAI_PRECISIONS = ("fp32", "int4")
 
 
@@ -69,7 +71,7 @@ def ensure_checkpoint(spec: dict[str, Any]) -> Path:
     if not (out / "config.json").is_file():
         print(f"saving the {spec['preset']} checkpoint to {out} (once) ...", file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        decode.run_worker(Path(__file__).resolve(), "checkpoint", {**spec, "out": str(out)})
+        harness.run_worker("benchmarks.compare", "checkpoint", {**spec, "out": str(out)})
     return out
 
 
@@ -176,8 +178,8 @@ def worker_genai(spec: dict[str, Any]) -> None:
             tokens.append(int(gen.get_next_tokens()[0]))
         del gen
         if i >= spec["warmup"]:
-            runs.append(decode.one_run(prefill_ms, steps))
-    decode.finish_worker(runs, tokens, load_s, rss, {"onnxruntime_genai": og.__version__})
+            runs.append(harness.one_run(prefill_ms, steps))
+    harness.finish_worker(runs, tokens, load_s, rss, {"onnxruntime_genai": og.__version__})
 
 
 # ---------------------------------------------------------------- the llama.cpp worker
@@ -214,55 +216,68 @@ def ensure_gguf(checkpoint: Path, llama_cpp: Path, precision: str) -> Path:
     return out
 
 
+def llama_bench_failure(proc: subprocess.CompletedProcess) -> str:
+    """What killed llama-bench, in words: the signal or exit code and the last lines it wrote."""
+    code = proc.returncode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+        else f"exit {code}"
+    tail = "\n".join((proc.stderr or "").strip().splitlines()[-8:]) or "(nothing on stderr)"
+    return f"llama-bench {how}: {tail}"
+
+
+def crashed_in_repack(proc: subprocess.CompletedProcess) -> bool:
+    """llama-bench died of a signal (SIGSEGV/SIGILL/SIGBUS), as llama.cpp's AMX repack path
+    (`ggml_backend_amx_mul_mat`) does on Xeon VMs whose AMX tiles are advertised but not usable; it writes
+    nothing before dying (`-o json` holds its output until the end). `--repack 0` leaves the CPU's extra
+    (repacked) buffer types out, AMX included."""
+    return proc.returncode in (-signal.SIGSEGV, -signal.SIGILL, -signal.SIGBUS, 128 + signal.SIGSEGV)
+
+
 def worker_llamacpp(spec: dict[str, Any]) -> None:
     """llama.cpp's own `llama-bench`: prefill of the prompt length from an empty cache, then decode steps
-    at that depth (-d), same thread count; one repetition per timed run. No token ids come back."""
+    at that depth (-d), same thread count; one repetition per timed run. No token ids come back. Its
+    context is what each test needs (prompt, or depth + generated tokens), like ours and genai's here.
+    If it dies of a signal with the default repack (AMX on Xeon VMs), it is run again with `--repack 0`
+    and the result says so."""
     import resource
 
     bench = Path(spec["llama_cpp"]) / "build" / "bin" / "llama-bench"
     n_prompt, n_gen, reps = len(spec["ids"]), spec["new_tokens"], spec["runs"]
-
-    repack: list[str] = []  # becomes ["--repack", "0"] once the default (repacking) run has crashed
+    notes: list[str] = []
+    extra: list[str] = list(spec.get("llama_bench_args", []))
 
     def run(args: list[str]) -> list[float]:
         cmd = [str(bench), "-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(reps), "-o", "json", *args]
-        proc = subprocess.run(cmd + repack, capture_output=True, text=True)
-        if proc.returncode < 0 and not repack:
-            # On Xeons with AMX, llama-bench's repacked AMX matmul (ggml_backend_amx_mul_mat) can die with
-            # SIGSEGV, printing nothing: run without weight repacking instead, and say so in the row.
-            print(f"llama-bench died of {signal_name(proc.returncode)}; rerunning with --repack 0",
-                  file=sys.stderr, flush=True)
-            repack.extend(["--repack", "0"])
-            proc = subprocess.run(cmd + repack, capture_output=True, text=True)
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True)
+        if proc.returncode != 0 and crashed_in_repack(proc) and "--repack" not in extra:
+            notes.append(f"{llama_bench_failure(proc).splitlines()[0]} with the default repack (llama.cpp's AMX "
+                         f"path on this CPU); rerun with --repack 0")
+            extra.extend(["--repack", "0"])
+            proc = subprocess.run(cmd + extra, capture_output=True, text=True)
         if proc.returncode != 0:
-            why = signal_name(proc.returncode) if proc.returncode < 0 else f"exit status {proc.returncode}"
-            raise RuntimeError(f"llama-bench failed ({why}, {' '.join(cmd + repack)}): "
-                               f"{proc.stderr[-800:] or '(no output)'}")
+            raise RuntimeError(llama_bench_failure(proc))
         return [float(x) for x in json.loads(proc.stdout)[0]["samples_ts"]]
 
     t0 = time.perf_counter()
     prefill_ts = run(["-p", str(n_prompt), "-n", "0"])
     decode_ts = run(["-p", "0", "-n", str(n_gen - 1), "-d", str(n_prompt)])
-    runs = [decode.one_run(n_prompt / pp * 1e3, [1e3 / tg] * (n_gen - 1))
+    runs = [harness.one_run(n_prompt / pp * 1e3, [1e3 / tg] * (n_gen - 1))
             for pp, tg in zip(prefill_ts, decode_ts, strict=False)]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"runs": runs, "tokens": [], "load_s": time.perf_counter() - t0, "rss_after_load_bytes": None,
-                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"]),
-                      "note": "--repack 0 (the repacking run crashed)" if repack else None}), flush=True)
+                      "peak_rss_bytes": peak, "llama_cpp": str(spec["llama_cpp"]), "llama_bench_args": extra,
+                      "notes": notes}), flush=True)
 
 
-def signal_name(returncode: int) -> str:
-    """A negative subprocess return code as its signal's name (SIGSEGV, ...)."""
-    import signal
-
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"signal {-returncode}"
+def row_name(name: str, result: dict[str, Any]) -> str:
+    """A row's name, with how llama-bench had to be run when it was not its default."""
+    args = result.get("llama_bench_args") or []
+    if "--repack" in args and result.get("notes"):
+        return f"{name} (--repack 0: crashed with the default repack)"
+    return name
 
 
-decode.WORKERS.update({"genai": worker_genai, "checkpoint": worker_checkpoint,
-                       "llamacpp": worker_llamacpp})
+WORKERS = {**decode.WORKERS, "genai": worker_genai, "checkpoint": worker_checkpoint, "llamacpp": worker_llamacpp}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -305,7 +320,7 @@ def focalrt_weight_bytes(bundle: Path) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    decode.common_args(p)
+    harness.common_args(p)
     p.add_argument("--skip-int4", action="store_true", help="only the fp32 rows")
     p.add_argument("--int4-block-size", type=int, default=INT4_BLOCK_SIZE,
                    help=f"int4 weights per scale, for ours and genai's (default {INT4_BLOCK_SIZE}, ours)")
@@ -314,14 +329,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "and llama-quantize): adds llama.cpp f32 and Q4_0 rows")
     args = p.parse_args(argv)
     if args.worker:
-        decode.WORKERS[args.worker](json.loads(args.spec))
+        WORKERS[args.worker](json.loads(args.spec))
         return {}
     from focalrt.bench.environment import describe, environment
     from focalrt.bench.report import markdown_table, mib
     from focalrt.bench.roofline import measure_bandwidth
 
-    spec, bundle = decode.base_spec(args)
-    script = Path(__file__).resolve()
+    spec, bundle = harness.base_spec(args)
+    script = "benchmarks.compare"
     notes: list[str] = []
     sides: dict[str, dict[str, Any]] = {"focalrt fp32": {**spec, "worker": "ours"},
                                         "transformers fp32": {**spec, "worker": "transformers"}}
@@ -360,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # round and keeping the best gives the bound the runtimes had when the machine was quietest.
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
     bandwidth_runs = [measure_bandwidth()]
-    results = decode.measure_sides(script, sides, args.rounds,
+    results = harness.measure_sides(script, sides, args.rounds,
                                    after_round=lambda: bandwidth_runs.append(measure_bandwidth()))
     bandwidth = max(bandwidth_runs, key=lambda b: b["best_gb_s"])
     env = environment(["CPUExecutionProvider"], spec["threads"])
@@ -375,13 +390,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry = {**{k: v for k, v in r.items() if k != "tokens"},
                  "weight_bytes_per_token": weight_bytes[name], "roofline_tokens_per_s": bound,
                  "fraction_of_roofline": r["quiet_decode_tokens_per_s"] / bound,
-                 "greedy_tokens_agreeing_with_focalrt_fp32": decode.agreement(r["tokens"], ours["tokens"]),
+                 "greedy_tokens_agreeing_with_focalrt_fp32": harness.agreement(r["tokens"], ours["tokens"]),
                  "ours_decode_speedup": (ref["quiet_decode_tokens_per_s"] / r["quiet_decode_tokens_per_s"]
                                          if compared else None),
                  "ours_prefill_speedup": r["quiet_prefill_ms"] / ref["quiet_prefill_ms"] if compared else None}
         table[name] = entry
-        label = f"{name}, {r['note']}" if r.get("note") else name
-        rows.append([label, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
+        notes += [f"{name}: {note}" for note in dict.fromkeys(r.get("notes") or [])]
+        rows.append([row_name(name, r), r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
                      r["decode_tokens_per_s_best"], f"{entry['fraction_of_roofline']:.0%}", mib(r["peak_rss_bytes"]),
                      f"{entry['ours_prefill_speedup']:.2f}x" if entry["ours_prefill_speedup"] else "-",
                      f"{entry['ours_decode_speedup']:.2f}x" if entry["ours_decode_speedup"] else "-",
@@ -405,14 +420,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             targets[f"prefill_vs_llamacpp_{precision}"] = lc["quiet_prefill_ms"] / o["quiet_prefill_ms"]
     result = {"preset": args.preset, "bundle": str(bundle), "prompt_tokens": len(spec["ids"]),
               "new_tokens": args.new_tokens, "runs_per_round": args.runs, "warmup": args.warmup,
-              "rounds": args.rounds, "threads": spec["threads"], "bandwidth": bandwidth,
+              "rounds": args.rounds, "threads": spec["threads"], "context_budget": spec["max_context"],
+              "bandwidth": bandwidth,
               "bandwidth_runs": bandwidth_runs, "environment": env, "rows": table, "targets": targets,
               "notes": notes}
 
     print(f"\n{args.preset}: prompt {len(spec['ids'])} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
           f"{args.rounds} rounds x {args.runs} runs per row after {args.warmup} warm-up; {spec['threads']} threads; "
           f"bandwidth {bandwidth['best_gb_s']:.1f} GB/s ({bandwidth['best_kernel']}); "
-          f"'quiet' = median of the least disturbed round")
+          f"'quiet' = median of the least disturbed round; {CONTEXT_NOTE.format(n=spec['max_context'])}")
     print(describe(env) + "\n")
     print(markdown_table(["runtime", "prefill ms (quiet)", "decode tok/s (quiet)", "decode tok/s (all runs)",
                           "best run tok/s", "of roofline", "peak RSS", "ours: prefill speedup",

@@ -1,16 +1,22 @@
 """A trained text model side by side in one run: SmolLM2-135M-Instruct from its GGUF.
 
-    python benchmarks/compare_text.py --bundle BUNDLE [--int8 B] [--int4 B] [--llama-cpp DIR] [--rounds 2]
+    python -m benchmarks.compare_text --bundle BUNDLE [--int8 B] [--int4 B] [--keep-quantization B]
+                                      [--llama-cpp DIR] [--rounds 2]
 
-Rows (each in its own subprocess, rounds in alternating order, same threads, same prompt token ids):
-  - focalrt fp32 (the exported bundle) and, when given, our int8 / int4 bundles;
+Rows (each in its own subprocess, rounds in alternating order, same threads, same prompt token ids, the same
+context budget of prompt + new tokens on every side):
+  - focalrt fp32 (the exported bundle) and, when given, our int8 / int4 bundles and the --keep-quantization
+    bundle (the GGUF's own Q4_1/Q8_0 blocks, compared against llama.cpp on the same file);
   - transformers fp32 on the same GGUF (dequantized by transformers; generate());
   - onnxruntime-genai fp32 and int4 (block 32 and its default algorithm), built by its own model builder
     from a dequantized HF directory written here (safetensors + config.json + tokenizer), since
     transformers' save_pretrained refuses a GGUF-loaded model;
   - with --llama-cpp DIR (built with cmake): llama.cpp's llama-bench on the very GGUF file (Q4_1 as
-    shipped), plus F32 and Q8_0 made from it by its own llama-quantize (--allow-requantize).
-Reported: prefill ms, decode tok/s (median step), peak RSS, and how many greedy tokens agree with ours.
+    shipped), plus F32 and Q8_0 made from it by its own llama-quantize (--allow-requantize); a llama-bench
+    that dies of a signal with its default repack (AMX on Xeon VMs) is rerun with --repack 0, which its row
+    names.
+Reported: prefill ms, decode tok/s (median step), peak RSS, how many greedy tokens agree with ours, and the
+decode ratios the targets name.
 The prompt is the chat-template prompt of a question; generation is forced to --new-tokens.
 """
 
@@ -24,11 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare  # noqa: E402  (benchmarks/compare.py: the genai and llama.cpp workers)
-import decode  # noqa: E402  (benchmarks/decode.py: ours, orchestration)
+from benchmarks import compare, decode, harness  # compare: the genai and llama.cpp workers; decode: ours
 
-CACHE = decode.CACHE
+CACHE = harness.CACHE
+KEPT_ROW = "focalrt GGUF grid (--keep-quantization)"
 QUESTION = "Write a short story about a robot who learns to paint."
 
 
@@ -68,15 +73,15 @@ def worker_hf_dir(spec: dict[str, Any]) -> None:
     print(json.dumps({"checkpoint": str(out)}))
 
 
-decode.WORKERS.update({"transformers_gguf": worker_transformers_gguf, "hf_dir": worker_hf_dir,
-                       "genai": compare.worker_genai, "llamacpp": compare.worker_llamacpp})
+WORKERS = {**decode.WORKERS, "transformers_gguf": worker_transformers_gguf, "hf_dir": worker_hf_dir,
+           "genai": compare.worker_genai, "llamacpp": compare.worker_llamacpp}
 
 
 def ensure_hf_dir(gguf: Path) -> Path:
     out = CACHE / "checkpoints" / gguf.stem
     if not (out / "model.safetensors").is_file():
         print(f"writing the dequantized HF directory {out} (once) ...", file=sys.stderr, flush=True)
-        decode.run_worker(Path(__file__).resolve(), "hf_dir", {"gguf": str(gguf), "out": str(out)})
+        harness.run_worker("benchmarks.compare_text", "hf_dir", {"gguf": str(gguf), "out": str(out)})
     return out
 
 
@@ -99,6 +104,9 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, help="our fp32 text bundle (focalrt export --preset smollm2-135m)")
     p.add_argument("--int8", type=Path, help="our int8 bundle")
     p.add_argument("--int4", type=Path, help="our int4 bundle")
+    p.add_argument("--keep-quantization", type=Path, metavar="BUNDLE",
+                   help="our bundle from `focalrt export --preset smollm2-135m --keep-quantization` (the GGUF's "
+                        "Q4_1/Q8_0 blocks as they are)")
     p.add_argument("--llama-cpp", type=Path, help="llama.cpp tree with build/bin/llama-bench and llama-quantize")
     p.add_argument("--skip-genai", action="store_true")
     p.add_argument("--rounds", type=int, default=2)
@@ -111,7 +119,7 @@ def main() -> None:
     p.add_argument("--spec")
     args = p.parse_args()
     if args.worker:
-        decode.WORKERS[args.worker](json.loads(args.spec))
+        WORKERS[args.worker](json.loads(args.spec))
         return
     from focalrt.bench.environment import describe, environment
     from focalrt.bench.report import markdown_table, mib
@@ -121,9 +129,10 @@ def main() -> None:
     gguf = locate_preset("smollm2-135m")
     ids = Pipeline.from_bundle(args.bundle, provider="cpu").build_text_prompt(QUESTION).token_ids.tolist()
     spec = {"ids": ids, "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
-            "threads": args.threads}
+            "threads": args.threads, "max_context": len(ids) + args.new_tokens}
     sides: dict[str, dict[str, Any]] = {"focalrt fp32": {**spec, "worker": "ours", "bundle": str(args.bundle)}}
-    for name, path in (("focalrt int8", args.int8), ("focalrt int4", args.int4)):
+    for name, path in (("focalrt int8", args.int8), ("focalrt int4", args.int4),
+                       (KEPT_ROW, args.keep_quantization)):
         if path:
             sides[name] = {**spec, "worker": "ours", "bundle": str(path)}
     sides["transformers fp32 (GGUF dequantized)"] = {**spec, "worker": "transformers_gguf", "gguf": str(gguf)}
@@ -144,26 +153,41 @@ def main() -> None:
                                               "llama_cpp": str(args.llama_cpp)}
             except RuntimeError as e:
                 notes.append(str(e))
-    results = decode.measure_sides(Path(__file__).resolve(), sides, args.rounds)
+    results = harness.measure_sides("benchmarks.compare_text", sides, args.rounds)
     ours = results["focalrt fp32"]
     rows = []
     for name, r in results.items():
-        same = f"{decode.agreement(r['tokens'], ours['tokens'])}/{args.new_tokens}" if r["tokens"] else "-"
-        label = f"{name}, {r['note']}" if r.get("note") else name
-        rows.append([label, r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"], r["decode_tokens_per_s"],
-                     mib(r["peak_rss_bytes"]), same])
+        same = f"{harness.agreement(r['tokens'], ours['tokens'])}/{args.new_tokens}" if r["tokens"] else "-"
+        notes += [f"{name}: {note}" for note in dict.fromkeys(r.get("notes") or [])]
+        rows.append([compare.row_name(name, r), r["quiet_prefill_ms"], r["quiet_decode_tokens_per_s"],
+                     r["decode_tokens_per_s"], mib(r["peak_rss_bytes"]), same])
+    ratios = decode_ratios(results)
     env = environment(["CPUExecutionProvider"], args.threads)
     print(f"\nSmolLM2-135M-Instruct: prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
           f"{args.rounds} rounds x {args.runs} runs after {args.warmup} warm-up; {args.threads} threads; "
-          f"'quiet' = median of the least disturbed round")
+          f"'quiet' = median of the least disturbed round; {compare.CONTEXT_NOTE.format(n=spec['max_context'])}")
     print(describe(env) + "\n")
     print(markdown_table(["runtime", "prefill ms (quiet)", "decode tok/s (quiet)", "decode tok/s (all runs)",
                           "peak RSS", "greedy tokens equal to focalrt fp32"], rows))
+    if ratios:
+        print("\ndecode ratios (quiet medians): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     for note in notes:
         print(f"- {note}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": results, "environment": env, "notes": notes,
-                                         "prompt_tokens": len(ids)}, indent=1, default=str) + "\n")
+        args.json.write_text(json.dumps({"rows": results, "environment": env, "notes": notes, "ratios": ratios,
+                                         "prompt_tokens": len(ids), "context_budget": spec["max_context"]},
+                                        indent=1, default=str) + "\n")
+
+
+# (ours, baseline) pairs whose decode ratio the issue's targets name.
+RATIOS = ((KEPT_ROW, "llama.cpp Q4_1"), ("focalrt int4", "llama.cpp Q4_1"), ("focalrt int4", "onnxruntime-genai int4"),
+          ("focalrt int8", "llama.cpp Q8_0"), ("focalrt fp32", "onnxruntime-genai fp32"),
+          ("focalrt fp32", "llama.cpp F32"), (KEPT_ROW, "focalrt int4"))
+
+
+def decode_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    rate = "quiet_decode_tokens_per_s"
+    return {f"{a} / {b}": results[a][rate] / results[b][rate] for a, b in RATIOS if a in results and b in results}
 
 
 

@@ -1,7 +1,7 @@
 """Draft decoding, measured: what a k-token verify call costs against one step, and what temporal and
 prompt drafts accept and save per description, each mode beside plain decoding in the same run.
 
-    python benchmarks/drafts.py --bundle /tmp/tiny --bundle /tmp/small [--text-bundle /tmp/smollm2] \
+    python -m benchmarks.drafts --bundle /tmp/tiny --bundle /tmp/small [--text-bundle /tmp/smollm2] \
         [--frames 10] [--max-new-tokens 24] [--json out.json]
 
 Scenarios (modes interleaved frame by frame, rotating which goes first, so load from other processes

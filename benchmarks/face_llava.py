@@ -1,11 +1,11 @@
 """Face-LLaVA: our ONNX runtime against the eager PyTorch reference on the same weights, one run.
 
-    python benchmarks/face_llava.py                                   # tiny-random-face-llava, exported anew
-    python benchmarks/face_llava.py --preset small-random-face-llava  # 0.5B-sized decoder
-    python benchmarks/face_llava.py --bundle DIR                      # a bundle exported from a preset
-    python benchmarks/face_llava.py --bundle DIR --model CKPT         # a bundle exported from CKPT
+    python -m benchmarks.face_llava                                   # tiny-random-face-llava, exported anew
+    python -m benchmarks.face_llava --preset small-random-face-llava  # 0.5B-sized decoder
+    python -m benchmarks.face_llava --bundle DIR                      # a bundle exported from a preset
+    python -m benchmarks.face_llava --bundle DIR --model CKPT         # a bundle exported from CKPT
 
-    python benchmarks/face_llava.py --preset small-random-face-llava-video  # + the cost of a video window
+    python -m benchmarks.face_llava --preset small-random-face-llava-video  # + the cost of a video window
 
 Both sides get the same face crop (the astronaut, 224 px), the same 68 landmarks and the same prompt
 ids, and decode greedily for --new-tokens tokens. The reference runs transformers' Llava + our landmark

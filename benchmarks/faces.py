@@ -1,9 +1,9 @@
 """Per-frame latency of the face front end: detector, FaceMesh, the fast state heads, and all together.
 
-    python benchmarks/faces.py                      # converts the face models into a temp dir first
-    python benchmarks/faces.py --bundle DIR         # the face models of an exported bundle
-    python benchmarks/faces.py --runs 500 --json out.json
-    python benchmarks/faces.py --bundle DIR --e2e   # plus end-to-end `focalrt run` fps on a synthetic clip
+    python -m benchmarks.faces                      # converts the face models into a temp dir first
+    python -m benchmarks.faces --bundle DIR         # the face models of an exported bundle
+    python -m benchmarks.faces --runs 500 --json out.json
+    python -m benchmarks.faces --bundle DIR --e2e   # plus end-to-end `focalrt run` fps on a synthetic clip
 
 The frame is scikit-image's astronaut (512x512, one face), optionally resized with --size. Each stage is
 timed on its own after a warm-up, so the table says where the time goes; p99 shows the jitter a real-time

@@ -1,10 +1,10 @@
 """Cost of the JSON-schema token mask per decode step, beside the decode step itself, same loop.
 
-    python benchmarks/grammar.py                            # tiny-random bundle (exported once to the cache)
-    python benchmarks/grammar.py --preset small --tokens 128
-    python benchmarks/grammar.py --bundle ~/.cache/focalrt/bundles/small --bundle SMOLLM2_BUNDLE --tokens 192
+    python -m benchmarks.grammar                            # tiny-random bundle (exported once to the cache)
+    python -m benchmarks.grammar --preset small --tokens 128
+    python -m benchmarks.grammar --bundle ~/.cache/focalrt/bundles/small --bundle SMOLLM2_BUNDLE --tokens 192
                                                             # both, interleaved in --rounds chunks
-    python benchmarks/grammar.py --tokenizer path/to/tokenizer.json --vocab 49152 --stop 2
+    python -m benchmarks.grammar --tokenizer path/to/tokenizer.json --vocab 49152 --stop 2
                                                             # mask cost alone for another tokenizer (SmolLM2)
 
 One greedy constrained decode per bundle: prefill a prompt (a synthetic one as long as a region prompt for an
@@ -28,13 +28,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.tokenizer}: vocab {vocab}, schema compiled in {r['compile_s']} s, "
               f"mask p50 {r['mask_p50_ms']:.3f} ms over {r['steps']} steps")
     else:
-        from decode import ensure_bundle
+        from benchmarks.harness import ensure_bundle
 
         bundles = [*args.bundle, *(ensure_bundle(p) for p in args.preset)] or [ensure_bundle("tiny-random")]
         report["constrained_decode"] = bundles_run(bundles, args.tokens, args.threads, args.rounds)

@@ -1,8 +1,8 @@
 """Per precision, side by side on the CPU: size on disk, vision latency, prefill ms, decode tokens/s, peak RSS.
 
-    python benchmarks/precision.py                         # preset small: fp32, int8, int4, fp16
-    python benchmarks/precision.py --preset tiny-random --runs 3 --new-tokens 16
-    python benchmarks/precision.py --data frames/ --json precision.json
+    python -m benchmarks.precision                         # preset small: fp32, int8, int4, fp16
+    python -m benchmarks.precision --preset tiny-random --runs 3 --new-tokens 16
+    python -m benchmarks.precision --data frames/ --json precision.json
 
 The fp32 bundle is exported once into the cache (~/.cache/focalrt/bundles/<preset>, or $FOCALRT_CACHE);
 the int8 bundle is calibrated on `--data` (default: shifted, scaled and re-lit crops of scikit-image's
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -31,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-CACHE = Path(os.environ.get("FOCALRT_CACHE", Path.home() / ".cache" / "focalrt"))
+from benchmarks import harness
+
+CACHE = harness.CACHE
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 BOX = (170, 80, 290, 210)  # the astronaut's face in the 512x512 photo
 
@@ -198,11 +199,11 @@ def main() -> int:
         best: dict[str, dict[str, Any]] = {}
         for round_ in range(args.rounds):
             for p, bundle in bundles.items():
-                cmd = [sys.executable, __file__, "--worker", str(bundle), "--image", str(image), "--runs",
-                       str(args.runs), "--warmup", str(args.warmup), "--new-tokens", str(args.new_tokens)]
+                cmd = [sys.executable, "-m", "benchmarks.precision", "--worker", str(bundle), "--image", str(image),
+                       "--runs", str(args.runs), "--warmup", str(args.warmup), "--new-tokens", str(args.new_tokens)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=harness.ROOT).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 print(f"round {round_ + 1} {p}: {r}", file=sys.stderr, flush=True)
                 prev = best.get(p)

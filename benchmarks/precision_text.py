@@ -1,6 +1,6 @@
 """Precision on real weights: a text bundle (SmolLM2-135M-Instruct) in fp16, int8 and int4, against fp32.
 
-    python benchmarks/precision_text.py --bundle BUNDLE --out DIR [--windows 16] [--variants ...]
+    python -m benchmarks.precision_text --bundle BUNDLE --out DIR [--windows 16] [--variants ...]
 
 For each variant the decoder is converted with the project's own transforms (focalrt.calibration.quantize;
 int4 through each of onnxruntime's MatMulNBits algorithms), the rest of the bundle is hard-linked, and:
@@ -170,6 +170,9 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=len(HELDOUT_PROMPTS),
                     help=f"held-out prompts (default all {len(HELDOUT_PROMPTS)})")
     ap.add_argument("--decode-tokens", type=int, default=64, help="answer length timed for decode tok/s")
+    ap.add_argument("--keep-quantization", type=Path, metavar="BUNDLE",
+                    help="also measure this bundle (`focalrt export --preset smollm2-135m --keep-quantization`: "
+                         "the GGUF's own Q4_1/Q8_0 blocks) as the row 'gguf-grid'")
     ap.add_argument("--keep", action="store_true", help="keep the variant bundles (for benchmarks/compare_text.py)")
     ap.add_argument("--variants", nargs="+", default=[
         "fp32", "fp16", "int8", "int8-weights", "int4-rtn-32", "int4-rtn-128", "int4-rtn_asym-32", "int4-rtn_asym-128",
@@ -205,6 +208,14 @@ def main() -> None:
         print(name, {k: v for k, v in results[name].items() if k != "quantization"}, flush=True)
         if name != "fp32" and not args.keep:
             shutil.rmtree(out / name, ignore_errors=True)  # keep the disk use down; sizes are recorded
+    if args.keep_quantization:
+        b = args.keep_quantization
+        size = sum(f.stat().st_size for f in b.iterdir() if f.name.startswith(("embed.onnx", "decoder.onnx")))
+        quant = json.loads((b / "manifest.json").read_text())["components"]["decoder"].get("quantization", {})
+        results["gguf-grid"] = {"disk_bytes": size, "quantization": quant,
+                                **measure(b, refs, text_ids, args.windows, args.decode_tokens)}
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+        print("gguf-grid", {k: v for k, v in results["gguf-grid"].items() if k != "quantization"}, flush=True)
     base = results.get("fp32", {}).get("perplexity")
     print("| variant | perplexity | change | top-1 (teacher forced) | logit cosine | greedy agreement | "
           "identical answers | decode tok/s | disk MB |")

@@ -1,8 +1,8 @@
 """Many regions, many faces, one frame: the batched, prefix-shared path against one region at a time.
 
-    python benchmarks/regions.py                       # small preset (exported once to the cache)
-    python benchmarks/regions.py --preset tiny-random --runs 2 --max-new-tokens 8
-    python benchmarks/regions.py --json regions.json --plot regions.png
+    python -m benchmarks.regions                       # small preset (exported once to the cache)
+    python -m benchmarks.regions --preset tiny-random --runs 2 --max-new-tokens 8
+    python -m benchmarks.regions --json regions.json --plot regions.png
 
 For N regions of one face (and for 1-3 faces) it times, in one process on the same weights and frame:
 - batched: `Pipeline.describe_views`, the path `focalrt run` takes (encoder once per face, prefix once per
@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import ensure_bundle  # noqa: E402
-
-from focalrt.bench.stats import time_runs  # noqa: E402
-from focalrt.demo import demo_photo  # noqa: E402
-from focalrt.runtime.faces.crops import crop_face  # noqa: E402
-from focalrt.runtime.faces.detection import FaceAnalyzer  # noqa: E402
-from focalrt.runtime.faces.regions import region_box  # noqa: E402
-from focalrt.runtime.pipeline import Pipeline  # noqa: E402
+from benchmarks.harness import ensure_bundle
+from focalrt.bench.stats import time_runs
+from focalrt.demo import demo_photo
+from focalrt.runtime.faces.crops import crop_face
+from focalrt.runtime.faces.detection import FaceAnalyzer
+from focalrt.runtime.faces.regions import region_box
+from focalrt.runtime.pipeline import Pipeline
 
 REGIONS = ["mouth", "left_eye", "right_eye", "brows", "nose", "chin", "left_cheek", "right_cheek"]
 

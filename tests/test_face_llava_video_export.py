@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # builds PyTorch towers and exports them
 pytest.importorskip("transformers")
 
 from face_llava_fixtures import write_checkpoint, write_llama_style_tokenizer  # noqa: E402

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faces_fixtures import fixture_analyzer, fixture_astronaut_face, fixture_face_models  # noqa: F401
 
 from focalrt.runtime.faces.state import (
     DLIB5_FROM_FACEMESH,
@@ -63,6 +62,7 @@ def _package_age_modules():
     return inference, models, post
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_emotion_onnx_matches_fer_tflite_on_faces(heads):
     """Within 1e-3 of the .tflite under ai_edge_litert, both its reference kernels and XNNPACK (fer's default),
     on the astronaut's face at several crops; and on 100 LFW faces agreeing with the reference kernels."""

@@ -7,13 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from faces_fixtures import (  # noqa: F401  (pytest fixtures)
-    ASTRONAUT_FACE,
-    fixture_analyzer,
-    fixture_astronaut_face,
-    fixture_face_models,
-    iou,
-)
+from face_truth import ASTRONAUT_FACE, iou
 
 from focalrt.export import face_models as fm
 from focalrt.runtime.faces.detection import FaceAnalyzer, FaceDetector, ssd_anchors

@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from focalrt.bundle import BundleError, load
@@ -355,6 +357,7 @@ def _start_export(out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_killed_export_leftovers_are_removed_by_the_next_export(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "b"
@@ -369,6 +372,7 @@ def test_killed_export_leftovers_are_removed_by_the_next_export(tmp_path):
     assert not partial.exists() and not out.exists()
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_sigterm_during_export_leaves_nothing(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "b"
@@ -460,3 +464,522 @@ def test_schema_accepts_a_text_only_manifest(tiny_bundle):
     m["prompt"].pop("stop_tokens")
     with pytest.raises(BundleError, match="prompt.stop_tokens is missing"):
         validate_manifest(m, tiny_bundle / "manifest.json")
+
+
+# --- GGUF files are checked before transformers reads them (issue 26) ----------------------------------------
+
+def small_gguf(path: Path) -> Path:
+    """A whole, tiny GGUF (two float tensors, a string and a token list), written with the gguf package."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_tensor("token_embd.weight", np.ones((8, 16), np.float32))
+    writer.add_tensor("output.weight", np.ones((8, 16), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _damage(data: bytes, case: str) -> bytes:
+    if case == "truncated in the weights":
+        return data[:-300]
+    if case == "truncated in the header":
+        return data[:100]
+    if case == "magic":
+        return b"GGUX" + data[4:]
+    if case == "version":
+        return data[:4] + (9).to_bytes(4, "little") + data[8:]
+    if case == "tensor count":
+        return data[:8] + (10**12).to_bytes(8, "little") + data[16:]
+    if case == "key not UTF-8":  # the first key, general.architecture, starts at byte 32
+        return data[:32] + b"\xff\xfe" + data[34:]
+    raise AssertionError(case)
+
+
+GGUF_DAMAGE = [("truncated in the weights", "needs bytes up to"), ("truncated in the header", "truncated"),
+               ("magic", "does not start with the GGUF magic"), ("version", "GGUF version 9 is not"),
+               ("tensor count", "declares 1000000000000 tensors"), ("key not UTF-8", "is not UTF-8 text")]
+
+
+@pytest.mark.parametrize("case,expected", GGUF_DAMAGE, ids=[c for c, _ in GGUF_DAMAGE])
+def test_damaged_gguf_is_one_line_naming_the_file(tmp_path, case, expected):
+    good = small_gguf(tmp_path / "good.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_damage(good.read_bytes(), case))
+    # a torch that fails on import: the check comes before transformers (and torch) are touched
+    line = one_line_error(cli("export", "--model", bad, "--out", tmp_path / "b", env=_no_torch_env(tmp_path)))
+    assert f"--model {bad}" in line and expected in line, line
+    assert "damaged" in line or "truncated" in line or "not a GGUF file" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_gguf_directory_and_whole_files(tmp_path):
+    from focalrt.export.gguf_check import check_gguf
+
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    line = one_line_error(cli("export", "--model", folder, "--out", tmp_path / "b", env=_no_torch_env(tmp_path)))
+    assert "is a directory, not a GGUF file" in line and "does not exist" not in line
+    assert check_gguf(small_gguf(tmp_path / "good.gguf")) == tmp_path / "good.gguf"  # no false alarm
+
+
+def test_real_gguf_cut_at_60_mb_is_called_truncated(tmp_path):
+    from focalrt.export.gguf_check import GGUFError, check_gguf
+
+    pytest.importorskip("gguf")
+    try:
+        from focalrt.export.text import locate_preset
+        whole = locate_preset("smollm2-135m")
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    check_gguf(whole)
+    cut = tmp_path / "cut.gguf"
+    with open(whole, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(60_000_000))
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.\d+\.\w+\.weight' needs bytes up to \d+, but the file ends "
+                                        r"at 60000000 \(truncated\)"):
+        check_gguf(cut)
+
+
+# --- schemas that cannot produce output are refused at load (issue 26) ---------------------------------------
+
+@pytest.mark.parametrize("schema,reason", [
+    ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "#/$defs/a -> #/$defs/a leads only back"),
+    ({"$ref": "#"}, "# -> # leads only back"),
+])
+def test_schema_that_cannot_produce_output_is_refused(tiny_bundle, tmp_path, schema, reason):
+    pytest.importorskip("llguidance")
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    line = one_line_error(cli("describe", tiny_bundle, "--image", ASTRONAUT, *BOX, "--schema", path))
+    assert "cannot produce any output" in line and reason in line
+
+
+# --- served requests: every malformed field is named (issue 26) ----------------------------------------------
+
+def _served(**fields):
+    import numpy as np
+
+    base = {"image": np.array([[np.zeros((48, 64, 3), np.uint8).tobytes()]], dtype=object),
+            "image_shape": np.array([[48, 64]], np.int64), "boxes": np.array([[[1, 1, 20, 20]]], np.int64)}
+    base.update(fields)
+    return base
+
+
+def _malformed_fields():
+    import numpy as np
+
+    obj = lambda *v: np.array([list(v)], dtype=object)  # noqa: E731 - one BYTES row
+    return [
+        ("regions not UTF-8", {"regions": obj(b"mouth", b"\xff\xfe")}, "input 'regions' element 1"),
+        ("boxes as floats", {"boxes": np.array([[[1.5, 2.0, 30.0, 40.0]]])}, "input 'boxes' must hold integers"),
+        ("boxes as strings", {"boxes": np.array([[["1", "2", "30", "40"]]], dtype=object)}, "input 'boxes' must hold"),
+        ("image_shape NaN", {"image_shape": np.array([[np.nan, 64.0]])}, "input 'image_shape' must hold integers"),
+        ("landmarks68 as text", {"landmarks68": np.full((1, 68, 2), b"x", dtype=object)},
+         "input 'landmarks68' must hold numbers"),
+        ("max_new_tokens empty", {"max_new_tokens": np.zeros((1, 0), np.int64)},
+         "input 'max_new_tokens' must hold one"),
+        ("max_new_tokens float", {"max_new_tokens": np.array([[3.7]])}, "input 'max_new_tokens' must hold integers"),
+        ("image not BYTES", {"image": np.array([[7]], np.int64)}, "input 'image' must be BYTES"),
+        ("prompt not UTF-8", {"prompt": obj(b"\xc3\x28")}, "input 'prompt' is not UTF-8 text"),
+        ("schema not UTF-8", {"schema": obj(b"\xff")}, "input 'schema' is not UTF-8 text"),
+        ("box outside", {"boxes": np.array([[[500, 500, 600, 600]]])}, "input 'boxes': box 0"),
+    ]
+
+
+@pytest.mark.parametrize("case,fields,expected", _malformed_fields(), ids=[c[0] for c in _malformed_fields()])
+def test_served_request_errors_name_the_input(case, fields, expected):
+    from focalrt.serve.requests import Limits, RequestError, decode_describe
+
+    with pytest.raises(RequestError) as err:
+        decode_describe(_served(**fields), Limits(), schema_supported=True)
+    assert expected in str(err.value), str(err.value)
+
+
+# --- sources name the files they could not read (issue 26) ---------------------------------------------------
+
+def test_folder_source_names_its_unreadable_files(tiny_bundle, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy2(ASTRONAUT, folder / f"good{i}.jpg")
+    for name in ("bad_a.jpg", "bad_b.png", "bad_c.jpg", "bad_d.jpg", "bad_e.jpg", "bad_f.jpg", "bad_g.jpg"):
+        (folder / name).write_bytes(b"not an image")
+    out = tmp_path / "e.jsonl"
+    proc = cli("run", tiny_bundle, "--source", folder, *BOX, "--out", out, "--quiet")
+    assert proc.returncode == 5, proc.stderr
+    summary = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("summary "))[8:])
+    assert summary["source"]["unreadable_files"] == 7 and summary["source"]["corrupt_frames"] == 7
+    assert summary["source"]["unreadable_named"] == ["bad_a.jpg", "bad_b.png", "bad_c.jpg", "bad_d.jpg", "bad_e.jpg"]
+    assert "unreadable files: bad_a.jpg, bad_b.png, bad_c.jpg, bad_d.jpg, bad_e.jpg and 2 more" in proc.stderr
+    assert len(whole_lines(out)) == 3
+
+
+# --- outputs that cannot block: FIFOs and stdout (issue 26) --------------------------------------------------
+
+def test_fifo_out_without_a_reader_fails_in_one_line(tiny_bundle, avi_clip, tmp_path):
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", fifo, "--quiet", timeout=120)  # no hang
+    line = one_line_error(proc)
+    assert f"--out {fifo} is a FIFO with no reader" in line and "start the reader first" in line
+
+
+def test_fifo_out_with_a_reader_gets_every_line(tiny_bundle, avi_clip, tmp_path):
+    import threading
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))  # opens once the run opens it
+    reader.start()
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", fifo, "--quiet", timeout=300)
+    reader.join(60)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["frame"] for line in got[0].decode().splitlines()] == list(range(12))
+
+
+def test_out_dash_is_stdout(tiny_bundle, avi_clip, tmp_path):
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", "-", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["frame"] for e in events] == list(range(12)) and all(e["type"] == "description" for e in events)
+    assert not (tmp_path / "-").exists()
+    with open("/dev/full", "wb") as full:  # stdout on a full device: the JSONL rules, exit 4
+        proc = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source",
+                               str(avi_clip), *BOX, "--out", "-", "--quiet"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert proc.returncode == 4 and "writing <stdout> failed (No space left on device)" in proc.stderr, proc.stderr
+
+
+# --- a failed video write is an error that says what was kept (issue 26) -------------------------------------
+
+def _readable_frames(path: Path) -> int:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def test_mkv_on_a_full_disk_exits_4_saying_how_many_frames_were_kept(tiny_bundle, tmp_path):
+    clip = write_avi(tmp_path / "clip20.avi", 20)
+    video = tmp_path / "x.mkv"
+    proc = cli("run", tiny_bundle, "--source", clip, *BOX, "--write-video", video, "--quiet",
+               preexec_fn=_limit_file_size(60_000))
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    kept = _readable_frames(video)
+    assert 0 < kept < 20
+    assert f"writing video {video} failed" in proc.stderr and f"it keeps {kept} of the " in proc.stderr
+
+
+def test_video_sink_without_a_write_status_counts_what_the_file_holds(tmp_path):
+    """OpenCV 4 (Jetson's system build) returns None from VideoWriter.write: the file is counted at close."""
+    code = ("import resource, signal, sys\n"
+            "import numpy as np\n"
+            "import cv2\n"
+            "from focalrt.runtime.stream.sinks import VideoSink, WriteError\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "Real = cv2.VideoWriter\n"
+            "class Silent:  # OpenCV 4: write() returns None whatever happens\n"
+            "    def __init__(self, *a): self.real = Real(*a)\n"
+            "    def isOpened(self): return self.real.isOpened()\n"
+            "    def write(self, image): self.real.write(image)\n"
+            "    def release(self): self.real.release()\n"
+            "cv2.VideoWriter = Silent\n"
+            "sink = VideoSink(sys.argv[1], 10.0, (160, 120))\n"
+            "for i in range(12):\n"
+            "    sink.write(np.random.default_rng(i).integers(0, 255, (120, 160, 3), dtype=np.uint8))\n"
+            "try:\n"
+            "    sink.close()\n"
+            "except WriteError as e:\n"
+            "    print(e)\n")
+    video = tmp_path / "v.avi"
+    done = subprocess.run([sys.executable, "-c", code, str(video)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kept = _readable_frames(video)
+    assert kept < 12 and f"it keeps {kept} of the 12 frames written" in done.stdout, done.stdout
+
+
+# --- MCAP is as kill-safe as the JSONL (issue 26) ------------------------------------------------------------
+
+def _mcap_messages(path: Path) -> list:
+    """Every message, read with the mcap library's standard reader (it needs a whole file: no recovery)."""
+    from mcap.reader import make_reader
+
+    with open(path, "rb") as f:
+        return [(channel.topic, message.log_time) for _, channel, message in make_reader(f).iter_messages()]
+
+
+def test_mcap_sink_killed_after_a_quiet_second_keeps_every_message(tmp_path):
+    """Nothing is written for 1.5 s before the SIGKILL: the flusher thread, not the next message, ends the chunk."""
+    pytest.importorskip("foxglove")
+    code = ("import os, signal, sys, time\n"
+            "import numpy as np\n"
+            "from focalrt.runtime.stream.robotics import FoxgloveSink\n"
+            "sink = FoxgloveSink(sys.argv[1], flush_interval_s=0.5)\n"
+            "for i in range(30):\n"
+            "    sink.write({'type': 'state', 'timestamp': i / 10, 'frame': i})\n"
+            "    sink.write_frame(np.full((120, 160, 3), i, np.uint8), i / 10)\n"
+            "time.sleep(1.5)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = tmp_path / "k.mcap"
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    messages = _mcap_messages(out)
+    assert sorted(messages) == sorted([(t, round(i / 10 * 1e9)) for i in range(30)
+                                       for t in ("/focalrt/state", "/focalrt/image")])
+
+
+def test_run_mcap_is_readable_after_sigkill(tiny_bundle, avi_clip, tmp_path):
+    pytest.importorskip("foxglove")
+    out = tmp_path / "run.mcap"
+    proc = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(avi_clip),
+                             "--loop", *BOX, "--out", str(out), "--mcap-flush", "0.2", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.exists() and out.stat().st_size > 60_000):  # several chunks of frames
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        time.sleep(0.33)  # the kill lands anywhere in the flush cycle, not just after a chunk was written
+    finally:
+        proc.kill()
+        proc.wait()
+    messages = _mcap_messages(out)
+    frames = [t for topic, t in messages if topic == "/focalrt/image"]
+    assert len(frames) >= 3 and {topic for topic, _ in messages} >= {"/focalrt/image", "/focalrt/description"}
+
+
+def test_mcap_on_a_full_disk_exits_4_and_stays_readable(tiny_bundle, avi_clip, tmp_path):
+    pytest.importorskip("foxglove")
+    out = tmp_path / "full.mcap"
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--loop", "--max-frames", "400", "--out", out,
+               "--mcap-flush", "0.05", "--quiet", preexec_fn=_limit_file_size(60_000))
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    kept = len(_mcap_messages(out))
+    assert kept > 0 and f"writing {out} failed (File too large); it keeps the {kept} messages" in proc.stderr
+    assert proc.stderr.count(f"writing {out} failed") == 1, proc.stderr
+
+
+# --- the server survives any request: a loopback fuzz against the real Triton server (issue 26) --------------
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_bundle, tmp_path_factory):
+    from focalrt.serve.process import serve_python_problem, start_server
+
+    pytest.importorskip("tritonclient.http")
+    problem = serve_python_problem()
+    if problem:
+        if os.environ.get("FOCALRT_SERVE_PYTHON"):
+            pytest.fail(f"FOCALRT_SERVE_PYTHON cannot serve: {problem}")
+        pytest.skip(f"serve extra not usable here ({problem}); see docs/serving.md")
+    srv = start_server(tiny_bundle, tmp_path_factory.mktemp("fuzz") / "serve.log", ["--max-batch", "4"])
+    yield srv
+    srv.stop()
+
+
+def _infer(port: int, body: bytes, headers: dict[str, str] | None = None, model: str = "describe",
+           declared_length: int | None = None) -> tuple[int, str]:
+    """POST one raw request; (status, body text). status 0: the server closed without answering."""
+    import http.client
+
+    head = {"Content-Type": "application/json", **(headers or {})}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        if declared_length is None:
+            conn.request("POST", f"/v2/models/{model}/infer", body=body, headers=head)
+        else:  # a body shorter than its Content-Length, then the client is gone
+            conn.putrequest("POST", f"/v2/models/{model}/infer")
+            for k, v in {**head, "Content-Length": str(declared_length)}.items():
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:  # the server answered (413) and closed already
+                pass
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except (ConnectionError, http.client.HTTPException):
+        return 0, ""
+    finally:
+        conn.close()
+
+
+def _binary_request(tensors: list[tuple[dict, bytes]], cut: int = 0) -> tuple[bytes, dict[str, str]]:
+    """KServe v2 binary extension: a JSON header, then each input's bytes (the last `cut` bytes left off)."""
+    header = json.dumps({"inputs": [t for t, _ in tensors]}).encode()
+    blob = b"".join(data for _, data in tensors)
+    body = header + blob[:len(blob) - cut]
+    return body, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _bytes_tensor(name: str, items: list[bytes], shape: list[int] | None = None) -> tuple[dict, bytes]:
+    data = b"".join(len(i).to_bytes(4, "little") + i for i in items)
+    return ({"name": name, "datatype": "BYTES", "shape": shape or [1, len(items)],
+             "parameters": {"binary_data_size": len(data)}}, data)
+
+
+def _malformed_requests(rng) -> list[tuple[str, bytes, dict, str | None, int | None]]:
+    """(what, body, headers, the input the answer must name or None, declared Content-Length or None)."""
+    image = {"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}
+    huge = [int(rng.integers(10**6, 10**12)) for _ in range(3)]
+    cases = [
+        ("huge boxes shape", {"inputs": [image, {"name": "boxes", "shape": [1, huge[0], 4], "datatype": "INT64",
+                                                  "data": [1, 2, 3, 4]}]}, "boxes"),
+        ("huge landmarks shape", {"inputs": [image, {"name": "landmarks68", "shape": [1, huge[1], 2],
+                                                      "datatype": "FP32", "data": [0.5, 0.5]}]}, "landmarks68"),
+        ("huge image element count", {"inputs": [{"name": "image", "shape": [1, huge[2]], "datatype": "BYTES",
+                                                  "data": ["a"]}]}, "image"),
+        ("huge regions count", {"inputs": [image, {"name": "regions", "shape": [huge[0], huge[1]],
+                                                    "datatype": "BYTES", "data": ["mouth"]}]}, "regions"),
+        ("shape larger than data", {"inputs": [image, {"name": "boxes", "shape": [1, 3, 4], "datatype": "INT64",
+                                                        "data": [1, 2, 3, 4]}]}, "boxes"),
+        ("data larger than shape", {"inputs": [image, {"name": "boxes", "shape": [1, 1, 4], "datatype": "INT64",
+                                                        "data": list(range(40))}]}, "boxes"),
+        ("negative dim", {"inputs": [image, {"name": "boxes", "shape": [1, -5, 4], "datatype": "INT64",
+                                              "data": [1, 2, 3, 4]}]}, "boxes"),
+        ("float dim", {"inputs": [image, {"name": "boxes", "shape": [1, 1.5, 4], "datatype": "INT64",
+                                           "data": [1, 2, 3, 4]}]}, "boxes"),
+        ("string shape", {"inputs": [image, {"name": "boxes", "shape": "1,1,4", "datatype": "INT64",
+                                              "data": [1, 2, 3, 4]}]}, "boxes"),
+        ("unknown datatype", {"inputs": [image, {"name": "boxes", "shape": [1, 1, 4], "datatype": "INT65",
+                                                  "data": [1, 2, 3, 4]}]}, "boxes"),
+        ("boxes as floats", {"inputs": [image, {"name": "boxes", "shape": [1, 1, 4], "datatype": "FP32",
+                                                 "data": [1.5, 2, 3, 4]}]}, "boxes"),
+        ("boxes as strings", {"inputs": [image, {"name": "boxes", "shape": [1, 1, 4], "datatype": "BYTES",
+                                                  "data": ["1", "2", "3", "4"]}]}, "boxes"),
+        ("image as INT64", {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "INT64", "data": [7]}]},
+         "image"),
+        ("max_new_tokens as string", {"inputs": [image, {"name": "max_new_tokens", "shape": [1, 1],
+                                                          "datatype": "BYTES", "data": ["many"]}]},
+         "max_new_tokens"),
+        ("no inputs", {"inputs": []}, None),
+        ("inputs not a list", {"inputs": {"image": 1}}, None),
+        ("nameless input", {"inputs": [{"shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]}, None),
+        ("shared memory input", {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "parameters":
+                                             {"shared_memory_region": "r", "shared_memory_byte_size": 10**10}}]},
+         "image"),
+        ("no data at all", {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES"}]}, "image"),
+    ]
+    out = [(what, json.dumps(req).encode(), {}, name, None) for what, req, name in cases]
+    jpeg = ASTRONAUT.read_bytes()
+    image_bin = _bytes_tensor("image", [jpeg])
+    box_bin = ({"name": "boxes", "datatype": "INT64", "shape": [1, 1, 4], "parameters": {"binary_data_size": 32}},
+               np.array([10, 10, 100, 100], np.int64).tobytes())
+    for what, tensors, cut, name in [
+            ("binary body cut short", [image_bin], 1000, None),
+            ("binary size larger than shape", [image_bin, ({"name": "boxes", "datatype": "INT64", "shape": [1, 1, 4],
+                                                             "parameters": {"binary_data_size": 64}}, bytes(64))],
+             0, "boxes"),
+            ("binary size too small for BYTES count", [({"name": "image", "datatype": "BYTES", "shape": [1, 10**9],
+                                                         "parameters": {"binary_data_size": 8}}, bytes(8))], 0,
+             "image"),
+            ("non-UTF-8 region", [image_bin, _bytes_tensor("regions", [b"mo\xffth"])], 0, "regions"),
+            ("non-UTF-8 prompt", [image_bin, box_bin, _bytes_tensor("prompt", [b"\xc3\x28 describe"])], 0, "prompt"),
+            ("broken image bytes", [_bytes_tensor("image", [jpeg[:200]])], 0, "image")]:
+        body, headers = _binary_request(tensors, cut)
+        out.append((what, body, headers, name, None))
+    body, headers = _binary_request([image_bin])
+    out += [("header length past the body", body, {"Inference-Header-Content-Length": str(len(body) + 10)}, None,
+             None),
+            ("non-UTF-8 JSON header", b'{"inputs": [{"name": "\xff\xfe", "shape": [1], "datatype": "BYTES"}]}', {},
+             None, None),
+            ("not JSON", b"{inputs: nope", {}, None, None),
+            ("empty body", b"", {}, None, None),
+            ("random bytes", bytes(rng.integers(0, 256, 300, dtype=np.uint8)), {}, None, None),
+            ("gzip claimed", b"\x1f\x8b\x08\x00", {"Content-Encoding": "gzip"}, None, None),
+            ("Content-Length of 10 GB", b"{", {}, None, 10 * 2**30),
+            ("client gone mid-body", body[:5000], {"Inference-Header-Content-Length": headers[
+                "Inference-Header-Content-Length"]}, None, len(body))]
+    return out
+
+
+def test_no_request_kills_the_server_and_good_ones_keep_their_answers(fuzz_server):
+    """A few hundred malformed requests (huge declared shapes, wrong datatypes, truncated binary bodies,
+    non-UTF-8 strings, broken framing), interleaved with good ones from another client: the server never dies,
+    every malformed request gets a 4xx or its own `error` naming the input, every good one its single-client
+    answer."""
+    import threading
+
+    import cv2
+
+    from focalrt.serve.client import ServerClient
+
+    rng = np.random.default_rng(26)
+    image = cv2.imread(str(ASTRONAUT))
+    goods = [dict(image=image, boxes=[(40 + 30 * i, 50 + 20 * i, 260, 280)], max_new_tokens=3) for i in range(3)]
+    with ServerClient(fuzz_server.url, timeout_s=120) as client:
+        expected = [client.describe(**g)[0].token_ids for g in goods]  # one client alone
+    answers, stop = [], threading.Event()
+
+    def good_traffic() -> None:  # its own client: tritonclient's gevent connections stay in their thread
+        with ServerClient(fuzz_server.url, timeout_s=120) as other:
+            i = 0
+            while not stop.is_set() or i < 12:
+                answers.append((i % 3, other.describe(**goods[i % 3])[0].token_ids))
+                i += 1
+
+    worker = threading.Thread(target=good_traffic)
+    worker.start()
+    try:
+        cases = []
+        for _ in range(9):  # each kind of damage several times, shuffled, with fresh huge numbers
+            cases += _malformed_requests(rng)
+        for k in rng.permutation(len(cases)):
+            what, body, headers, name, declared = cases[k]
+            status, text = _infer(fuzz_server.http_port, body, headers, declared_length=declared)
+            assert fuzz_server.process.poll() is None, f"the server died on {what}:\n{fuzz_server.log()[-3000:]}"
+            if what == "client gone mid-body":
+                continue  # nobody is left to answer
+            assert 400 <= status < 500 or (status == 200 and name and
+                                           f"input '{name}'" in text.split('"name":"error"', 1)[-1]), \
+                (what, status, text[:500])
+            if status != 200:
+                assert '"error"' in text and "Traceback" not in text, (what, text[:500])
+            if name and status != 200:
+                assert name in text, (what, text[:500])
+    finally:
+        stop.set()
+        worker.join(timeout=300)
+    assert len(cases) >= 250 and len(answers) >= 12
+    assert all(tokens == expected[i] for i, tokens in answers)
+    assert fuzz_server.ready()
+
+
+# --- hard-linked bundles --------------------------------------------------------------------------------------
+
+def test_a_hard_linked_bundle_is_refused_by_convert_in_one_line_and_still_runs(tiny_bundle, tmp_path):
+    """`cp -al` backups hard-link every file; onnx will not read external data through a hard link, so convert
+    and calibrate refuse such a bundle in one line naming the file and the fix, before any work; describe
+    (ONNX Runtime) still runs it."""
+    onnx = pytest.importorskip("onnx")
+    from focalrt.bundle import file_record, write_manifest
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_bundle, plain)
+    model = onnx.load(str(plain / "decoder.onnx"))
+    onnx.save(model, str(plain / "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data",
+              size_threshold=0)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["components"]["decoder"].update(file_record(plain, "decoder.onnx"))
+    write_manifest(plain, manifest)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in plain.rglob("*"):  # what `cp -al plain linked` makes
+        target = linked / f.relative_to(plain)
+        target.mkdir(exist_ok=True) if f.is_dir() else os.link(f, target)
+    line = one_line_error(cli("convert", linked, "--data", ASTRONAUT, "--precision", "fp16", "--out", tmp_path / "o"))
+    assert "decoder.onnx.data has 2 hard links" in line and "cp -r" in line
+    assert not (tmp_path / "o").exists()
+    described = cli("describe", linked, "--image", ASTRONAUT, "--max-new-tokens", "2")
+    assert described.returncode == 0, described.stderr[-1500:]

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from focalrt.runtime.generation import planning
 from focalrt.runtime.generation.generate import (
     PromptCache,
     Row,
@@ -20,11 +21,6 @@ from focalrt.runtime.generation.generate import (
 from focalrt.runtime.pipeline import Pipeline
 
 BOX = (170, 80, 280, 200)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle) -> Pipeline:
-    return Pipeline.from_bundle(tiny_bundle)
 
 
 def _text_positions(n: int, axes: int) -> np.ndarray:
@@ -134,10 +130,11 @@ def test_per_row_processors_in_one_batch(pipe, astronaut_bgr):
     """Row 1 is forced, row 0 is not: each row's processors touch only that row."""
     boxes = [BOX, (190, 120, 260, 170)]
     free = [pipe.describe(astronaut_bgr, box=b, max_new_tokens=6).token_ids for b in boxes]
-    planned = pipe.plan([(astronaut_bgr, b, None) for b in boxes], None)
-    embeds = pipe.encode_image(planned[0].view)
+    plan = planning.plan(pipe.setup, [planning.Request(astronaut_bgr, b) for b in boxes])
+    assert len(plan.inputs) == 1  # two regions of one image: one encoder input
+    embeds = pipe.encode(plan.inputs[0])
     rows = []
-    for region in planned:
+    for region in plan.rows:
         positions, delta = pipe.adapter.positions(region.prompt.token_ids)
         rows.append(Row(region.prompt.token_ids, positions, delta, region.prompt.prefix_len, embeds, 0,
                         pipe.image_token_id))

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from faces_fixtures import (  # noqa: F401  (pytest fixtures)
-    fixture_analyzer,
-    fixture_astronaut_face,
-    fixture_face_models,
-)
 
 from focalrt.runtime.faces.landmarks68 import FACEMESH_TO_68, PARTS68, to_68
 

@@ -6,11 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from faces_fixtures import (  # noqa: F401  (pytest fixtures)
-    fixture_analyzer,
-    fixture_astronaut_face,
-    fixture_face_models,
-)
 
 from focalrt.runtime.faces.regions import (
     LIPS_OUTER,

@@ -185,15 +185,13 @@ def test_ctrl_c_or_sigterm_closes_the_video_and_keeps_events(tiny_bundle, tmp_pa
     assert n >= 2 and n >= len({e["frame"] for e in events}) - 1
 
 
-def test_run_with_face_llava_bundle(tmp_path_factory, clip, tmp_path, monkeypatch):
+def test_run_with_face_llava_bundle(face_llava_bundle, clip, tmp_path, monkeypatch):
     """The second family goes through the same run loop, fed the 68 landmarks of each tracked face."""
-    pytest.importorskip("torch")
-    from focalrt.export.build import export_bundle
     from focalrt.runtime.pipeline import Pipeline
     from focalrt.runtime.stream.runner import RegionRunner, iter_events
     from focalrt.runtime.stream.sources import open_source
 
-    bundle = export_bundle(tmp_path_factory.mktemp("fl") / "bundle", preset="tiny-random-face-llava")
+    bundle = face_llava_bundle
     out = _run(bundle, "--source", clip, "--regions", "mouth,brows", "--out", tmp_path / "e.jsonl",
                "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr

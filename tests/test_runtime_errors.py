@@ -15,11 +15,6 @@ from focalrt.bundle import BundleError, load
 from focalrt.runtime.pipeline import Pipeline
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle) -> Pipeline:
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 def _copy(bundle, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(bundle, dst)
@@ -181,6 +176,7 @@ def test_cli_describe_json(tiny_bundle, tmp_path, astronaut_bgr):
     assert bad.returncode == 2 and "x1,y1,x2,y2" in bad.stderr
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_interrupted_export_leaves_no_half_bundle(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from focalrt.export import qwen2_5_vl

@@ -35,11 +35,6 @@ def clip(tmp_path_factory, astronaut_bgr):
     return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", pan_zoom_frames(astronaut_bgr, 4))
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    return Pipeline.from_bundle(tiny_bundle)
-
-
 def _run_events(tiny_bundle, clip, out, *extra):
     code = cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth,eyes", "--box",
                      "10,10,120,90", "--out", str(out), "--max-new-tokens", MAX_TOKENS, "--state-every", "2",
@@ -133,14 +128,14 @@ def test_cut_off_answer_says_so(pipe, astronaut_bgr):
 @pytest.mark.parametrize("command", ["run", "describe"])
 def test_schema_llguidance_cannot_compile_is_one_line_before_any_frame(tiny_bundle, clip, tmp_path, capsys,
                                                                       monkeypatch, command):
-    import focalrt.runtime.pipeline
+    import focalrt.runtime.generation.planning
     import focalrt.runtime.stream.sources
 
     def no_frames(*_a, **_k):
         raise AssertionError("a frame was read before the schema was checked")
 
     monkeypatch.setattr(focalrt.runtime.stream.sources, "open_source", no_frames)
-    monkeypatch.setattr(focalrt.runtime.pipeline, "read_image", no_frames)
+    monkeypatch.setattr(focalrt.runtime.generation.planning, "read_image", no_frames)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}))
     out = tmp_path / "e.jsonl"

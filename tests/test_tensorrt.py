@@ -285,9 +285,9 @@ class _StopLoading(Exception):
 
 
 def _record_sessions(monkeypatch, stop_after: int | None = None) -> list[dict]:
-    """Replace the pipeline's create_session with one that records what each component was given, then
-    loads it with the real create_session (on the CPU only, as that is all this machine has)."""
-    from focalrt.runtime import pipeline
+    """Replace the create_session that loads every bundle component with one that records what each component
+    was given, then loads it with the real create_session (on the CPU only, as that is all this machine has)."""
+    from focalrt.runtime.backends import sessions
     from focalrt.runtime.backends.sessions import create_session
 
     calls: list[dict] = []
@@ -298,7 +298,7 @@ def _record_sessions(monkeypatch, stop_after: int | None = None) -> list[dict]:
             raise _StopLoading
         return create_session(path, [p for p in providers if p == "CPUExecutionProvider"], threads, trt_options)
 
-    monkeypatch.setattr(pipeline, "create_session", recording)
+    monkeypatch.setattr(sessions, "create_session", recording)
     return calls
 
 

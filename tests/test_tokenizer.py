@@ -125,6 +125,7 @@ def test_ids_match_tiktoken_on_varied_text(tok: Tokenizer, tiktoken_encoding) ->
     assert tok.encode(chat).ids == tiktoken_encoding.encode(chat, allowed_special="all")
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_written_tokenizer_loads_without_transformers(tmp_path: Path, tok: Tokenizer) -> None:
     entry = write_tokenizer(tmp_path / "bundle")
     assert entry["file"] == "tokenizer.json"
@@ -174,6 +175,7 @@ def test_missing_checkpoint_directory_is_a_clear_error(tmp_path: Path) -> None:
         write_tokenizer(tmp_path / "bundle", source_dir=tmp_path / "nope")
 
 
+@pytest.mark.slow  # exports or loads a model
 def test_slow_only_checkpoint_is_converted(tmp_path: Path, tok: Tokenizer) -> None:
     spec = json.loads(tok.to_str())
     ckpt = tmp_path / "ckpt"

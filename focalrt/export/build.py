@@ -74,7 +74,7 @@ def write_bundle_manifest(tmp: Path, t0: float, *, family: str, source: Source, 
     provenance, face models and heads), around the family's own preprocess and text sections; written last."""
     from focalrt.export.onnx_io import OPSET
 
-    records = {name: {**file_record(tmp, f"{name}.onnx"), **info, "precision": "fp32"}
+    records = {name: {**file_record(tmp, f"{name}.onnx"), "precision": "fp32", **info}
                for name, info in components.items()}
     records["decoder"].update(attention="GroupQueryAttention", kv_cache="shared_buffer", logits="last_n")
     preset = source.preset
@@ -138,18 +138,30 @@ def family_of(model_id: str | None, preset: str | None) -> str:
 def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str | None = None,
                   family: str | None = None, source: Source | None = None, image_size: int | None = None,
                   max_context: int | None = None, profile: dict[str, Any] | None = None, face_models: bool = True,
-                  face_heads: bool = True, overwrite: bool = False, seed: int = 0) -> Path:
+                  face_heads: bool = True, overwrite: bool = False, seed: int = 0,
+                  keep_quantization: bool = False) -> Path:
     """The one export driver: a model (preset, checkpoint, hub id or an already loaded `source`) -> one
     validated bundle directory, through the family's functions (see `focalrt.export.family`).
 
     Everything is written into a temporary sibling directory that is renamed into place only when the
     manifest is written, so an error, Ctrl-C or SIGTERM leaves no half bundle.
+
+    `keep_quantization`: a GGUF source's Q4_0/Q4_1/Q8_0 weights stay on their own grid (MatMulNBits)
+    instead of fp32: a pass over the exported decoder (`text.keep_quantization`), validated there.
     """
     if source is not None and family is None:
         raise ValueError("export_bundle(source=...) needs the family the source belongs to")
     family = family or family_of(model_id, preset)
     fam = family_module(family)
     t0 = time.perf_counter()
+    if keep_quantization:
+        if getattr(fam, "keep_quantization", None) is None:
+            raise ValueError(f"--keep-quantization applies to GGUF text models; the {family} family has no "
+                             f"quantized source to keep")
+        if source is None:
+            fam.check_keep_quantization(model_id, preset)  # before minutes of loading and tracing
+        elif source.path is None or source.path.suffix.lower() != ".gguf":
+            raise ValueError("--keep-quantization needs a source loaded from a .gguf file")
     if source is None:
         log.info("loading %s", f"the {preset} preset" if preset else model_id)
         source = fam.load_source(model_id, preset, seed)
@@ -165,6 +177,8 @@ def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str |
             components["video"] = record
         log.info("exporting decoder (%d layers)", sections["text"]["num_layers"])
         components["decoder"] = fam.export_decoder(source.model, tmp, options.max_context)
+        if keep_quantization:
+            components["decoder"] = fam.keep_quantization(source, tmp, components["decoder"])
         write_bundle_manifest(tmp, t0, family=family, source=source, options=options, components=components,
                               tok=tok, sections=sections, face_heads=face_heads,
                               face_models=face_models and fam.export_vision is not None)  # image bundles only

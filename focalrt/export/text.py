@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from focalrt.export.family import Options, Source
+from focalrt.export.gguf_check import check_gguf
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
-from focalrt.export.onnx_io import describe_io
+from focalrt.export.onnx_io import compare, cpu_session, describe_io
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ def locate_preset(name: str) -> Path:
 def _require_gguf_support() -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"reading a GGUF file needs {' and '.join(missing)}: pip install -e \".[export]\"")
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"reading a GGUF file needs {' and '.join(missing)}: {install_hint('export')}")
 
 
 def load_checkpoint(source: str | Path):
@@ -87,6 +90,7 @@ def load_checkpoint(source: str | Path):
         raise FileNotFoundError(f"--model {source} does not exist; give a .gguf file or a checkpoint directory")
     if source.suffix.lower() == ".gguf":
         _require_gguf_support()
+        check_gguf(source)
         kwargs = {"gguf_file": source.name}
         where = str(source.parent)
     else:
@@ -114,6 +118,116 @@ def export_decoder(model, out: Path, max_context: int) -> dict[str, Any]:
     err = validate_kv_decoder(module, model.model, model.lm_head, path)
     log.info("decoder.onnx matches PyTorch over prefill (every position) + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
+
+
+def check_keep_quantization(model_id: str | None, preset: str | None) -> None:
+    """--keep-quantization needs a GGUF source whose quantized tensors all have an exact MatMulNBits form;
+    checked from the file's header before anything is loaded."""
+    from focalrt.export.gguf_grid import check_types
+
+    path = locate_preset(preset) if preset else Path(model_id or "")
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"--keep-quantization keeps a GGUF file's quantized weights; {path} is not a .gguf file "
+                         f"(leave the flag out, or use `focalrt convert` to quantize a checkpoint)")
+    _require_gguf_support()
+    check_types(path)
+
+
+def keep_quantization(source: Source, out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The exported fp32 decoder rewritten with the GGUF's own Q4_0/Q4_1/Q8_0 blocks as MatMulNBits
+    (`gguf_grid`), validated on a real chat prompt (prefill, every position, then cached steps) in two
+    steps: with fp32 compute (accuracy_level 0) against the fp32 decoder, which export_decoder validated
+    against PyTorch, within float rounding (GRID_FP32_ATOL): the weights are exactly the dequantized model's; then as
+    shipped (accuracy_level 4) against the fp32-compute graph, at GRID_LOGITS_ATOL/RTOL (see there)."""
+    import shutil
+
+    from focalrt.export.gguf_grid import ACCURACY_LEVEL, read_grid, with_accuracy_level
+    from focalrt.export.gguf_grid import keep_quantization as rewrite
+
+    path = out / record.get("file", "decoder.onnx")
+    work = out / ".gguf-grid"
+    work.mkdir()
+    try:
+        log.info("keeping the GGUF quantization: matching the decoder's MatMul weights to %s", source.path.name)
+        summary = rewrite(path, work / path.name, read_grid(source.path))
+        with_accuracy_level(work / path.name, work / "fp32-compute.onnx", 0)
+        feeds = validation_feeds(source.model, source.tokenizer)
+        ref = run_decoder(path, feeds)
+        exact = run_decoder(work / "fp32-compute.onnx", feeds)
+        shipped = run_decoder(work / path.name, feeds)
+        err = max(compare(f"GGUF-grid decoder (fp32 compute) logits, call {i}", e, r, atol=GRID_FP32_ATOL)
+                  for i, (e, r) in enumerate(zip(exact, ref, strict=True)))
+        grid_err = max(compare(f"GGUF-grid decoder (int8 activations, accuracy_level {ACCURACY_LEVEL}) logits, "
+                               f"call {i}", s, e, atol=GRID_LOGITS_ATOL, rtol=GRID_LOGITS_RTOL)
+                       for i, (s, e) in enumerate(zip(shipped, exact, strict=True)))
+        for f in (path, path.with_name(path.name + ".data")):
+            f.unlink(missing_ok=True)
+        for f in (work / path.name, work / (path.name + ".data")):
+            if f.exists():
+                f.rename(out / f.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("GGUF-grid decoder: equal to the fp32 decoder with fp32 compute (max abs diff %.2e); with int8 "
+             "activations within %.3f", err, grid_err)
+    precision = "int4" if summary["nodes_4bit"] else "int8"
+    return {**{k: v for k, v in record.items() if k not in ("inputs", "outputs")}, **describe_io(path),
+            "validation_max_abs_diff_fp32_compute": err, "validation_max_abs_diff": grid_err,
+            "precision": precision, "quantization": {"source": "gguf", "kept_on_grid": True, **summary}}
+
+
+# The shipped MatMulNBits quantize each block of 32 activations to int8 inside the kernel (accuracy_level 4),
+# so they differ from fp32 compute by that rounding, not by the weights. On SmolLM2-135M (Q4_1, logits up to
+# ~41) over 200 positions of CPython's docs: max 1.45, mean 0.17, top-1 equal at 98% of positions; with
+# the Q4_1 offsets left out (a wrong grid) the logits are off by up to 46 and no top-1 agrees.
+# docs/precision-and-tensorrt.md has the numbers and the perplexity that follows.
+GRID_LOGITS_ATOL = 2.0
+# With fp32 compute the grid graph sums the same products in another order (per-block 4-bit products plus a
+# separate offset term for Q4_1), so it differs from the dense fp32 decoder by float rounding only: up to
+# 1.8e-4 on SmolLM2-135M's logits (up to ~41). A wrong grid is off by tens.
+GRID_FP32_ATOL = 1e-3
+GRID_LOGITS_RTOL = 0.05
+GRID_CHECK_PROMPT = "Explain step by step how photosynthesis works, then name three plants that use it."
+GRID_CHECK_STEPS = 3
+
+
+def validation_feeds(model, tokenizer) -> dict[str, Any]:
+    """A real chat prompt's ids and embeddings, and the greedy continuation of the PyTorch model, for
+    `run_decoder` (which feeds whichever of the two the graph takes)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": GRID_CHECK_PROMPT}], tokenize=True,
+                                        add_generation_prompt=True)
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    with torch.no_grad():
+        cont = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GRID_CHECK_STEPS,
+                              do_sample=False)
+        embeds = model.get_input_embeddings()(cont)
+    cfg = model.config
+    return {"ids": cont.numpy(), "embeds": embeds.numpy(), "prompt_len": ids.shape[1],
+            "kv_shape": (1, cfg.num_key_value_heads, cont.shape[1], head_dim_of(cfg))}
+
+
+def run_decoder(path: Path, feeds: dict[str, Any]) -> list:
+    """Logits of a decoder graph: the prompt's prefill (every position), then one call per continuation
+    token on the cache it returned. Takes token ids or embeddings, as the graph's inputs say."""
+    import numpy as np
+
+    sess = cpu_session(path)
+    names = [i.name for i in sess.get_inputs()]
+    past = [n for n in names if n.startswith("past")]
+    cache = {n: np.zeros(feeds["kv_shape"], np.float32) for n in past}
+    out_names = [o.name for o in sess.get_outputs()]
+    logits, start = [], 0
+    total = feeds["ids"].shape[1]
+    for end in [feeds["prompt_len"], *range(feeds["prompt_len"] + 1, total + 1)]:
+        step = {"attention_mask": np.ones((1, end), np.int64),
+                "position_ids": np.arange(start, end, dtype=np.int64)[None],
+                "logits_to_keep": np.array([end - start], np.int64), **cache}
+        step["input_ids" if "input_ids" in names else "inputs_embeds"] = (
+            feeds["ids"][:, start:end] if "input_ids" in names else feeds["embeds"][:, start:end])
+        outs = dict(zip(out_names, sess.run(None, {k: v for k, v in step.items() if k in names}), strict=True))
+        logits.append(outs["logits"])
+        cache = {p: outs[p.replace("past_key_values", "present")] for p in past}
+        start = end
+    return logits
 
 
 def chat_profile(tokenizer, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -179,13 +293,13 @@ def _check_profile(tokenizer, profile: dict[str, Any]) -> None:
 
 def write_text_tokenizer(tokenizer, out: Path, source: str) -> dict[str, Any]:
     """The checkpoint's fast tokenizer as tokenizer.json, and whether a BOS token starts every text."""
-    from focalrt.export.tokenizer import _added_tokens
+    from focalrt.export.tokenizer import added_tokens
 
     path = out / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(path))
     bos = tokenizer.bos_token_id
     add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and bos is not None
-    return {"file": path.name, "special_tokens": _added_tokens(path), "source": source,
+    return {"file": path.name, "special_tokens": added_tokens(path), "source": source,
             "bos_token": tokenizer.bos_token, "add_bos_token": add_bos}
 
 

@@ -165,7 +165,7 @@ def _save_converted_slow_tokenizer(source_dir: Path, dest: Path) -> None:
     backend.save(str(dest))
 
 
-def _added_tokens(path: Path) -> dict[str, int]:
+def added_tokens(path: Path) -> dict[str, int]:
     """Added tokens of a tokenizer.json, loaded the way the runtime loads it."""
     try:
         tok = Tokenizer.from_file(str(path))
@@ -194,10 +194,10 @@ def write_tokenizer(out_dir: Path, source_dir: Path | None = None) -> dict[str, 
         own = source_dir / TOKENIZER_FILE
         if own.is_file():
             _write_atomically(dest, lambda tmp: shutil.copyfile(own, tmp))
-            return {"file": TOKENIZER_FILE, "special_tokens": _added_tokens(dest), "source": "checkpoint"}
+            return {"file": TOKENIZER_FILE, "special_tokens": added_tokens(dest), "source": "checkpoint"}
         if _has_slow_tokenizer(source_dir):
             _write_atomically(dest, lambda tmp: _save_converted_slow_tokenizer(source_dir, tmp))
-            return {"file": TOKENIZER_FILE, "special_tokens": _added_tokens(dest), "source": "checkpoint"}
+            return {"file": TOKENIZER_FILE, "special_tokens": added_tokens(dest), "source": "checkpoint"}
     tok, label = _build_qwen2_tokenizer_with_label()
     _write_atomically(dest, lambda tmp: tok.save(str(tmp)))
     return {"file": TOKENIZER_FILE, "special_tokens": dict(QWEN2_SPECIAL_TOKENS), "source": label}

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from focalrt.runtime.backends.sessions import create_session
+from focalrt.runtime.frames import check_frame
 
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion",
                   "left_ear_tragion")
@@ -39,19 +40,6 @@ class Face:
     keypoints: np.ndarray  # [6, 2], order KEYPOINT_NAMES
     landmarks: np.ndarray  # [468, 3] x, y in frame pixels, z (depth, smaller = closer) in the same scale
     presence: float        # FaceMesh's own face-presence probability for the crop
-
-
-def check_frame(frame: Any) -> np.ndarray:
-    """Reject anything but an HxWx3 uint8 image, with a message that says what arrived."""
-    if not isinstance(frame, np.ndarray):
-        raise ValueError(f"frame must be a numpy array (HxWx3 uint8 BGR), got {type(frame).__name__}")
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise ValueError(f"frame must have shape HxWx3 (BGR), got shape {frame.shape}; convert grayscale "
-                         f"with cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) and BGRA with COLOR_BGRA2BGR")
-    if frame.dtype != np.uint8:
-        raise ValueError(f"frame must be uint8 (0..255), got dtype {frame.dtype} with shape {frame.shape}; "
-                         f"convert with np.clip(f * 255, 0, 255).astype(np.uint8) for 0..1 floats")
-    return frame
 
 
 def ssd_anchors(options: dict[str, Any], input_size: int) -> np.ndarray:
@@ -113,8 +101,9 @@ class FaceDetector:
     video frames.
     """
 
-    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None):
-        self.session = create_session(path, providers)
+    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        self.session = create_session(path, providers, threads, spinning=spinning)
         self.size = int(config["input_size"])
         self.layout = config.get("input_layout", "NCHW")
         self.input_name = config.get("input_name", self.session.get_inputs()[0].name)
@@ -150,7 +139,7 @@ class FaceDetector:
         return boxes.reshape(len(self.anchors), -1), scores.reshape(-1)
 
     def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
-        frame_bgr = check_frame(frame_bgr)
+        frame_bgr = check_frame(frame_bgr, "frame")
         image, sx, sy, pad_x, pad_y = self.letterbox(frame_bgr)
         raw, logits = self.raw_outputs(image)
         scores = _sigmoid(np.clip(logits, -self.score_clip, self.score_clip))
@@ -205,8 +194,9 @@ def roi_transform(detection: Detection, size: int, scale: float) -> np.ndarray:
 class FaceLandmarker:
     """FaceMesh on a rotated square crop around a detection; landmarks mapped back to the frame."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None):
-        self.session = create_session(path, providers)
+    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        self.session = create_session(path, providers, threads, spinning=spinning)
         self.size = int(config.get("input_size", 192))
         self.layout = config.get("input_layout", "NCHW")
         self.input_name = config.get("input_name", self.session.get_inputs()[0].name)
@@ -230,7 +220,7 @@ class FaceLandmarker:
         return coords.reshape(self.num_landmarks, 3), float(np.asarray(logit).reshape(-1)[0])
 
     def landmarks_and_presence(self, frame_bgr: np.ndarray, detection: Detection) -> tuple[np.ndarray, float]:
-        frame_bgr = check_frame(frame_bgr)
+        frame_bgr = check_frame(frame_bgr, "frame")
         crop, m = self.crop(frame_bgr, detection)
         coords, logit = self.raw_outputs(crop)
         a, b = m[:, :2], m[:, 2]
@@ -254,11 +244,13 @@ class FaceAnalyzer:
 
     @classmethod
     def from_dir(cls, faces_dir: str | Path, manifest_entry: dict[str, Any],
-                 providers: list[str] | None = None, full_range: bool = False) -> FaceAnalyzer:
+                 providers: list[str] | None = None, full_range: bool = False, threads: int | None = None,
+                 spinning: bool = True) -> FaceAnalyzer:
         """Load the models named in `manifest_entry`, whose file names are relative to `faces_dir`.
 
         For a bundle (whose manifest names them "faces/...") pass the bundle directory and
         manifest["face_models"]; for export_face_models(out), pass `out` and the entry it returned.
+        `threads` and `spinning` set the sessions' intra-op pools (`sessions.create_session`).
         """
         faces_dir = Path(faces_dir)
         key = "detector_full_range" if full_range else "detector"
@@ -268,12 +260,12 @@ class FaceAnalyzer:
                                  f"re-export the face models"
                                  + (" or drop full_range" if needed == "detector_full_range" else ""))
         det, lm = manifest_entry[key], manifest_entry["landmarks"]
-        return cls(FaceDetector(faces_dir / det["file"], det, providers),
-                   FaceLandmarker(faces_dir / lm["file"], lm, providers),
+        return cls(FaceDetector(faces_dir / det["file"], det, providers, threads, spinning),
+                   FaceLandmarker(faces_dir / lm["file"], lm, providers, threads, spinning),
                    float(lm.get("presence_threshold", 0.5)))
 
     def analyze(self, frame_bgr: np.ndarray) -> list[Face]:
-        frame_bgr = check_frame(frame_bgr)
+        frame_bgr = check_frame(frame_bgr, "frame")
         faces = []
         for det in self.detector.detect(frame_bgr):
             points, presence = self.landmarker.landmarks_and_presence(frame_bgr, det)

@@ -4,11 +4,11 @@ llguidance (MIT, no dependencies) compiles a JSON schema, regex or Lark grammar 
 at each step, computes the set of tokens that keep the output a valid prefix. We use its numpy path only
 (no torch). The pieces:
 
-- `grammar_tokenizer(tokenizer, vocab_size, stop_ids)`: llguidance's view of a `tokenizers` tokenizer,
-  built from its JSON (llguidance reads the same format). Building it walks the whole vocabulary (~1 s for
+- `grammar_tokenizer(tokenizer, vocab_size, stop_ids)`: llguidance's own tokenizer object for a `tokenizers`
+  tokenizer, built from its JSON (llguidance reads the same format). Building it walks the whole vocabulary (~1 s for
   Qwen's 151k tokens), so it is cached per tokenizer.
 - `compile_schema(schema, ...)` -> `CompiledGrammar`: checks the schema once, with a clear error when
-  llguidance cannot compile it (before any frame is read).
+  llguidance cannot compile it (before any frame is read). `SchemaCache` keeps one per distinct schema.
 - `CompiledGrammar.processor()` -> `GrammarProcessor`: one per row (one per region or face in a batch).
   It is a logits processor, `processor(tokens, logits) -> logits`: it feeds the tokens generated since its
   previous call to its matcher, then sets every token the grammar forbids to -inf. The tokens seen at the
@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-INSTALL = 'pip install -e ".[grammar]"'
 DEFAULT_SCHEMA = "face_state.schema.json"
 # Compact JSON: no whitespace between tokens. Flexible whitespace lets an unlucky sampler emit blanks forever.
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -43,7 +42,9 @@ def _llguidance():
         import llguidance
         import llguidance.numpy  # noqa: F401
     except ImportError:
-        raise GrammarError(f"constrained decoding needs llguidance; install it with `{INSTALL}`") from None
+        from focalrt.extras import install_hint
+
+        raise GrammarError(f"constrained decoding needs llguidance: {install_hint('grammar')}") from None
     return llguidance
 
 
@@ -113,7 +114,71 @@ def compile_schema(schema: str | Path | dict[str, Any], tokenizer: Any, vocab_si
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, ll_tok)
     if is_error:
         raise GrammarError(f"llguidance cannot compile this JSON schema: {' '.join(messages[0].split())}")
-    return CompiledGrammar(ll_tok, grammar, int(vocab_size), schema)
+    compiled = CompiledGrammar(ll_tok, grammar, int(vocab_size), schema)
+    check_can_start(compiled)
+    return compiled
+
+
+def check_can_start(compiled: CompiledGrammar) -> None:
+    """Refuse a grammar that admits no first token besides stopping: decoding it would end at once with an
+    empty answer and no error. llguidance's validation accepts e.g. a `$ref` that leads only to itself; its
+    matcher finds out at the first mask, so one is computed here, once per schema."""
+    probe = GrammarProcessor(compiled)
+    allowed = probe.allowed()
+    allowed[[t for t in compiled.ll_tokenizer.eos_tokens if t < allowed.size]] = False
+    if probe.matcher.is_error() or not allowed.any():
+        cycle = ref_cycle(compiled.schema) if compiled.schema is not None else None
+        why = (f"its $ref chain {' -> '.join(cycle)} leads only back to itself, so no JSON value matches it"
+               if cycle else "llguidance allows no first token"
+               + (f" ({probe.matcher.get_error().splitlines()[0]})" if probe.matcher.is_error() else ""))
+        raise GrammarError(f"this JSON schema cannot produce any output: {why}; fix the schema")
+
+
+def ref_cycle(schema: dict[str, Any]) -> list[str] | None:
+    """The local `$ref` pointers, from the root, that lead back to one already seen (`["#", "#/$defs/a",
+    "#/$defs/a"]`), or None. Only the reason given when a schema cannot start; llguidance is the judge."""
+    seen: list[str] = ["#"]
+    node: Any = schema
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+        ref = node["$ref"]
+        if ref in seen:
+            return [*seen[1:], ref] if len(seen) > 1 else ["#", ref]
+        seen.append(ref)
+        node = schema
+        for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+    return None
+
+
+
+class SchemaCache:
+    """The schemas one bundle's requests name, each compiled once for its tokenizer.
+
+    `get` takes a dict, a JSON file, "face_state" (the shipped default) or "profile" (the bundle profile's
+    own `json_schema`, else the default); equal schemas share one compiled grammar.
+    """
+
+    def __init__(self, tokenizer: Any, tokenizer_file: Path, vocab_size: int, stop_ids: Sequence[int],
+                 profile_schema: dict[str, Any] | None = None):
+        self.tokenizer = tokenizer
+        # llguidance's tokenizer is built once per file version, whichever Pipeline of the bundle asks first
+        self.tokenizer_key = (str(tokenizer_file.resolve()), tokenizer_file.stat().st_mtime_ns)
+        self.vocab_size = int(vocab_size)
+        self.stop_ids = sorted(int(t) for t in stop_ids)
+        self.profile_schema = profile_schema
+        self.compiled: dict[str, CompiledGrammar] = {}  # canonical schema JSON -> grammar
+
+    def get(self, schema: str | Path | dict[str, Any]) -> CompiledGrammar:
+        """The compiled grammar; raises GrammarError naming what is wrong with the schema."""
+        if isinstance(schema, str) and schema == "profile":
+            schema = self.profile_schema or "face_state"
+        schema = load_schema(schema)
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.compiled:
+            self.compiled[key] = compile_schema(schema, self.tokenizer, self.vocab_size, self.stop_ids,
+                                                cache_key=self.tokenizer_key)
+        return self.compiled[key]
 
 
 _BIT = np.arange(32)

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from focalrt.runtime.models.preprocess import check_frame
+from focalrt.runtime.frames import check_frame
 
 NUM_LANDMARKS = 68
 # The tasks the authors recommend prompts for (assets/good_prompts, inference.py), each with one short prompt
