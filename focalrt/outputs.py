@@ -8,15 +8,23 @@ Rules every command follows (issue 12):
 - Each output file is held under an exclusive `fcntl.flock` while it is written. A second writer fails at
   once; the message names the holder's pid, read from /proc/locks (Linux). The lock lives with the process,
   so a killed writer leaves no stale lock file behind.
+- Streams cannot hang the run before it starts: `-` is stdout, and a FIFO must have a reader within a few
+  seconds (`open_stream`), else the run stops with one line instead of blocking in open() forever.
 Stdlib only: the runtime and the exporter both use it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
+from typing import BinaryIO
+
+STDOUT = "-"  # `--out -`: the events on standard output
+FIFO_READER_WAIT_S = 3.0  # how long a FIFO output may wait for its reader before the run gives up
 
 
 class OutputError(ValueError):
@@ -30,6 +38,37 @@ def _special(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """`-` (stdout), a FIFO or a character device: written as a stream, never locked, replaced or truncated."""
+    return str(path) == STDOUT or _special(Path(path))
+
+
+def open_stream(path: str | os.PathLike, flag: str, wait_s: float = FIFO_READER_WAIT_S) -> BinaryIO:
+    """An unbuffered binary writer for a stream output. `-` is a duplicate of stdout (closing it leaves stdout
+    open). A FIFO is opened without blocking and retried until a reader appears, for at most `wait_s`; then
+    OutputError says so. Once open, writes block as usual when the reader is slower (back pressure), and a
+    reader that goes away makes the next write fail (EPIPE), which the sink reports."""
+    if str(path) == STDOUT:
+        return open(os.dup(1), "wb", buffering=0)  # noqa: SIM115 - the sink closes it
+    p = Path(path)
+    if not stat.S_ISFIFO(p.stat().st_mode):
+        return open(p, "wb", buffering=0)  # noqa: SIM115 - a character device such as /dev/full
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no process has the FIFO open for reading
+                raise OutputError(f"{flag} {p}: cannot open the FIFO ({e.strerror})") from None
+            if time.monotonic() >= deadline:
+                raise OutputError(f"{flag} {p} is a FIFO with no reader (waited {wait_s:.0f} s); start the reader "
+                                  f"first (e.g. `cat {p}`), or write to a file") from None
+            time.sleep(0.05)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return open(fd, "wb", buffering=0)  # noqa: SIM115 - the sink closes it
 
 
 def check_file(path: str | os.PathLike, flag: str, *, overwrite: bool = False, append: bool = False,

@@ -293,3 +293,13 @@ def test_describe_and_bench_take_draft(tiny_bundle, capsys, tmp_path):
     assert "draft acceptance" in report and "draft tokens accepted / proposed" in report
     drafts = json.loads(json_path.read_text())["drafts"]
     assert drafts["mode"] == "temporal" and drafts["accepted"] == drafts["proposed"] > 0
+
+
+def test_batched_rows_near_the_context_end_get_their_own_tokens(pipe):
+    """A row's context ends where its own does: in a batch, a shorter prompt goes on after a longer one is
+    full, with exactly the tokens it gets alone."""
+    rows = text_rows(pipe, [30, 20], seed=5)
+    alone = [run(pipe, [r], 40, max_context=38) for r in rows]
+    got = run(pipe, rows, 40, max_context=38)
+    assert got.tokens == [a.tokens[0] for a in alone] and got.finish == [a.finish[0] for a in alone]
+    assert len(got.tokens[0]) < len(got.tokens[1]) < 40

@@ -249,11 +249,10 @@ def test_run_windows_are_the_image_paths_crops_in_order(face_llava_video_bundle,
         assert event["text"] == again.text
 
 
-def test_run_video_window_refusals(face_llava_video_bundle, face_llava_bundle, camera_clip):
+def test_run_video_window_refusals(face_llava_bundle, camera_clip):
+    """(Video windows through --server are tested in tests/test_serve.py against a served video bundle.)"""
     out = _cli_run(face_llava_bundle, "--source", camera_clip, "--video-window")
     assert out.returncode == 2 and "no video encoder" in out.stderr and "Traceback" not in out.stderr
-    out = _cli_run(face_llava_video_bundle, "--source", camera_clip, "--video-window", "--server", "http://127.0.0.1:9")
-    assert out.returncode == 2 and "--video-window is not sent to --server" in out.stderr
 
 
 # --- prompt ids on the Llama tokenizer we have ------------------------------------------------------------------

@@ -462,3 +462,194 @@ def test_schema_accepts_a_text_only_manifest(tiny_bundle):
     m["prompt"].pop("stop_tokens")
     with pytest.raises(BundleError, match="prompt.stop_tokens is missing"):
         validate_manifest(m, tiny_bundle / "manifest.json")
+
+
+# --- GGUF files are checked before transformers reads them (issue 26) ----------------------------------------
+
+def small_gguf(path: Path) -> Path:
+    """A whole, tiny GGUF (two float tensors, a string and a token list), written with the gguf package."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_tensor("token_embd.weight", np.ones((8, 16), np.float32))
+    writer.add_tensor("output.weight", np.ones((8, 16), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _damage(data: bytes, case: str) -> bytes:
+    if case == "truncated in the weights":
+        return data[:-300]
+    if case == "truncated in the header":
+        return data[:100]
+    if case == "magic":
+        return b"GGUX" + data[4:]
+    if case == "version":
+        return data[:4] + (9).to_bytes(4, "little") + data[8:]
+    if case == "tensor count":
+        return data[:8] + (10**12).to_bytes(8, "little") + data[16:]
+    if case == "key not UTF-8":  # the first key, general.architecture, starts at byte 32
+        return data[:32] + b"\xff\xfe" + data[34:]
+    raise AssertionError(case)
+
+
+GGUF_DAMAGE = [("truncated in the weights", "needs bytes up to"), ("truncated in the header", "truncated"),
+               ("magic", "does not start with the GGUF magic"), ("version", "GGUF version 9 is not"),
+               ("tensor count", "declares 1000000000000 tensors"), ("key not UTF-8", "is not UTF-8 text")]
+
+
+@pytest.mark.parametrize("case,expected", GGUF_DAMAGE, ids=[c for c, _ in GGUF_DAMAGE])
+def test_damaged_gguf_is_one_line_naming_the_file(tmp_path, case, expected):
+    good = small_gguf(tmp_path / "good.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_damage(good.read_bytes(), case))
+    # a torch that fails on import: the check comes before transformers (and torch) are touched
+    line = one_line_error(cli("export", "--model", bad, "--out", tmp_path / "b", env=_no_torch_env(tmp_path)))
+    assert f"--model {bad}" in line and expected in line, line
+    assert "damaged" in line or "truncated" in line or "not a GGUF file" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_gguf_directory_and_whole_files(tmp_path):
+    from focalrt.export.gguf_check import check_gguf
+
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    line = one_line_error(cli("export", "--model", folder, "--out", tmp_path / "b", env=_no_torch_env(tmp_path)))
+    assert "is a directory, not a GGUF file" in line and "does not exist" not in line
+    assert check_gguf(small_gguf(tmp_path / "good.gguf")) == tmp_path / "good.gguf"  # no false alarm
+
+
+def test_real_gguf_cut_at_60_mb_is_called_truncated(tmp_path):
+    from focalrt.export.gguf_check import GGUFError, check_gguf
+
+    pytest.importorskip("gguf")
+    try:
+        from focalrt.export.text import locate_preset
+        whole = locate_preset("smollm2-135m")
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    check_gguf(whole)
+    cut = tmp_path / "cut.gguf"
+    with open(whole, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(60_000_000))
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.\d+\.\w+\.weight' needs bytes up to \d+, but the file ends "
+                                        r"at 60000000 \(truncated\)"):
+        check_gguf(cut)
+
+
+# --- schemas that cannot produce output are refused at load (issue 26) ---------------------------------------
+
+@pytest.mark.parametrize("schema,reason", [
+    ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "#/$defs/a -> #/$defs/a leads only back"),
+    ({"$ref": "#"}, "# -> # leads only back"),
+])
+def test_schema_that_cannot_produce_output_is_refused(tiny_bundle, tmp_path, schema, reason):
+    pytest.importorskip("llguidance")
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    line = one_line_error(cli("describe", tiny_bundle, "--image", ASTRONAUT, *BOX, "--schema", path))
+    assert "cannot produce any output" in line and reason in line
+
+
+# --- served requests: every malformed field is named (issue 26) ----------------------------------------------
+
+def _served(**fields):
+    import numpy as np
+
+    base = {"image": np.array([[np.zeros((48, 64, 3), np.uint8).tobytes()]], dtype=object),
+            "image_shape": np.array([[48, 64]], np.int64), "boxes": np.array([[[1, 1, 20, 20]]], np.int64)}
+    base.update(fields)
+    return base
+
+
+def _malformed_fields():
+    import numpy as np
+
+    obj = lambda *v: np.array([list(v)], dtype=object)  # noqa: E731 - one BYTES row
+    return [
+        ("regions not UTF-8", {"regions": obj(b"mouth", b"\xff\xfe")}, "input 'regions' element 1"),
+        ("boxes as floats", {"boxes": np.array([[[1.5, 2.0, 30.0, 40.0]]])}, "input 'boxes' must hold integers"),
+        ("boxes as strings", {"boxes": np.array([[["1", "2", "30", "40"]]], dtype=object)}, "input 'boxes' must hold"),
+        ("image_shape NaN", {"image_shape": np.array([[np.nan, 64.0]])}, "input 'image_shape' must hold integers"),
+        ("landmarks68 as text", {"landmarks68": np.full((1, 68, 2), b"x", dtype=object)},
+         "input 'landmarks68' must hold numbers"),
+        ("max_new_tokens empty", {"max_new_tokens": np.zeros((1, 0), np.int64)},
+         "input 'max_new_tokens' must hold one"),
+        ("max_new_tokens float", {"max_new_tokens": np.array([[3.7]])}, "input 'max_new_tokens' must hold integers"),
+        ("image not BYTES", {"image": np.array([[7]], np.int64)}, "input 'image' must be BYTES"),
+        ("prompt not UTF-8", {"prompt": obj(b"\xc3\x28")}, "input 'prompt' is not UTF-8 text"),
+        ("schema not UTF-8", {"schema": obj(b"\xff")}, "input 'schema' is not UTF-8 text"),
+        ("box outside", {"boxes": np.array([[[500, 500, 600, 600]]])}, "input 'boxes': box 0"),
+    ]
+
+
+@pytest.mark.parametrize("case,fields,expected", _malformed_fields(), ids=[c[0] for c in _malformed_fields()])
+def test_served_request_errors_name_the_input(case, fields, expected):
+    from focalrt.serve.requests import Limits, RequestError, decode_describe
+
+    with pytest.raises(RequestError) as err:
+        decode_describe(_served(**fields), Limits(), schema_supported=True)
+    assert expected in str(err.value), str(err.value)
+
+
+# --- sources name the files they could not read (issue 26) ---------------------------------------------------
+
+def test_folder_source_names_its_unreadable_files(tiny_bundle, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy2(ASTRONAUT, folder / f"good{i}.jpg")
+    for name in ("bad_a.jpg", "bad_b.png", "bad_c.jpg", "bad_d.jpg", "bad_e.jpg", "bad_f.jpg", "bad_g.jpg"):
+        (folder / name).write_bytes(b"not an image")
+    out = tmp_path / "e.jsonl"
+    proc = cli("run", tiny_bundle, "--source", folder, *BOX, "--out", out, "--quiet")
+    assert proc.returncode == 5, proc.stderr
+    summary = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("summary "))[8:])
+    assert summary["source"]["unreadable_files"] == 7 and summary["source"]["corrupt_frames"] == 7
+    assert summary["source"]["unreadable_named"] == ["bad_a.jpg", "bad_b.png", "bad_c.jpg", "bad_d.jpg", "bad_e.jpg"]
+    assert "unreadable files: bad_a.jpg, bad_b.png, bad_c.jpg, bad_d.jpg, bad_e.jpg and 2 more" in proc.stderr
+    assert len(whole_lines(out)) == 3
+
+
+# --- outputs that cannot block: FIFOs and stdout (issue 26) --------------------------------------------------
+
+def test_fifo_out_without_a_reader_fails_in_one_line(tiny_bundle, avi_clip, tmp_path):
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", fifo, "--quiet", timeout=120)  # no hang
+    line = one_line_error(proc)
+    assert f"--out {fifo} is a FIFO with no reader" in line and "start the reader first" in line
+
+
+def test_fifo_out_with_a_reader_gets_every_line(tiny_bundle, avi_clip, tmp_path):
+    import threading
+
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))  # opens once the run opens it
+    reader.start()
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", fifo, "--quiet", timeout=300)
+    reader.join(60)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["frame"] for line in got[0].decode().splitlines()] == list(range(12))
+
+
+def test_out_dash_is_stdout(tiny_bundle, avi_clip, tmp_path):
+    proc = cli("run", tiny_bundle, "--source", avi_clip, *BOX, "--out", "-", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["frame"] for e in events] == list(range(12)) and all(e["type"] == "description" for e in events)
+    assert not (tmp_path / "-").exists()
+    with open("/dev/full", "wb") as full:  # stdout on a full device: the JSONL rules, exit 4
+        proc = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source",
+                               str(avi_clip), *BOX, "--out", "-", "--quiet"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert proc.returncode == 4 and "writing <stdout> failed (No space left on device)" in proc.stderr, proc.stderr

@@ -100,12 +100,96 @@ def test_run_with_no_server_at_the_url_says_so_in_one_line(tiny_bundle, tmp_path
 
     url = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     done = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source",
-                           str(tmp_path), "--box", "1,1,50,50", "--server", url],
+                           str(tmp_path), "--box", "1,1,50,50", "--server", url, "--server-timeout", "0"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"focalrt run: error: no focalrt server is ready at {url} (GET /v2/models/describe/ready failed); "
         f"start one with `focalrt serve BUNDLE` or fix --server")
+
+
+def test_run_refuses_threads_with_server_in_one_line(tiny_bundle, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(tmp_path),
+                           "--box", "1,1,50,50", "--server", "http://127.0.0.1:9", "--threads", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "with --server the VLM runs on the server; drop --threads" in lines[0]
+
+
+def _window_req(frames: list[np.ndarray], **more):
+    base = {"video_frames": np.array([[f.tobytes() for f in frames]], dtype=object),
+            "image_shape": np.array([frames[0].shape[:2]], np.int64)}
+    base.update(more)
+    return base
+
+
+def test_video_window_requests_are_bounded_before_any_pixel_is_read():
+    from focalrt.serve.requests import decode_window
+
+    frames = [np.full((32, 32, 3), i, np.uint8) for i in range(8)]
+    ok = decode_window(_window_req(frames, video_landmarks68=np.zeros((1, 8, 68, 2), np.float32)), Limits(), 8)
+    assert ok.image is None and len(ok.window.frames) == 8 and len(ok.window.landmarks68) == 8
+    np.testing.assert_array_equal(ok.window.frames[3], frames[3])
+    for request, frames_expected, limits, message in [
+        (_window_req(frames[:7]), 8, Limits(), "has 7 frames; this bundle's video encoder takes exactly 8"),
+        (_window_req(frames), 0, Limits(), "this bundle has no video encoder"),
+        (_window_req(frames), 8, Limits(max_image_bytes=8 * 32 * 32 * 3 - 1), "accepts at most 24575"),
+        (_window_req(frames, image=np.array([[b"x"]], dtype=object)), 8, Limits(), "not both"),
+        (_window_req(frames, video_landmarks68=np.zeros((1, 7, 68, 2), np.float32)), 8, Limits(),
+         "must be 8 x 68 finite"),
+        ({**_window_req(frames), "image_shape": np.array([[32, 31]], np.int64)}, 8, Limits(), "frame 0: a raw BGR"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            decode_window(request, limits, frames_expected)
+    # a window of 1000 frames is refused by its count, before its bytes are summed or read
+    many = {"video_frames": np.array([[b""] * 1000], dtype=object), "image_shape": np.array([[32, 32]], np.int64)}
+    with pytest.raises(RequestError, match="has 1000 frames"):
+        decode_window(many, Limits(), 8)
+
+
+class _AwayClient:
+    """A ServerClient whose server is ready at start, then answers nothing for `outage` calls."""
+
+    def __init__(self, url: str, outage: int):
+        self.url, self.outage, self.calls = url, outage, 0
+
+    def is_ready(self) -> bool:
+        return True
+
+    def describe_many(self, requests):
+        self.calls += 1
+        if self.calls <= self.outage:
+            raise ConnectionRefusedError(111, "Connection refused")
+        from focalrt.serve.client import Result
+
+        return [[Result("box", -1, (0, 0, 4, 4), "hi", [1, 2], "stop", {})] for _ in requests]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("outage, lost", [(2, False), (99, True)])
+def test_a_server_that_goes_away_is_retried_with_the_cameras_backoff_then_lost(tiny_bundle, monkeypatch, outage, lost,
+                                                                              capsys):
+    import focalrt.serve.client as client_module
+
+    fake = _AwayClient("127.0.0.1:9", outage)
+    monkeypatch.setattr(client_module, "ServerClient", lambda url: fake)
+    remote = client_module.RemotePipeline(tiny_bundle, "http://127.0.0.1:9", reconnect_attempts=3, backoff_s=0.0)
+    views = [(np.zeros((8, 8, 3), np.uint8), [(0, 0, 4, 4), (1, 1, 5, 5)], None)]
+    if lost:
+        with pytest.raises(client_module.ServerLost, match="after 3 reconnect attempts"):
+            remote.describe_views(views)
+        assert remote.stats | {"waited_for_server_s": 0} == {"requests": 0, "outages": 1, "retries": 3,
+                                                              "reconnects": 0, "undescribed": 2,
+                                                              "waited_for_server_s": 0}
+    else:
+        assert [d.text for d in remote.describe_views(views)[0]] == ["hi"]
+        assert remote.stats | {"waited_for_server_s": 0} == {"requests": 1, "outages": 1, "retries": 2,
+                                                              "reconnects": 1, "undescribed": 0,
+                                                              "waited_for_server_s": 0}
+    assert capsys.readouterr().err.count("is not answering (ConnectionRefusedError); retrying up to 3") == 1
 
 
 # ---- the server ----
@@ -264,6 +348,144 @@ def test_run_through_the_server_writes_the_local_events_token_for_token(server, 
     local, remote = events(outs["local"]), events(outs["server"])
     described = [e for e in local if e["type"] == "description"]  # beside them: the faces' state events
     assert len(described) == FRAMES * 3 and {e["region"] for e in described} == {"mouth", "left_eye", "box"}
+    assert remote == local
+
+
+BLINK = {"type": "object", "properties": {"blink": {"type": "boolean"},
+                                          "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+         "required": ["blink", "count"], "additionalProperties": False}
+
+
+def _events(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.pop("timings_ms", None)
+    return rows
+
+
+@pytest.mark.parametrize("how", ["schema-file", "format-json"])
+def test_run_schema_through_the_server_writes_the_local_events(server, tiny_bundle, clip, tmp_path, how):
+    """--schema FILE and --format json are sent to the server; the events, their parsed `state` (or the
+    `state_error` of an answer cut off at --max-new-tokens) included, equal a local run's."""
+    schema = tmp_path / "blink.json"
+    schema.write_text(json.dumps(BLINK))
+    choice = ["--schema", str(schema)] if how == "schema-file" else ["--format", "json"]
+    outs = {}
+    for name, extra in (("local", []), ("server", ["--server", server.url])):
+        outs[name] = tmp_path / f"{name}.jsonl"
+        done = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(clip),
+                               "--regions", "mouth", "--box", "300,300,400,400", "--max-new-tokens", "48",
+                               "--state-every", "0", "--out", str(outs[name]), "--quiet", *choice, *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    local, remote = _events(outs["local"]), _events(outs["server"])
+    described = [e for e in local if e["type"] == "description"]
+    assert len(described) == FRAMES * 2 and all("state" in e for e in described)
+    if how == "schema-file":  # the small schema closes: every state parsed
+        assert all(set(e["state"]) == {"blink", "count"} for e in described)
+    assert remote == local
+
+
+def test_rows_with_different_schemas_or_none_batch_together_each_as_locally(client, pipe, astronaut_bgr):
+    count = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+             "required": ["n"], "additionalProperties": False}
+    schemas = [BLINK, None, count, BLINK, None, count]
+    boxes = [(40 + 20 * i, 60 + 10 * i, 220 + 20 * i, 240 + 10 * i) for i in range(len(schemas))]
+    answers = client.describe_many([dict(image=astronaut_bgr, boxes=[b], max_new_tokens=40, schema=s)
+                                    for b, s in zip(boxes, schemas, strict=True)])
+    assert max(a[0].timings_ms["batch_requests"] for a in answers) > 1  # mixed schemas shared a call
+    for box, schema, (r,) in zip(boxes, schemas, answers, strict=True):
+        local = pipe.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=40,
+                                    **({"schema": schema} if schema else {}))[0][0]
+        assert r.token_ids == local.token_ids and r.text == local.text
+        assert r.state_fields == local.state_fields()
+        if schema is not None:
+            assert set(r.state_fields["state"]) == set(schema["required"])
+        else:
+            assert r.state_fields == {}
+
+
+def test_schema_the_server_cannot_compile_is_refused_naming_the_problem(client, astronaut_bgr):
+    from focalrt.serve.client import ServeError
+
+    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}
+    with pytest.raises(ServeError, match="input 'schema': schema does not compile: .*unclosed group"):
+        client.describe(astronaut_bgr, boxes=[(10, 10, 90, 90)], max_new_tokens=2, schema=bad)
+    assert client.describe(astronaut_bgr, boxes=[(10, 10, 90, 90)], max_new_tokens=2)[0].token_ids
+
+
+def test_a_camera_started_before_its_server_waits_and_a_server_lost_mid_run_exits_6(tiny_bundle, clip, tmp_path):
+    """The usual compose/systemd start: the camera first. It says once that it waits, then writes its events.
+    A second camera loses its server mid-run: the documented exit status 6, outputs whole, the summary's
+    `server` counts the outage and the regions left undescribed."""
+    _require_serve()
+    from focalrt.serve.process import free_ports, start_server
+
+    ports = tuple(free_ports(3))
+    url = f"http://127.0.0.1:{ports[0]}"
+
+    def run(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(clip),
+                                 "--box", "300,300,400,400", "--max-new-tokens", "3", "--out", str(out), "--quiet",
+                                 "--server", url, "--server-timeout", "600", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    early = run(tmp_path / "early.jsonl")
+    time.sleep(1.0)  # it is waiting before the server process even exists (not an assertion on time)
+    assert early.poll() is None
+    srv = start_server(tiny_bundle, tmp_path / "serve.log", ["--exit-timeout", "10"], ports=ports, wait=False)
+    try:
+        _, err = early.communicate(timeout=600)
+        assert early.returncode == 0, err
+        assert err.count("waiting for the focalrt server at") == 1
+        assert len([e for e in _events(tmp_path / "early.jsonl") if e["type"] == "description"]) == FRAMES
+        summary = json.loads(err.strip().splitlines()[-1].removeprefix("summary "))
+        assert summary["server"]["outages"] == 0 and summary["server"]["requests"] == FRAMES
+
+        lost = run(tmp_path / "lost.jsonl", "--loop")
+        deadline = time.monotonic() + 300
+        out = tmp_path / "lost.jsonl"
+        while time.monotonic() < deadline and not (out.exists() and '"description"' in out.read_text()):
+            assert lost.poll() is None, lost.stderr.read()
+            time.sleep(0.2)
+    finally:
+        srv.stop()
+    _, err = lost.communicate(timeout=300)
+    assert lost.returncode == 6, err
+    lines = err.strip().splitlines()
+    assert any(line.startswith("focalrt run: server lost: server 127.0.0.1:") and "after 5 reconnect attempts"
+               in line for line in lines), err
+    summary = json.loads(lines[-1].removeprefix("summary "))
+    assert summary["server"]["outages"] == 1 and summary["server"]["retries"] == 5
+    assert summary["server"]["undescribed"] == 1  # the frame in flight: its one box
+    written = _events(tmp_path / "lost.jsonl")  # every line whole
+    assert [e["frame"] for e in written if e["type"] == "description"] == list(range(summary["frames"] - 1))
+
+
+def test_run_video_window_through_the_server_writes_the_local_events(face_llava_video_bundle, astronaut_bgr,
+                                                                    tmp_path):
+    """Each tracked face's window of crops and landmarks goes to the server, which runs the bundle's video
+    encoder: the events (window frames, texts, tokens) equal a local --video-window run's."""
+    _require_serve()
+    from focalrt.demo import pan_zoom_frames, write_clip
+    from focalrt.serve.process import start_server
+
+    clip = write_clip(tmp_path / "clip.mp4", pan_zoom_frames(astronaut_bgr, 10))
+    srv = start_server(face_llava_video_bundle, tmp_path / "serve.log", ["--exit-timeout", "10"])
+    try:
+        outs = {}
+        for name, extra in (("local", []), ("server", ["--server", srv.url])):
+            outs[name] = tmp_path / f"{name}.jsonl"
+            done = subprocess.run([sys.executable, "-m", "focalrt.cli", "run", str(face_llava_video_bundle),
+                                   "--source", str(clip), "--video-window", "--regions", "mouth",
+                                   "--max-new-tokens", "4", "--out", str(outs[name]), "--quiet", *extra],
+                                  capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stderr
+    finally:
+        srv.stop()
+    local, remote = _events(outs["local"]), _events(outs["server"])
+    windows = [e for e in local if e.get("region") == "window"]
+    assert [e["window_frames"] for e in windows] == [list(range(f - 7, f + 1)) for f in (7, 8, 9)]
     assert remote == local
 
 

@@ -139,8 +139,9 @@ def _export(args) -> int:
         raise SystemExit("focalrt export: give --model DIR_OR_HUB_ID or --preset tiny-random")
     check_dir(args.out, "--out", overwrite=args.overwrite)  # before ~30 s of model building
     if args.model and args.model.lower().endswith(".gguf"):
-        if not Path(args.model).is_file():
-            raise ValueError(f"--model {args.model} does not exist; give a .gguf file or a checkpoint directory")
+        from focalrt.export.gguf_check import check_gguf
+
+        check_gguf(args.model, "--model")  # damage named in one line, before transformers reads it
     elif args.model and not Path(args.model).is_dir() and (
             os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") != 1):
         raise ValueError(f"--model {args.model}: no such checkpoint directory; pass a local directory holding "

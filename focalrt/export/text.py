@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from focalrt.export.family import Options, Source
+from focalrt.export.gguf_check import check_gguf
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
@@ -90,6 +91,7 @@ def load_checkpoint(source: str | Path):
         raise FileNotFoundError(f"--model {source} does not exist; give a .gguf file or a checkpoint directory")
     if source.suffix.lower() == ".gguf":
         _require_gguf_support()
+        check_gguf(source)
         kwargs = {"gguf_file": source.name}
         where = str(source.parent)
     else:

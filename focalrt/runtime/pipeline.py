@@ -111,9 +111,11 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, provider: str | None = None, max_context: int | None = None,
                  threads: int | None = None, max_batch: int = 8,
-                 session_factory: Callable[[Path], ort.InferenceSession] | None = None):
+                 session_factory: Callable[[Path], ort.InferenceSession] | None = None, spinning: bool = True):
         """`session_factory` loads each component's ONNX file (default: `sessions.load_component` with the
-        chosen providers); calibration passes one that runs FP8 graphs literally."""
+        chosen providers); calibration passes one that runs FP8 graphs literally. `threads` and `spinning`
+        set the sessions' intra-op pools (spinning off when another lane shares the CPU)."""
+        self.spinning = spinning
         self.bundle = bundle
         m = bundle.manifest
         self.adapter = adapter_for(m)
@@ -125,7 +127,8 @@ class Pipeline:
         def session(component: str) -> ort.InferenceSession:
             if session_factory is not None:
                 return session_factory(bundle.component_path(component))
-            return load_component(bundle, component, self.providers, threads, self.max_batch, self.max_context)
+            return load_component(bundle, component, self.providers, threads, self.max_batch, self.max_context,
+                                  spinning=spinning)
 
         self.vision = session("vision") if bundle.has_vision else None  # None: text-only
         # Face-LLaVA's video tower (one window of frames -> frame-major image embeddings); None: images only
@@ -158,8 +161,9 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, provider: str | None = None, max_context: int | None = None,
-                    threads: int | None = None, max_batch: int = 8) -> Pipeline:
-        return cls(load(path), provider=provider, max_context=max_context, threads=threads, max_batch=max_batch)
+                    threads: int | None = None, max_batch: int = 8, spinning: bool = True) -> Pipeline:
+        return cls(load(path), provider=provider, max_context=max_context, threads=threads, max_batch=max_batch,
+                   spinning=spinning)
 
     def token_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)

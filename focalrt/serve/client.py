@@ -7,7 +7,9 @@ tritonclient is imported only when a client is made, so the runtime keeps its le
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -16,12 +18,21 @@ import numpy as np
 
 from focalrt.bundle import load
 from focalrt.runtime.backends.sessions import resolve_providers
+from focalrt.runtime.generation.grammar import load_schema
+from focalrt.runtime.generation.planning import VideoClip
 from focalrt.runtime.models.adapters import adapter_for
 from focalrt.runtime.pipeline import Description
+from focalrt.runtime.stream.sources import backoff_delay
+
+SERVER_TIMEOUT_S = 60.0  # how long `run --server` waits for a starting server's models by default
 
 
 class ServeError(RuntimeError):
     """The server answered this request with an error (the message is the server's)."""
+
+
+class ServerLost(RuntimeError):
+    """The server went away mid-run and did not come back within the reconnect attempts."""
 
 
 def _tritonclient_http():
@@ -55,6 +66,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     timings_ms: dict[str, Any]
+    state_fields: dict[str, Any] = field(default_factory=dict)  # under a schema: {"state": ...} (+ state_error)
 
 
 def _bytes_input(httpclient, name: str, items: list[bytes], shape: list[int]):
@@ -117,6 +129,26 @@ class ServerClient:
         if landmarks68 is not None:
             inputs.append(_array_input(h, "landmarks68", np.asarray(landmarks68, np.float32).reshape(1, 68, 2),
                                        "FP32"))
+        return inputs + self._option_inputs(prompt, max_new_tokens, schema)
+
+    def window_inputs(self, frames: list[np.ndarray], frames_landmarks68: list[np.ndarray] | None = None,
+                      prompt: str | None = None, max_new_tokens: int | None = None, schema: Any = None) -> list:
+        """A video window's inputs: its frames (BGR, one size, time order) as raw pixels, and optionally each
+        frame's 68 landmarks; the server runs the bundle's video encoder on them."""
+        h = self.httpclient
+        frames = [np.ascontiguousarray(f) for f in frames]
+        if not frames or any(f.shape != frames[0].shape or f.dtype != np.uint8 or f.ndim != 3 for f in frames):
+            raise ValueError("a video window is a non-empty list of HxWx3 uint8 BGR frames of one size")
+        inputs = [_bytes_input(h, "video_frames", [f.tobytes() for f in frames], [1, len(frames)]),
+                  _array_input(h, "image_shape", np.array([frames[0].shape[:2]], np.int64), "INT64")]
+        if frames_landmarks68 is not None:
+            points = np.asarray(frames_landmarks68, np.float32).reshape(1, len(frames), 68, 2)
+            inputs.append(_array_input(h, "video_landmarks68", points, "FP32"))
+        return inputs + self._option_inputs(prompt, max_new_tokens, schema)
+
+    def _option_inputs(self, prompt: str | None, max_new_tokens: int | None, schema: Any) -> list:
+        h = self.httpclient
+        inputs = []
         if prompt is not None:
             inputs.append(_bytes_input(h, "prompt", [prompt.encode()], [1, 1]))
         if schema is not None:
@@ -132,9 +164,11 @@ class ServerClient:
         return self.describe_many([dict(image=image, boxes=boxes, regions=regions, **kwargs)])[0]
 
     def describe_many(self, requests: list[dict[str, Any]], raise_errors: bool = True) -> list:
-        """Send every request at once (so the server can batch them); answers in order. With raise_errors=False
-        a failed request's entry is its ServeError instead of a list of results."""
-        pending = [self.client.async_infer("describe", self.describe_inputs(**r)) for r in requests]
+        """Send every request at once (so the server can batch them); answers in order. A request with `frames`
+        is a video window (see window_inputs). With raise_errors=False a failed request's entry is its
+        ServeError instead of a list of results."""
+        pending = [self.client.async_infer("describe", self.window_inputs(**r) if "frames" in r
+                                          else self.describe_inputs(**r)) for r in requests]
         out = []
         for p in pending:
             try:
@@ -175,10 +209,13 @@ def parse_describe(result) -> list[Result]:
     face_ids = result.as_numpy("face_id").reshape(-1)
     boxes = result.as_numpy("box")[0]
     timings = result.as_numpy("timings").reshape(-1)
+    states = result.as_numpy("state")  # None from a server older than schema decoding
+    states = states.reshape(-1) if states is not None else [b"{}"] * len(texts)
     count = int(result.as_numpy("count").reshape(-1)[0])  # rows past count are placeholders
     return [Result(region=names[i].decode(), face_id=int(face_ids[i]), box=tuple(int(v) for v in boxes[i]),
                    text=texts[i].decode(), token_ids=[int(t) for t in tokens[i] if t >= 0],
-                   finish_reason=finish[i].decode(), timings_ms=json.loads(timings[i]))
+                   finish_reason=finish[i].decode(), timings_ms=json.loads(timings[i]),
+                   state_fields=json.loads(states[i]))
             for i in range(count)]
 
 
@@ -186,56 +223,136 @@ class RemotePipeline:
     """What RegionRunner needs from a Pipeline, with describe_views sent to a server.
 
     Only the bundle's manifest and face models are read here (faces, landmarks and tracking stay on the camera
-    side, exactly as in a local run); the VLM runs on the server, one request per face crop, all in flight at
-    once so the server batches them.
+    side, exactly as in a local run); the VLM runs on the server, one request per face crop or video window,
+    all in flight at once so the server batches them.
+
+    Starting: waits up to `timeout_s` for the server's `describe` model to be ready (a server started at the
+    same time loads its models for a while after its port opens), saying once that it waits.
+    Mid-run: a request the server does not answer (connection refused or reset, timeout) is sent again after
+    the same backoff as a lost camera's reconnects (`sources.backoff_delay`), up to `reconnect_attempts`
+    times; then ServerLost. `stats` counts outages, retries, reconnects and the regions left undescribed.
     """
 
-    def __init__(self, bundle_path: str | Path, url: str, provider: str | None = None):
+    def __init__(self, bundle_path: str | Path, url: str, provider: str | None = None,
+                 timeout_s: float = SERVER_TIMEOUT_S, reconnect_attempts: int = 5, backoff_s: float = 0.5):
         self.bundle = load(bundle_path)
         self.adapter = adapter_for(self.bundle.manifest)
         self.providers = resolve_providers(provider)
+        self.profile = self.bundle.manifest["prompt"]
+        self.reconnect_attempts, self.backoff_s = reconnect_attempts, backoff_s
         self.client = ServerClient(url)
-        if not self.client.is_ready():
-            raise RuntimeError(f"no focalrt server is ready at {url} (GET /v2/models/describe/ready failed); "
-                               f"start one with `focalrt serve BUNDLE` or fix --server")
+        self.schemas: dict[str, str] = {}  # a --schema / --format json choice -> the JSON text sent
+        self.stats = {"requests": 0, "outages": 0, "retries": 0, "reconnects": 0, "undescribed": 0,
+                      "waited_for_server_s": 0.0}
+        self.wait_ready(url, timeout_s)
+
+    def wait_ready(self, url: str, timeout_s: float) -> None:
+        """Return once `describe` is ready; raise RuntimeError naming the fix after `timeout_s` seconds."""
+        t0 = time.monotonic()
+        said = False
+        while not self.client.is_ready():
+            waited = time.monotonic() - t0
+            if waited >= timeout_s:
+                self.client.close()
+                within = f" within {timeout_s:g} s" if timeout_s > 0 else ""
+                raise RuntimeError(f"no focalrt server is ready at {url}{within} (GET /v2/models/describe/ready "
+                                   f"failed); start one with `focalrt serve BUNDLE` or fix --server")
+            if not said:
+                print(f"focalrt run: waiting for the focalrt server at {url} to load its models (up to "
+                      f"{timeout_s:g} s, --server-timeout)", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(0.5, max(0.0, timeout_s - waited)))
+        self.stats["waited_for_server_s"] = round(time.monotonic() - t0, 3)
 
     @property
     def image_size(self) -> int:
         return self.adapter.image_size
 
+    def require_video(self) -> None:
+        """Raise, naming the fix, unless the bundle (the server's, which must be the same) has a video encoder."""
+        if "video" not in self.bundle.manifest["components"]:
+            raise ValueError(f"{self.bundle.path} has no video encoder (components.video): video windows need a "
+                             f"Face-LLaVA bundle with a video tower, served and read by the camera alike")
+
+    def grammar(self, schema: Any) -> str:
+        """The schema's JSON as sent (dict, file, "face_state", or "profile": the bundle profile's own, else the
+        default). The server compiles it once; a schema it refuses fails here, before any frame is read."""
+        key = json.dumps(schema, sort_keys=True) if isinstance(schema, dict) else str(schema)
+        if key not in self.schemas:
+            if schema == "profile":
+                schema = self.profile.get("json_schema") or "face_state"
+            text = json.dumps(load_schema(schema))
+            probe = np.zeros((64, 64, 3), np.uint8)
+            self.client.describe(probe, boxes=[(0, 0, 64, 64)], max_new_tokens=1, schema=text)  # ServeError: why
+            self.schemas[key] = text
+        return self.schemas[key]
+
     def describe_views(self, views: list[tuple], prompt: str | None = None, max_new_tokens: Any = None,
                        **unsupported: Any) -> list[list[Description]]:
         # RegionRunner passes GenerationOptions; drafts change only how many decoder calls a description takes,
         # never its tokens, so a server that does not draft gives the same events.
+        schema = getattr(max_new_tokens, "schema", None) or unsupported.pop("schema", None)
         max_new_tokens = getattr(max_new_tokens, "max_new_tokens", max_new_tokens)
         unsupported.pop("drafts", None)
         unsupported.pop("draft_keys", None)
         if unsupported:
-            raise ValueError(f"--server does not pass {sorted(unsupported)} yet")
-        requests = [dict(image=image, boxes=[tuple(int(v) for v in b) for b in boxes], prompt=prompt,
-                         max_new_tokens=max_new_tokens, landmarks68=lm) for image, boxes, lm in views]
-        try:
-            answers = self.client.describe_many(requests)
-        except ServeError:
-            raise
-        except Exception as e:  # connection lost, server stopped, timeout: one line, not a traceback
-            raise RuntimeError(f"server {self.client.url}: {type(e).__name__}: {str(e)[:300]}") from None
+            raise ValueError(f"--server does not pass {sorted(unsupported)}")
+        text = self.grammar(schema) if schema is not None else None
+        requests = []
+        for image, boxes, lm in views:
+            if isinstance(image, VideoClip):  # one window per view: the whole clip is the region
+                requests.append(dict(frames=image.frames, frames_landmarks68=image.landmarks68, prompt=prompt,
+                                     max_new_tokens=max_new_tokens, schema=text))
+            else:
+                requests.append(dict(image=image, boxes=[tuple(int(v) for v in b) for b in boxes], prompt=prompt,
+                                     max_new_tokens=max_new_tokens, landmarks68=lm, schema=text))
+        answers = self.send(requests, rows=sum(len(boxes) for _, boxes, _ in views))
         out = []
-        for results in answers:
+        for (image, _, _), results in zip(views, answers, strict=True):
+            clip = isinstance(image, VideoClip)
             out.append([Description(text=r.text, token_ids=r.token_ids, prompt_token_ids=[],
-                                    finish_reason=r.finish_reason, box=r.box, model_box=None,
-                                    timings_ms=r.timings_ms) for r in results])
+                                    finish_reason=r.finish_reason, box=None if clip else r.box, model_box=None,
+                                    timings_ms=r.timings_ms, constrained=bool(r.state_fields),
+                                    state=r.state_fields.get("state"), state_error=r.state_fields.get("state_error"))
+                        for r in results])
         return out
+
+    def send(self, requests: list[dict[str, Any]], rows: int) -> list[list[Result]]:
+        """describe_many, sent again while the server is away (the camera's backoff); ServerLost at the end."""
+        failures = 0
+        while True:
+            try:
+                answers = self.client.describe_many(requests)
+            except ServeError:
+                raise
+            except Exception as e:  # connection refused or reset, timeout: the server is away
+                if failures == 0:
+                    self.stats["outages"] += 1
+                    print(f"focalrt run: server {self.client.url} is not answering ({type(e).__name__}); "
+                          f"retrying up to {self.reconnect_attempts} times", file=sys.stderr, flush=True)
+                if failures >= self.reconnect_attempts:
+                    self.stats["undescribed"] += rows
+                    raise ServerLost(f"server {self.client.url} stopped answering ({type(e).__name__}: "
+                                     f"{str(e)[:200]}) after {self.reconnect_attempts} reconnect attempts; check "
+                                     f"that `focalrt serve` is running and reachable") from None
+                time.sleep(backoff_delay(self.backoff_s, failures))
+                failures += 1
+                self.stats["retries"] += 1
+                continue
+            self.stats["requests"] += len(requests)
+            self.stats["reconnects"] += bool(failures)
+            return answers
 
     def close(self) -> None:
         self.client.close()
 
 
 def open_pipeline(bundle: str | Path, provider: str | None = None, server: str | None = None,
-                  threads: int | None = None):
-    """A local Pipeline, or with `server` a RemotePipeline that describes on that `focalrt serve`."""
+                  threads: int | None = None, spinning: bool = True, server_timeout_s: float = SERVER_TIMEOUT_S):
+    """A local Pipeline, or with `server` a RemotePipeline that describes on that `focalrt serve` (waiting up
+    to `server_timeout_s` for its models)."""
     if server:
-        return RemotePipeline(bundle, server, provider=provider)
+        return RemotePipeline(bundle, server, provider=provider, timeout_s=server_timeout_s)
     from focalrt.runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(bundle, provider=provider, threads=threads)
+    return Pipeline.from_bundle(bundle, provider=provider, threads=threads, spinning=spinning)

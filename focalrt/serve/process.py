@@ -88,15 +88,19 @@ class ServerProcess:
 
 
 def start_server(bundle: str | os.PathLike, log_path: str | os.PathLike, extra_args: list[str] | None = None,
-                 python: str | None = None, ready_timeout_s: float = 180.0) -> ServerProcess:
-    """Launch the server on free loopback ports and wait (bounded) for /v2/health/ready."""
-    http, grpc, metrics = free_ports(3)
+                 python: str | None = None, ready_timeout_s: float = 180.0,
+                 ports: tuple[int, int, int] | None = None, wait: bool = True) -> ServerProcess:
+    """Launch the server on free loopback ports (or `ports`: http, grpc, metrics) and, with `wait`, wait
+    (bounded) until its `describe` model is ready."""
+    http, grpc, metrics = ports or free_ports(3)
     log_path = Path(log_path)
     cmd = [python or serve_python(), "-m", "focalrt.cli", "serve", str(bundle), "--host", "127.0.0.1",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *(extra_args or [])]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = ServerProcess(proc, http, grpc, metrics, log_path)
+    if not wait:
+        return server
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

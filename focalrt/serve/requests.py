@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from focalrt.runtime.faces.regions import REGIONS, parse_regions
+from focalrt.runtime.generation.planning import VideoClip
 
 
 class RequestError(ValueError):
@@ -29,11 +30,13 @@ class Limits:
     max_prompt_chars: int = 2000
     max_new_tokens: int = 256
     max_schema_chars: int = 16384
+    # a video window's frames together are bounded by max_image_bytes too, and there must be exactly as many
+    # as the bundle's video encoder takes (checked before any frame is read)
 
 
 @dataclass
 class DescribeRequest:
-    image: np.ndarray                      # HxWx3 uint8 BGR
+    image: np.ndarray | None               # HxWx3 uint8 BGR (None for a video window)
     boxes: list[tuple[int, int, int, int]]
     regions: list[str]
     landmarks68: np.ndarray | None
@@ -41,6 +44,7 @@ class DescribeRequest:
     max_new_tokens: int | None
     schema: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    window: VideoClip | None = None  # a video window request (then image is None): its frames and landmarks
 
 
 def _one(request: dict[str, np.ndarray], name: str) -> np.ndarray | None:
@@ -55,6 +59,31 @@ def _one(request: dict[str, np.ndarray], name: str) -> np.ndarray | None:
     return value[0]
 
 
+def _integers(value: np.ndarray, name: str) -> np.ndarray:
+    """`value` as int64, refused (naming the input) unless it holds integers: floats, strings or booleans are
+    not silently truncated into pixel coordinates or token counts."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"input {name!r} must hold integers (INT64), got {arr.dtype.name} values")
+    return arr.astype(np.int64, copy=False)
+
+
+def _strings(value: np.ndarray, name: str) -> list[str]:
+    """A BYTES input's elements as text, refused (naming the input and element) unless each is UTF-8."""
+    out = []
+    for i, item in enumerate(np.asarray(value, dtype=object).reshape(-1)):
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        if not isinstance(item, bytes):
+            raise RequestError(f"input {name!r} element {i} is {type(item).__name__}, not a string")
+        try:
+            out.append(item.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(f"input {name!r} element {i} ({item[:16]!r}) is not UTF-8 text") from None
+    return out
+
+
 def _bytes_scalar(request: dict[str, np.ndarray], name: str) -> bytes | None:
     value = _one(request, name)
     if value is None:
@@ -63,7 +92,11 @@ def _bytes_scalar(request: dict[str, np.ndarray], name: str) -> bytes | None:
     if item.size != 1:
         raise RequestError(f"input {name!r} must hold one BYTES element, got {item.size}")
     item = item[0]
-    return item if isinstance(item, bytes) else str(item).encode()
+    if isinstance(item, str):
+        return item.encode()
+    if not isinstance(item, bytes):
+        raise RequestError(f"input {name!r} must be BYTES, got a {type(item).__name__}")
+    return item
 
 
 def _text(request: dict[str, np.ndarray], name: str, limit: int) -> str | None:
@@ -86,26 +119,27 @@ def decode_image(request: dict[str, np.ndarray], limits: Limits) -> np.ndarray:
         raise RequestError("input 'image' is missing or empty; send the encoded image file bytes (JPEG/PNG) or "
                            "raw BGR pixels with image_shape=[H, W]")
     if len(data) > limits.max_image_bytes:
-        raise RequestError(f"image has {len(data)} bytes; the server accepts at most {limits.max_image_bytes}")
+        raise RequestError(f"input 'image' has {len(data)} bytes; the server accepts at most {limits.max_image_bytes}")
     shape = _one(request, "image_shape")
     if shape is not None:
-        shape = [int(v) for v in np.asarray(shape).reshape(-1)]
+        shape = _integers(shape, "image_shape").reshape(-1).tolist()
         if len(shape) != 2 or min(shape) < 1:
-            raise RequestError(f"image_shape must be [height, width] with both >= 1, got {shape}")
+            raise RequestError(f"input 'image_shape' must be [height, width] with both >= 1, got {shape}")
         h, w = shape
         if h * w > limits.max_pixels:
-            raise RequestError(f"image of {w}x{h} pixels; the server accepts at most {limits.max_pixels} pixels")
+            raise RequestError(f"input 'image': an image of {w}x{h} pixels; the server accepts at most "
+                               f"{limits.max_pixels} pixels")
         if len(data) != h * w * 3:
-            raise RequestError(f"raw BGR image of {w}x{h} needs {h * w * 3} bytes, got {len(data)}; "
+            raise RequestError(f"input 'image': a raw BGR image of {w}x{h} needs {h * w * 3} bytes, got {len(data)}; "
                                f"send frame.tobytes() of an HxWx3 uint8 array with image_shape=[H, W]")
         return np.frombuffer(data, np.uint8).reshape(h, w, 3)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise RequestError(f"image bytes ({len(data)} bytes, starting {data[:8]!r}) are not a decodable image; "
+        raise RequestError(f"input 'image': its bytes ({len(data)}, starting {data[:8]!r}) are not a decodable image; "
                            f"send a JPEG/PNG file's bytes, or raw BGR pixels with image_shape=[H, W]")
     if image.shape[0] * image.shape[1] > limits.max_pixels:
-        raise RequestError(f"image of {image.shape[1]}x{image.shape[0]} pixels; the server accepts at most "
-                           f"{limits.max_pixels} pixels")
+        raise RequestError(f"input 'image': an image of {image.shape[1]}x{image.shape[0]} pixels; the server "
+                           f"accepts at most {limits.max_pixels} pixels")
     return image
 
 
@@ -118,16 +152,18 @@ def check_boxes(raw: np.ndarray | None, width: int, height: int, limits: Limits)
     if arr.size == 0:
         return []
     if arr.ndim != 2 or arr.shape[1] != 4:
-        raise RequestError(f"boxes must have shape [N, 4] (x1, y1, x2, y2), got {list(arr.shape)}")
+        raise RequestError(f"input 'boxes' must have shape [N, 4] (x1, y1, x2, y2), got {list(arr.shape)}")
+    arr = _integers(arr, "boxes")
     if arr.shape[0] > limits.max_boxes:
-        raise RequestError(f"{arr.shape[0]} boxes; the server accepts at most {limits.max_boxes} per request")
+        raise RequestError(f"input 'boxes' has {arr.shape[0]} boxes; the server accepts at most {limits.max_boxes} "
+                           f"per request")
     boxes = []
     for i, row in enumerate(arr.tolist()):
         x1, y1, x2, y2 = (int(v) for v in row)
         if x2 <= x1 or y2 <= y1:
-            raise RequestError(f"box {i} {[x1, y1, x2, y2]} is empty: need x1 < x2 and y1 < y2")
+            raise RequestError(f"input 'boxes': box {i} {[x1, y1, x2, y2]} is empty: need x1 < x2 and y1 < y2")
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-            raise RequestError(f"box {i} {[x1, y1, x2, y2]} lies outside the {width}x{height} image")
+            raise RequestError(f"input 'boxes': box {i} {[x1, y1, x2, y2]} lies outside the {width}x{height} image")
         boxes.append((x1, y1, x2, y2))
     return boxes
 
@@ -136,16 +172,16 @@ def check_regions(request: dict[str, np.ndarray], limits: Limits) -> list[str]:
     value = _one(request, "regions")
     if value is None:
         return []
-    names = [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(value).reshape(-1)]
-    names = [n for n in names if n]
+    names = [n for n in _strings(value, "regions") if n]
     if not names:
         return []
     if len(names) > limits.max_boxes:
-        raise RequestError(f"{len(names)} regions; the server accepts at most {limits.max_boxes} per request")
+        raise RequestError(f"input 'regions' has {len(names)} regions; the server accepts at most "
+                           f"{limits.max_boxes} per request")
     try:
         return parse_regions(",".join(names))
     except ValueError as e:
-        raise RequestError(f"{e} (known regions: {', '.join(REGIONS)})") from None
+        raise RequestError(f"input 'regions': {e} (known regions: {', '.join(REGIONS)})") from None
 
 
 def check_schema(request: dict[str, np.ndarray], limits: Limits, supported: bool) -> dict[str, Any] | None:
@@ -155,13 +191,14 @@ def check_schema(request: dict[str, np.ndarray], limits: Limits, supported: bool
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RequestError(f"schema does not compile: not JSON ({e.msg} at line {e.lineno} column {e.colno})") \
-            from None
+        raise RequestError(f"input 'schema': schema does not compile: not JSON ({e.msg} at line {e.lineno} "
+                           f"column {e.colno})") from None
     if not isinstance(schema, dict):
-        raise RequestError(f"schema does not compile: a JSON Schema is an object, got {type(schema).__name__}")
+        raise RequestError(f"input 'schema': schema does not compile: a JSON Schema is an object, got "
+                           f"{type(schema).__name__}")
     if not supported:
-        raise RequestError("schema-constrained descriptions are not supported by this server's runtime yet; "
-                           "send the request without `schema`")
+        raise RequestError("input 'schema': schema-constrained descriptions are not supported by this server's "
+                           "runtime yet; send the request without `schema`")
     return schema
 
 
@@ -172,22 +209,99 @@ def decode_describe(request: dict[str, np.ndarray], limits: Limits, schema_suppo
     boxes = check_boxes(_one(request, "boxes"), w, h, limits)
     regions = check_regions(request, limits)
     if regions and not has_faces:
-        raise RequestError("this bundle has no face models, so named regions cannot be found; send boxes")
+        raise RequestError("input 'regions': this bundle has no face models, so named regions cannot be found; "
+                           "send boxes")
     if not boxes and not regions:
-        raise RequestError("nothing to describe: send boxes [N, 4] and/or regions (e.g. ['mouth', 'left_eye'])")
+        raise RequestError("nothing to describe: send input 'boxes' [N, 4] and/or input 'regions' (e.g. "
+                           "['mouth', 'left_eye'])")
     if len(boxes) + len(regions) > limits.max_boxes:
-        raise RequestError(f"{len(boxes)} boxes + {len(regions)} regions; at most {limits.max_boxes} per request")
+        raise RequestError(f"inputs 'boxes' and 'regions': {len(boxes)} boxes + {len(regions)} regions; at most "
+                           f"{limits.max_boxes} per request")
     lm = _one(request, "landmarks68")
     if lm is not None:
-        lm = np.asarray(lm, np.float32)
+        lm = np.asarray(lm)
+        if lm.dtype.kind not in "fiu":
+            raise RequestError(f"input 'landmarks68' must hold numbers (FP32), got {lm.dtype.name} values")
+        lm = lm.astype(np.float32)
         if lm.shape != (68, 2) or not np.isfinite(lm).all():
-            raise RequestError(f"landmarks68 must be 68 finite (x, y) points, got shape {list(lm.shape)}")
+            raise RequestError(f"input 'landmarks68' must be 68 finite (x, y) points, got shape {list(lm.shape)}")
     prompt = _text(request, "prompt", limits.max_prompt_chars)
     max_new = _one(request, "max_new_tokens")
     max_new_tokens = None
     if max_new is not None:
-        max_new_tokens = int(np.asarray(max_new).reshape(-1)[0])
+        values = _integers(max_new, "max_new_tokens").reshape(-1)
+        if values.size != 1:
+            raise RequestError(f"input 'max_new_tokens' must hold one integer, got {values.size}")
+        max_new_tokens = int(values[0])
         if not 1 <= max_new_tokens <= limits.max_new_tokens:
-            raise RequestError(f"max_new_tokens={max_new_tokens}; the server accepts 1..{limits.max_new_tokens}")
+            raise RequestError(f"input 'max_new_tokens': max_new_tokens={max_new_tokens}; the server accepts "
+                               f"1..{limits.max_new_tokens}")
     schema = check_schema(request, limits, schema_supported)
     return DescribeRequest(image, boxes, regions, lm, prompt, max_new_tokens, schema)
+
+
+def is_window(request: dict[str, np.ndarray]) -> bool:
+    """A video-window request: it carries `video_frames` instead of `image`."""
+    return request.get("video_frames") is not None
+
+
+def decode_window(request: dict[str, np.ndarray], limits: Limits, frames: int) -> DescribeRequest:
+    """A video window: exactly `frames` raw BGR frames of one size (`video_frames` with `image_shape`), optionally
+    `video_landmarks68` [F, 68, 2], and the prompt, schema and max_new_tokens of any request. The frame count
+    and the window's total bytes (at most max_image_bytes) are checked before any pixel is read, so a window
+    cannot be used to make the server allocate more than one large image would."""
+    if frames < 1:
+        raise RequestError("input 'video_frames': this bundle has no video encoder, so it cannot describe video "
+                           "windows; send an image with boxes or regions")
+    if request.get("image") is not None:
+        raise RequestError("send either input 'image' or input 'video_frames' (a video window), not both")
+    items = np.asarray(_one(request, "video_frames"), dtype=object).reshape(-1)
+    if items.size != frames:
+        raise RequestError(f"input 'video_frames' has {items.size} frames; this bundle's video encoder takes "
+                           f"exactly {frames}")
+    if not all(isinstance(item, bytes) for item in items):
+        raise RequestError("input 'video_frames' must hold BYTES elements (each frame's raw BGR pixels)")
+    total = sum(len(item) for item in items)
+    if total > limits.max_image_bytes:
+        raise RequestError(f"input 'video_frames' has {total} bytes; the server accepts at most "
+                           f"{limits.max_image_bytes} per request (--max-image-bytes)")
+    shape = _one(request, "image_shape")
+    if shape is None:
+        raise RequestError("input 'image_shape' [height, width] is required with 'video_frames' (raw BGR pixels)")
+    shape = np.asarray(shape).reshape(-1)
+    if shape.dtype.kind not in "iu" or shape.size != 2 or min(shape.tolist()) < 1:
+        raise RequestError(f"input 'image_shape' must be [height, width] integers >= 1, got {shape.tolist()}")
+    h, w = (int(v) for v in shape)
+    if h * w > limits.max_pixels:
+        raise RequestError(f"input 'video_frames': frames of {w}x{h} pixels; the server accepts at most "
+                           f"{limits.max_pixels} pixels")
+    for i, item in enumerate(items):
+        if len(item) != h * w * 3:
+            raise RequestError(f"input 'video_frames' frame {i}: a raw BGR frame of {w}x{h} needs {h * w * 3} "
+                               f"bytes, got {len(item)}; send frame.tobytes() of each HxWx3 uint8 frame")
+    pixels = [np.frombuffer(item, np.uint8).reshape(h, w, 3) for item in items]
+    landmarks = None
+    raw = _one(request, "video_landmarks68")
+    if raw is not None:
+        lm = np.asarray(raw)
+        if lm.dtype.kind not in "fiu" or lm.shape != (frames, 68, 2) or not np.isfinite(lm).all():
+            raise RequestError(f"input 'video_landmarks68' must be {frames} x 68 finite (x, y) points, got "
+                               f"{lm.dtype.name} {list(lm.shape)}")
+        landmarks = list(lm.astype(np.float32))
+    prompt = _text(request, "prompt", limits.max_prompt_chars)
+    max_new_tokens = check_max_new_tokens(request, limits)
+    schema = check_schema(request, limits, supported=True)
+    return DescribeRequest(None, [], [], None, prompt, max_new_tokens, schema, window=VideoClip(pixels, landmarks))
+
+
+def check_max_new_tokens(request: dict[str, np.ndarray], limits: Limits) -> int | None:
+    value = _one(request, "max_new_tokens")
+    if value is None:
+        return None
+    values = np.asarray(value).reshape(-1)
+    if values.dtype.kind not in "iu" or values.size != 1:
+        raise RequestError(f"input 'max_new_tokens' must hold one integer, got {values.tolist()}")
+    n = int(values[0])
+    if not 1 <= n <= limits.max_new_tokens:
+        raise RequestError(f"input 'max_new_tokens': max_new_tokens={n}; the server accepts 1..{limits.max_new_tokens}")
+    return n

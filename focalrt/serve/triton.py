@@ -12,7 +12,6 @@ Nothing here writes files or loads anything named by a request.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import threading
@@ -30,12 +29,22 @@ from focalrt.runtime.faces.crops import crop_face
 from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
 from focalrt.runtime.faces.regions import region_box
-from focalrt.runtime.pipeline import Pipeline
-from focalrt.serve.requests import DescribeRequest, Limits, RequestError, decode_describe, decode_image
+from focalrt.runtime.generation.grammar import GrammarError
+from focalrt.runtime.pipeline import Pipeline, parse_state
+from focalrt.serve.requests import (
+    DescribeRequest,
+    Limits,
+    RequestError,
+    decode_describe,
+    decode_image,
+    decode_window,
+    is_window,
+)
 
 log = logging.getLogger(__name__)
 
 NO_FACE = -1  # face_id of a result for a box the client gave (not a detected face)
+WINDOW = "window"  # region of a video window's result (as in a local run's events)
 
 
 @dataclass
@@ -61,7 +70,8 @@ def _error_response(message: str) -> dict[str, np.ndarray]:
     return {"count": np.zeros((1, 1), np.int64), "text": _bytes_array([""]), "token_ids": np.full((1, 1, 1), -1),
             "finish_reason": _bytes_array([""]), "region": _bytes_array([""]),
             "face_id": np.full((1, 1), NO_FACE, np.int64), "box": np.zeros((1, 1, 4), np.int64),
-            "timings": _bytes_array(["{}"]), "error": np.array([[message.encode()]], dtype=object)}
+            "timings": _bytes_array(["{}"]), "state": _bytes_array(["{}"]),
+            "error": np.array([[message.encode()]], dtype=object)}
 
 
 class DescribeModel:
@@ -75,7 +85,11 @@ class DescribeModel:
         self.lock = lock
         self.face_lock = face_lock
         self.stats = BatchStats()
-        self.schema_supported = "schema" in inspect.signature(pipeline.describe_views).parameters
+        # A runtime that compiles schemas (Pipeline.grammar, llguidance) decodes them; each distinct schema is
+        # compiled once and kept in the Pipeline's SchemaCache.
+        self.schema_supported = callable(getattr(pipeline, "grammar", None))
+        # frames of a video window: what the bundle's video encoder takes (0: no video encoder)
+        self.window_frames = int(getattr(pipeline.adapter, "video_frames", 0)) if pipeline.video is not None else 0
 
     def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
         try:
@@ -93,7 +107,12 @@ class DescribeModel:
         jobs: list[tuple[int, DescribeRequest, list[tuple]]] = []  # (index, request, views)
         for i, request in enumerate(requests):
             try:
-                req = decode_describe(request.data, self.limits, self.schema_supported, self.faces is not None)
+                if is_window(request.data):
+                    req = decode_window(request.data, self.limits, self.window_frames)
+                else:
+                    req = decode_describe(request.data, self.limits, self.schema_supported, self.faces is not None)
+                if req.schema is not None:
+                    self._compile(req.schema)
                 jobs.append((i, req, self._views(req)))
             except RequestError as e:
                 responses[i] = _error_response(str(e))
@@ -101,9 +120,9 @@ class DescribeModel:
                 log.exception("describe: request %d could not be prepared", i)
                 responses[i] = _error_response(f"the server could not prepare this request: {e}")
         groups: dict[tuple, list] = {}
-        for job in jobs:  # one describe_views call per (prompt, max tokens, schema): they are per call
+        for job in jobs:  # one describe_views call per (prompt, max tokens); schemas are per row (one matcher each)
             req = job[1]
-            groups.setdefault((req.prompt, req.max_new_tokens, json.dumps(req.schema, sort_keys=True)), []).append(job)
+            groups.setdefault((req.prompt, req.max_new_tokens), []).append(job)
         for group in groups.values():
             for i, response in self._run_group(group, t_batch).items():
                 responses[i] = response
@@ -112,7 +131,10 @@ class DescribeModel:
 
     def _views(self, req: DescribeRequest) -> list[tuple]:
         """(image, boxes, landmarks68, [(face_id, region, frame_box)]) per view: the boxes on the whole image,
-        then one square face crop per detected face with its named regions, as a local `focalrt run` does."""
+        then one square face crop per detected face with its named regions, as a local `focalrt run` does; or
+        a video window as one view with one row, the whole clip (region "window")."""
+        if req.window is not None:
+            return [(req.window, [None], None, [(NO_FACE, WINDOW, None)])]
         views = []
         if req.boxes:
             names = [f"box{i}" if len(req.boxes) > 1 else "box" for i in range(len(req.boxes))]
@@ -130,14 +152,33 @@ class DescribeModel:
                 views.append((crop.image, crop.boxes, crop.landmarks68, meta))
         return views
 
+    def _compile(self, schema: dict[str, Any]) -> None:
+        """Compile (once: the Pipeline caches it) or refuse the request's schema, naming what is wrong."""
+        try:
+            with self.lock:
+                self.pipeline.grammar(schema)
+        except GrammarError as e:
+            raise RequestError(f"input 'schema': schema does not compile: {e}") from None
+
     def _describe(self, group: list) -> list[list]:
+        """One describe_views call for the group. Rows under a schema get their own matcher and their parsed
+        `state`, as a local run's do; the other rows of the batch decode freely beside them."""
         views = [(image, boxes, lm) for _, _, vs in group for image, boxes, lm, _ in vs]
+        schemas = [req.schema for _, req, vs in group for _, boxes, _, _ in vs for _ in boxes]
         req = group[0][1]
-        kwargs = {"schema": req.schema} if req.schema is not None else {}
         with self.lock:
             if not views:
                 return []
-            return self.pipeline.describe_views(views, req.prompt, max_new_tokens=req.max_new_tokens, **kwargs)
+            kwargs = {}
+            if any(s is not None for s in schemas):
+                kwargs["logits_processors"] = [[self.pipeline.grammar(s).processor()] if s is not None else []
+                                               for s in schemas]
+            described = self.pipeline.describe_views(views, req.prompt, max_new_tokens=req.max_new_tokens, **kwargs)
+            limit = self.pipeline.options(max_new_tokens=req.max_new_tokens).max_new_tokens
+        for d, schema in zip((d for per_view in described for d in per_view), schemas, strict=True):
+            if schema is not None:
+                parse_state(d, limit)
+        return described
 
     def _run_group(self, group: list, t_batch: float) -> dict[int, dict[str, np.ndarray]]:
         try:
@@ -180,9 +221,12 @@ class DescribeModel:
                 "finish_reason": _bytes_array([d.finish_reason for *_, d in results]),
                 "region": _bytes_array([name for _, name, _, _ in results]),
                 "face_id": np.array([[fid for fid, *_ in results]], np.int64).reshape(1, n),
-                "box": np.array([[list(fb) if fb is not None else list(d.box) for _, _, fb, d in results]],
+                "box": np.array([[list(fb) if fb is not None else list(d.box or (0, 0, 0, 0))
+                                  for _, _, fb, d in results]],
                                 np.int64).reshape(1, n, 4),
-                "timings": _bytes_array(timings), "error": np.array([[b""]], dtype=object)}
+                "timings": _bytes_array(timings),
+                "state": _bytes_array([json.dumps(d.state_fields()) for *_, d in results]),
+                "error": np.array([[b""]], dtype=object)}
 
 
 def _model_error(e: Exception) -> str:
@@ -233,8 +277,10 @@ def describe_tensors() -> tuple[list, list]:
     """Inputs and outputs of `describe` (shapes without the batch dimension)."""
     from pytriton.model_config import Tensor
 
-    inputs = [Tensor(name="image", dtype=bytes, shape=(1,)),
+    inputs = [Tensor(name="image", dtype=bytes, shape=(1,), optional=True),  # absent in a video-window request
               Tensor(name="image_shape", dtype=np.int64, shape=(2,), optional=True),
+              Tensor(name="video_frames", dtype=bytes, shape=(-1,), optional=True),
+              Tensor(name="video_landmarks68", dtype=np.float32, shape=(-1, 68, 2), optional=True),
               Tensor(name="boxes", dtype=np.int64, shape=(-1, 4), optional=True),
               Tensor(name="regions", dtype=bytes, shape=(-1,), optional=True),
               Tensor(name="landmarks68", dtype=np.float32, shape=(68, 2), optional=True),
@@ -249,6 +295,7 @@ def describe_tensors() -> tuple[list, list]:
                Tensor(name="face_id", dtype=np.int64, shape=(-1,)),
                Tensor(name="box", dtype=np.int64, shape=(-1, 4)),
                Tensor(name="timings", dtype=bytes, shape=(-1,)),
+               Tensor(name="state", dtype=bytes, shape=(-1,)),
                Tensor(name="error", dtype=bytes, shape=(1,))]
     return inputs, outputs
 

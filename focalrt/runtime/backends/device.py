@@ -75,6 +75,7 @@ class DeviceReport:
     bundle: dict[str, Any] | None = None
     modules: list[ModuleSource] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    lanes: dict[str, Any] = field(default_factory=dict)  # `focalrt run` in real time: where each lane runs
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -314,7 +315,20 @@ def report(bundle: str | os.PathLike | None = None, cameras: list[int] | None = 
                         onnxruntime=modules[0].version, ram_bytes=total, ram_available_bytes=available,
                         precisions=precisions(providers, gpu), cameras=cameras,
                         bundle=bundle_fit(bundle, gpu, available) if bundle else None, modules=modules,
-                        warnings=module_warnings(modules))
+                        warnings=module_warnings(modules),
+                        lanes=realtime_lanes(providers) if ort_ok else {})
+
+
+def realtime_lanes(providers: list[str]) -> dict[str, Any]:
+    """What `focalrt run` does in real time by default here: the frame lane's face models on the CPU with a
+    small thread pool, the description lane's VLM on the best provider with the cores left (sessions.lane_threads)."""
+    from focalrt.runtime.backends.sessions import PREFERRED, lane_threads, usable_cores
+
+    cores = usable_cores()
+    face, describe = lane_threads(cores)
+    return {"cores": cores, "frame_lane": {"provider": "CPUExecutionProvider", "threads": face},
+            "description_lane": {"provider": next((p for p in PREFERRED if p in providers), "CPUExecutionProvider"),
+                                 "threads": describe}}
 
 
 def _gb(n: int | None) -> str:
@@ -343,6 +357,11 @@ def format_report(r: DeviceReport) -> str:
     lines.append("precisions:")
     lines += [f"  {p:5s} {how}" for p, how in r.precisions.items()]
     lines.append(f"cameras: {', '.join(map(str, r.cameras)) if r.cameras else 'none found'}")
+    if r.lanes:
+        f, d = r.lanes["frame_lane"], r.lanes["description_lane"]
+        lines.append(f"run in real time ({r.lanes['cores']} cores): frame lane (face models) on {f['provider']} with "
+                     f"{f['threads']} thread(s), description lane (VLM) on {d['provider']} with {d['threads']} "
+                     f"thread(s); change with --face-provider, --face-threads, --provider, --threads")
     if r.bundle:
         b = r.bundle
         verdict = {True: "fits", False: "does NOT fit", None: "unknown (memory size unknown)"}[b["fits"]]

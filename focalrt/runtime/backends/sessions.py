@@ -59,9 +59,13 @@ def _make_cache_dirs(options: list[tuple[str, dict]]) -> None:
 
 
 def create_session(path: str | os.PathLike, providers: list[str] | None = None,
-                   threads: int | None = None, trt_options: dict[str, Any] | None = None) -> ort.InferenceSession:
+                   threads: int | None = None, trt_options: dict[str, Any] | None = None,
+                   spinning: bool = True) -> ort.InferenceSession:
     """Load one ONNX file. Graph optimisations are on (ORT_ENABLE_ALL) and run once at load.
 
+    `threads` sizes the session's own intra-op pool (None: ONNX Runtime's default, one per core).
+    `spinning=False` lets that pool's idle threads sleep instead of spinning for the next call, which
+    is what a session sharing the CPU with another lane wants (`focalrt run` in real time).
     `trt_options` (from `runtime.tensorrt_ep.trt_ep_provider_options`) go to the TensorRT provider when it
     is among `providers`, and are ignored otherwise.
     """
@@ -73,6 +77,8 @@ def create_session(path: str | os.PathLike, providers: list[str] | None = None,
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or resolve_providers()
     options = provider_options(providers, trt_options)
     _make_cache_dirs(options)
@@ -87,7 +93,8 @@ def create_session(path: str | os.PathLike, providers: list[str] | None = None,
 
 
 def load_component(bundle: Any, component: str, providers: list[str], threads: int | None = None,
-                   max_batch: int = 1, max_context: int | None = None) -> ort.InferenceSession:
+                   max_batch: int = 1, max_context: int | None = None,
+                   spinning: bool = True) -> ort.InferenceSession:
     """One bundle component's session; under TensorRT with shape profiles that fit `max_batch` rows of
     `max_context` tokens.
 
@@ -104,4 +111,26 @@ def load_component(bundle: Any, component: str, providers: list[str], threads: i
         signed = bundle.component(component).get("tensorrt_file")
         if signed:
             path = bundle.file(signed["file"])
-    return create_session(path, providers, threads, trt)
+    return create_session(path, providers, threads, trt, spinning=spinning)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one (a container's CPU set), else
+    the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def lane_threads(cores: int | None = None, face: int | None = None,
+                 describe: int | None = None) -> tuple[int, int]:
+    """Intra-op threads of (the frame lane's face models, the description lane's VLM) when both run at once.
+
+    The face models are small (BlazeFace, FaceMesh, two 64x64 heads) and gain little past one or two
+    threads, while the decoder is bound by memory bandwidth and takes what is left: on 2 cores one each,
+    on an 8-core Orin 2 and 6. A value the user gave is kept as given.
+    """
+    cores = cores or usable_cores()
+    face = face or (1 if cores <= 4 else 2)
+    describe = describe or max(1, cores - face)
+    return face, describe

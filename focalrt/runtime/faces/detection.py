@@ -101,8 +101,9 @@ class FaceDetector:
     video frames.
     """
 
-    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None):
-        self.session = create_session(path, providers)
+    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        self.session = create_session(path, providers, threads, spinning=spinning)
         self.size = int(config["input_size"])
         self.layout = config.get("input_layout", "NCHW")
         self.input_name = config.get("input_name", self.session.get_inputs()[0].name)
@@ -193,8 +194,9 @@ def roi_transform(detection: Detection, size: int, scale: float) -> np.ndarray:
 class FaceLandmarker:
     """FaceMesh on a rotated square crop around a detection; landmarks mapped back to the frame."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None):
-        self.session = create_session(path, providers)
+    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        self.session = create_session(path, providers, threads, spinning=spinning)
         self.size = int(config.get("input_size", 192))
         self.layout = config.get("input_layout", "NCHW")
         self.input_name = config.get("input_name", self.session.get_inputs()[0].name)
@@ -242,11 +244,13 @@ class FaceAnalyzer:
 
     @classmethod
     def from_dir(cls, faces_dir: str | Path, manifest_entry: dict[str, Any],
-                 providers: list[str] | None = None, full_range: bool = False) -> FaceAnalyzer:
+                 providers: list[str] | None = None, full_range: bool = False, threads: int | None = None,
+                 spinning: bool = True) -> FaceAnalyzer:
         """Load the models named in `manifest_entry`, whose file names are relative to `faces_dir`.
 
         For a bundle (whose manifest names them "faces/...") pass the bundle directory and
         manifest["face_models"]; for export_face_models(out), pass `out` and the entry it returned.
+        `threads` and `spinning` set the sessions' intra-op pools (`sessions.create_session`).
         """
         faces_dir = Path(faces_dir)
         key = "detector_full_range" if full_range else "detector"
@@ -256,8 +260,8 @@ class FaceAnalyzer:
                                  f"re-export the face models"
                                  + (" or drop full_range" if needed == "detector_full_range" else ""))
         det, lm = manifest_entry[key], manifest_entry["landmarks"]
-        return cls(FaceDetector(faces_dir / det["file"], det, providers),
-                   FaceLandmarker(faces_dir / lm["file"], lm, providers),
+        return cls(FaceDetector(faces_dir / det["file"], det, providers, threads, spinning),
+                   FaceLandmarker(faces_dir / lm["file"], lm, providers, threads, spinning),
                    float(lm.get("presence_threshold", 0.5)))
 
     def analyze(self, frame_bgr: np.ndarray) -> list[Face]:

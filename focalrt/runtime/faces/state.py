@@ -57,8 +57,9 @@ def _softmax_ok(p: np.ndarray) -> np.ndarray:
 class EmotionHead:
     """FER2013 mini-Xception on onnxruntime; crop as fer does it (square on the face box, 10 % margin)."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None):
-        self.session = create_session(path, providers)
+    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        self.session = create_session(path, providers, threads, spinning=spinning)
         self.input_name = config.get("input_name", self.session.get_inputs()[0].name)
         self.size = int(config.get("input_size", 64))
         self.labels = list(config["labels"])
@@ -136,8 +137,9 @@ def dlib_chip(frame_rgb: np.ndarray, landmarks: np.ndarray, size: int, padding: 
 class AgeHead:
     """dlib-models' age-v1: aligned 64x64 RGB chip, (pixel - mean) / 256, 81 classes -> expected age."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None):
-        self.session = create_session(path, providers)
+    def __init__(self, path: str | Path, config: dict[str, Any], providers: list[str] | None = None,
+                 threads: int | None = None, spinning: bool = True):
+        self.session = create_session(path, providers, threads, spinning=spinning)
         self.input_name = config.get("input_name", self.session.get_inputs()[0].name)
         self.size = int(config.get("input_size", 64))
         self.mean = np.asarray(config["mean"], np.float32)
@@ -213,16 +215,24 @@ class FaceStateEstimator:
 
     @classmethod
     def from_bundle_entry(cls, faces_dir: str | Path, entry: dict[str, Any], providers: list[str] | None = None,
-                          smooth: float = 0.0) -> FaceStateEstimator:
+                          smooth: float = 0.0, threads: int | None = None,
+                          spinning: bool = True) -> FaceStateEstimator:
         """Heads named in a bundle's face_models entry (file names relative to `faces_dir`); missing heads
-        (bundles exported before them, or with --no-face-heads) leave those fields out of the state."""
+        (bundles exported before them, or with --no-face-heads) leave those fields out of the state.
+        `threads` and `spinning` set the heads' intra-op pools (`sessions.create_session`)."""
         faces_dir = Path(faces_dir)
-        emotion = EmotionHead(faces_dir / entry["emotion"]["file"], entry["emotion"], providers) \
+        emotion = EmotionHead(faces_dir / entry["emotion"]["file"], entry["emotion"], providers, threads, spinning) \
             if "emotion" in entry else None
-        age = AgeHead(faces_dir / entry["age"]["file"], entry["age"], providers) if "age" in entry else None
+        age = AgeHead(faces_dir / entry["age"]["file"], entry["age"], providers, threads, spinning) \
+            if "age" in entry else None
         if not 0.0 <= smooth < 1.0:
             raise ValueError(f"--smooth must be in [0, 1), got {smooth}")
         return cls(emotion, age, smooth)
+
+    def sibling(self) -> FaceStateEstimator:
+        """The same heads (sessions shared, not reloaded) with a smoothing history of its own: one per camera,
+        since face ids and their EMA belong to one source."""
+        return FaceStateEstimator(self.emotion, self.age, self.smooth)
 
     def estimate(self, frame_bgr: np.ndarray, boxes: list[np.ndarray], landmarks: list[np.ndarray],
                  face_ids: list[int]) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ verification, sampling, and `generate`, the one loop every caller uses (gpt-fast
   present output; the exported GroupQueryAttention writes the new positions in place. It also owns
   prefix reuse (copying a shared prompt prefix between slots, and the prompt head that is the same on
   every frame) and `trim`, which rolls rows back.
-- `generate` prefills a batch of rows (sharing each image's prefix when asked) and runs `decode`, whose
-  hooks are mlx-lm's: a `sampler` ([B, V] logits -> [B] ids), per-row `logits_processors`
+- `generate` prefills a batch of rows (sharing each image's prefix when asked), gives each row a
+  `Decoding` record and runs `decode`: per step `choose`, `propose` (drafts), `feed`. The hooks are
+  mlx-lm's: a `sampler` ([B, V] logits -> [B] ids), per-row `logits_processors`
   ((tokens so far, logits [V]) -> logits [V]) and an `on_token(row, token)` callback for streaming.
 - `verify` feeds k tokens per row in one decoder call and returns logits for each (draft decoding;
   text scoring uses the same all-position logits through `TextModel.forward(..., keep=S)`).
@@ -439,6 +440,29 @@ class Generation:
     accepted: list[int] = field(default_factory=list)  # per row: of which the model agreed with
 
 
+@dataclass
+class Decoding:
+    """One row while it decodes: what it generated, how it ended, and what its next decoder call feeds.
+
+    The loop keeps the rows still running in a list whose order is their slot order in the cache, so a
+    row's slot is its place in that list; everything else about the row lives here.
+    """
+
+    row: int  # its index in `generate`'s rows, and in the Generation's lists
+    delta: int  # a generated token at absolute index i sits at position i + delta
+    processors: Sequence[LogitsProcessor] = ()
+    drafter: DraftHook | None = None
+    kept: list[np.ndarray] | None = None  # raw logits of every sampled step, when asked for
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "length"
+    done: bool = False
+    drafted: int = 0  # draft tokens the verifier judged
+    accepted: int = 0  # of which the model agreed with
+    logits: np.ndarray | None = None  # [positions fed, V]: the logits its last call returned
+    next_id: int = 0  # the token its next call feeds
+    draft: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # fed after next_id
+
+
 def prefill_rows(model: TextModel, cache: PromptCache, rows: Sequence[Row],
                  share_prefix: bool) -> tuple[np.ndarray, list[float]]:
     """Prefill every row into its slot: logits of each prompt's last token [B, V], and ms per row.
@@ -474,121 +498,125 @@ def prefill_rows(model: TextModel, cache: PromptCache, rows: Sequence[Row],
     return np.stack(first), ms
 
 
-def decode(model: TextModel, cache: PromptCache, first_logits: np.ndarray, delta: np.ndarray,
-           max_new_tokens: int, stop_ids: set[int], sampler: SamplerFn,
-           logits_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
-           on_token: TokenCallback | None = None, keep_logits: bool = False,
-           draft: Sequence[DraftHook | None] | None = None) -> Generation:
-    """Decode every row of `cache` together until each stops or hits a limit; drafts only change speed.
+def choose(rows: list[Decoding], cache: PromptCache, max_new_tokens: int, stop_ids: set[int],
+           sampler: SamplerFn, on_token: TokenCallback | None) -> None:
+    """Step 1: every live row picks its tokens from the logits it was fed, position by position.
 
-    Each step has three parts.
-    1. Choose. Every live row holds logits for each position it was fed: one without a draft, 1 + m
-       after its next token and m drafted ones. Position by position (the rows still choosing sampled
-       together): keep the raw logits (if asked), let the row's processors rewrite them, sample, emit
-       (`on_token`). A sampled token equal to the drafted one is accepted and the row moves on to the
-       next position's logits; otherwise (or after the last drafted token) it is the row's next token to
-       feed, and the cache is trimmed past the rejected drafts. So processors and sampler see exactly
-       the calls plain decoding makes (accepted tokens only, in order), and the output is the same:
-       with a greedy sampler token for token, with a random one in distribution (accepting a drafted
-       token exactly when a sample equals it is the speculative rule min(1, p/q) for a one-token draft).
-       A row stops on a stop token (not emitted), at `max_new_tokens`, or when the context is full.
-    2. Draft. Each live row's `draft` hook may propose up to what still fits (tokens and context).
-    3. Feed. Without drafts, one batched call of one token per row. With any draft, one `verify` call
-       per row over [next token + its draft] (ONNX Runtime's GroupQueryAttention takes several new tokens
-       over a past only one row at a time, so rows of different draft lengths need no padding).
-    On host buffers the rows still running are compacted into the front slots, so each step binds only
-    live sequences; device buffers keep finished rows in place and ignore their output.
+    The rows still choosing are sampled together. At each position: keep the raw logits (if asked), let the
+    row's processors rewrite them, sample, emit (`on_token`). A sampled token equal to the drafted one is
+    accepted and the row reads the next position; otherwise (or after its last drafted token) it is the row's
+    next token to feed, and its cache is trimmed past the rejected drafts. So processors and sampler see
+    exactly the calls plain decoding makes (accepted tokens only, in order), and the output is the same:
+    with a greedy sampler token for token, with a random one in distribution (accepting a drafted token
+    exactly when a sample equals it is the speculative rule min(1, p/q) for a one-token draft). A row stops
+    on a stop token (not emitted), at `max_new_tokens`, or when its own context is full.
     """
-    n = cache.batch
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    kept: list[list[np.ndarray]] | None = [[] for _ in range(n)] if keep_logits else None
-    finish = ["length"] * n
-    done = [False] * n
-    drafted, accepted = [0] * n, [0] * n
-    rows = list(range(n))  # rows[slot] = the sequence held in that slot
-    view, delta = cache, np.asarray(delta, np.int64).copy()
-    fed_logits = [first_logits[slot:slot + 1] for slot in range(n)]  # per slot: [positions fed, V]
-    drafts = [np.zeros(0, np.int64)] * n  # per slot: the drafted tokens fed after its next token
-    next_ids = np.zeros(n, np.int64)  # per slot: the token to feed next
-    batched = draft is None  # the last feed bound every row in one call (then the longest row bounds all)
+    choosing = [(slot, r) for slot, r in enumerate(rows) if not r.done]
+    judged = {slot: 0 for slot, _ in choosing}
+    agreed = dict(judged)
+    pos = 0
+    while choosing:
+        for _, r in choosing:
+            if r.kept is not None:
+                r.kept.append(r.logits[pos].copy())
+            for process in r.processors:
+                r.logits[pos] = process(np.asarray(r.tokens, np.int64), r.logits[pos])
+        sampled = sampler(np.stack([r.logits[pos] for _, r in choosing]))
+        still = []
+        for (slot, r), token in zip(choosing, (int(t) for t in sampled), strict=True):
+            m = r.draft.size
+            agree = pos < m and token == int(r.draft[pos])
+            agreed[slot], judged[slot] = agreed[slot] + int(agree), min(m, pos + 1)
+            if token in stop_ids:
+                r.finish, r.done = "stop", True
+                continue
+            r.tokens.append(token)
+            if on_token is not None:
+                on_token(r.row, token)
+            written_at = int(cache.lengths[slot]) - (m - pos)  # after the row's accepted tokens
+            if len(r.tokens) >= max_new_tokens or written_at >= cache.max_context:
+                r.done = True
+            elif agree:
+                still.append((slot, r))
+            else:
+                r.next_id = token
+                cache.trim(m - pos, rows=[slot])
+        choosing, pos = still, pos + 1
+    for slot, r in enumerate(rows):
+        if judged.get(slot):
+            r.drafted += judged[slot]
+            r.accepted += agreed[slot]
+            r.drafter.feedback(judged[slot], agreed[slot])
+
+
+def propose(rows: list[Decoding], cache: PromptCache, max_new_tokens: int) -> None:
+    """Step 2: what each live row's draft hook proposes, within its token and context limits."""
+    for slot, r in enumerate(rows):
+        r.draft = np.zeros(0, np.int64)
+        if r.drafter is not None and not r.done:
+            limit = min(max_new_tokens - len(r.tokens), cache.max_context - int(cache.lengths[slot]) - 1)
+            if limit > 0:
+                r.draft = np.asarray(r.drafter.propose(np.asarray(r.tokens, np.int64), limit), np.int64)[:limit]
+
+
+def feed(model: TextModel, cache: PromptCache, rows: list[Decoding], step: int) -> None:
+    """Step 3, the one place that decides how a step is fed: one batched call of one token per row when no
+    row drafted, every row is live (device buffers cannot compact) and the longest row has room (all rows
+    are bound at its length); else one call per live row over [next token + its draft] (ONNX Runtime's
+    GroupQueryAttention takes several new tokens over a past only one row at a time, so rows of different
+    draft lengths need no padding). Either way each row gets the logits of every position it was fed."""
+    live = [not r.done for r in rows]
+    if (all(live) and not any(r.draft.size for r in rows)
+            and int(cache.lengths[:len(rows)].max()) < cache.max_context):
+        ids = np.array([r.next_id for r in rows], np.int64)
+        delta = np.array([r.delta for r in rows], np.int64)
+        logits = decode_one_token(model, cache, ids, delta, step=step)
+        for slot, r in enumerate(rows):
+            r.logits = logits[slot:slot + 1]
+        return
+    for slot, r in enumerate(rows):
+        if r.done:
+            continue
+        tokens = np.concatenate([np.array([r.next_id], np.int64), r.draft])[None]
+        r.logits = verify(model, cache.view(slot, slot + 1), tokens, np.array([r.delta], np.int64), step=step)[0]
+
+
+def compact(cache: PromptCache, rows: list[Decoding]) -> list[Decoding]:
+    """On host buffers, the rows still running moved into the front slots (so a step binds only live
+    sequences); device buffers keep every row in place and finished rows are skipped."""
+    live = [slot for slot, r in enumerate(rows) if not r.done]
+    if not cache.on_host or len(live) == len(rows):
+        return rows
+    for new_slot, old_slot in enumerate(live):
+        if new_slot != old_slot:
+            cache.copy_rows(old_slot, new_slot, int(cache.lengths[old_slot]))
+    return [rows[slot] for slot in live]
+
+
+def decode(model: TextModel, cache: PromptCache, rows: list[Decoding], max_new_tokens: int, stop_ids: set[int],
+           sampler: SamplerFn, on_token: TokenCallback | None = None) -> list[float]:
+    """Decode `rows` (row i in slot i of `cache`, each holding its prefill logits) until each stops or hits a
+    limit; drafts only change speed. Each step: choose, draft, feed. Returns each step's milliseconds."""
     step_ms: list[float] = []
-    t_start = time.perf_counter()
     for step in range(1, max_new_tokens + 1):  # every step emits at least one token per live row
         t0 = time.perf_counter()
-        # 1. Choose, position by position; a row leaves `choosing` at its first token that is not its draft's.
-        choosing, pos = [slot for slot, row in enumerate(rows) if not done[row]], 0
-        agreed, judged = [0] * len(rows), [0] * len(rows)  # per slot: draft tokens matched, and looked at
-        while choosing:
-            for slot in choosing:
-                row, logits = rows[slot], fed_logits[slot][pos]
-                if kept is not None:
-                    kept[row].append(logits.copy())
-                for process in (logits_processors[row] if logits_processors else ()):
-                    logits = process(np.asarray(tokens[row], np.int64), logits)
-                fed_logits[slot][pos] = logits
-            sampled = sampler(np.stack([fed_logits[slot][pos] for slot in choosing]))
-            still = []
-            for slot, token in zip(choosing, (int(t) for t in sampled), strict=True):
-                row, m = rows[slot], drafts[slot].size
-                agree = pos < m and token == int(drafts[slot][pos])
-                agreed[slot], judged[slot] = agreed[slot] + int(agree), min(m, pos + 1)
-                if token in stop_ids:
-                    finish[row], done[row] = "stop", True
-                    continue
-                tokens[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
-                # Where this token would be written: after the row's accepted tokens (or the longest bound row).
-                at = int(view.lengths.max()) if batched else int(view.lengths[slot]) - (m - pos)
-                if len(tokens[row]) >= max_new_tokens or at >= cache.max_context:
-                    done[row] = True
-                elif agree:
-                    still.append(slot)
-                else:
-                    next_ids[slot] = token
-                    view.trim(m - pos, rows=[slot])
-            choosing, pos = still, pos + 1
-        for slot, row in enumerate(rows):
-            if judged[slot]:
-                drafted[row] += judged[slot]
-                accepted[row] += agreed[slot]
-                draft[row].feedback(judged[slot], agreed[slot])
-        live = [slot for slot, row in enumerate(rows) if not done[row]]
-        if not live:
+        choose(rows, cache.view(0, len(rows)), max_new_tokens, stop_ids, sampler, on_token)
+        rows = compact(cache, rows)
+        if all(r.done for r in rows):
             break
-        if cache.on_host and len(live) < len(rows):
-            for new_slot, old_slot in enumerate(live):
-                if new_slot != old_slot:
-                    view.copy_rows(old_slot, new_slot, int(view.lengths[old_slot]))
-            rows, next_ids, delta = [rows[s] for s in live], next_ids[live], delta[live]
-            view = cache.view(0, len(live))
-        # 2. Draft: what each live row's hook proposes, within its token and context limits.
-        drafts = [np.zeros(0, np.int64)] * len(rows)
-        for slot, row in enumerate(rows):
-            if draft is not None and draft[row] is not None and not done[row]:
-                limit = min(max_new_tokens - len(tokens[row]), cache.max_context - int(view.lengths[slot]) - 1)
-                if limit > 0:
-                    drafts[slot] = np.asarray(draft[row].propose(np.asarray(tokens[row], np.int64), limit),
-                                              np.int64)[:limit]
-        # 3. Feed: one call for all rows, or one verify call per live row over [next token + draft].
-        batched = not any(d.size for d in drafts) and (cache.on_host or len(live) == len(rows))
-        if batched:
-            logits = decode_one_token(model, view, next_ids[:len(rows)], delta, step=step)
-            fed_logits = [logits[slot:slot + 1] for slot in range(len(rows))]
-        else:
-            fed_logits = [verify(model, view.view(slot, slot + 1), np.concatenate([next_ids[slot:slot + 1],
-                                 drafts[slot]])[None], delta[slot:slot + 1], step=step)[0]
-                          if not done[row] else None for slot, row in enumerate(rows)]
+        view = cache.view(0, len(rows))
+        propose(rows, view, max_new_tokens)
+        feed(model, view, rows, step)
         step_ms.append((time.perf_counter() - t0) * 1e3)
-    return Generation(tokens, finish, kept, [], (time.perf_counter() - t_start) * 1e3, step_ms, drafted, accepted)
+    return step_ms
 
 
 def generate(model: TextModel, cache: PromptCache, rows: Sequence[Row], max_new_tokens: int, stop_ids: set[int],
              sampler: SamplerFn, logits_processors: Sequence[Sequence[LogitsProcessor]] | None = None,
              on_token: TokenCallback | None = None, keep_logits: bool = False,
              share_prefix: bool = True, draft: Sequence[DraftHook | None] | None = None) -> Generation:
-    """Prefill `rows` into the first len(rows) slots of `cache`, then decode them together (drafting per row
-    through `draft`, see `decode`)."""
+    """Prefill `rows` into the first len(rows) slots of `cache`, then decode them together, drafting per row
+    through `draft` (see `choose` and `feed`). Each row gets the tokens it gets alone."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if cache.batch < len(rows):
@@ -601,11 +629,15 @@ def generate(model: TextModel, cache: PromptCache, rows: Sequence[Row], max_new_
     view = cache.view(0, len(rows))
     view.lengths[:] = 0
     first, prefill_ms = prefill_rows(model, view, rows, share_prefix)
-    delta = np.array([r.delta for r in rows], np.int64)
-    out = decode(model, view, first, delta, max_new_tokens, stop_ids, sampler, logits_processors, on_token,
-                 keep_logits, draft)
-    out.prefill_ms = prefill_ms
-    return out
+    states = [Decoding(i, int(row.delta), logits_processors[i] if logits_processors else (),
+                       draft[i] if draft else None, [] if keep_logits else None, logits=first[i:i + 1])
+              for i, row in enumerate(rows)]
+    t0 = time.perf_counter()
+    step_ms = decode(model, view, states, max_new_tokens, stop_ids, sampler, on_token)
+    return Generation([r.tokens for r in states], [r.finish for r in states],
+                      [r.kept for r in states] if keep_logits else None, prefill_ms,
+                      (time.perf_counter() - t0) * 1e3, step_ms, [r.drafted for r in states],
+                      [r.accepted for r in states])
 
 
 class TextStream:

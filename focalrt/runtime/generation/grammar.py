@@ -114,7 +114,41 @@ def compile_schema(schema: str | Path | dict[str, Any], tokenizer: Any, vocab_si
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, ll_tok)
     if is_error:
         raise GrammarError(f"llguidance cannot compile this JSON schema: {' '.join(messages[0].split())}")
-    return CompiledGrammar(ll_tok, grammar, int(vocab_size), schema)
+    compiled = CompiledGrammar(ll_tok, grammar, int(vocab_size), schema)
+    check_can_start(compiled)
+    return compiled
+
+
+def check_can_start(compiled: CompiledGrammar) -> None:
+    """Refuse a grammar that admits no first token besides stopping: decoding it would end at once with an
+    empty answer and no error. llguidance's validation accepts e.g. a `$ref` that leads only to itself; its
+    matcher finds out at the first mask, so one is computed here, once per schema."""
+    probe = GrammarProcessor(compiled)
+    allowed = probe.allowed()
+    allowed[[t for t in compiled.ll_tokenizer.eos_tokens if t < allowed.size]] = False
+    if probe.matcher.is_error() or not allowed.any():
+        cycle = ref_cycle(compiled.schema) if compiled.schema is not None else None
+        why = (f"its $ref chain {' -> '.join(cycle)} leads only back to itself, so no JSON value matches it"
+               if cycle else "llguidance allows no first token"
+               + (f" ({probe.matcher.get_error().splitlines()[0]})" if probe.matcher.is_error() else ""))
+        raise GrammarError(f"this JSON schema cannot produce any output: {why}; fix the schema")
+
+
+def ref_cycle(schema: dict[str, Any]) -> list[str] | None:
+    """The local `$ref` pointers, from the root, that lead back to one already seen (`["#", "#/$defs/a",
+    "#/$defs/a"]`), or None. Only the reason given when a schema cannot start; llguidance is the judge."""
+    seen: list[str] = ["#"]
+    node: Any = schema
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+        ref = node["$ref"]
+        if ref in seen:
+            return [*seen[1:], ref] if len(seen) > 1 else ["#", ref]
+        seen.append(ref)
+        node = schema
+        for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+    return None
 
 
 

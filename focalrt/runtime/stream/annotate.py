@@ -22,8 +22,10 @@ ASCII_FALLBACK = {"·": "-", "–": "-", "—": "-", "‘": "'", "’": "'", "�
 
 
 def description_annotation(event: dict[str, Any]) -> dict[str, Any]:
-    """A region's box, "face N - region" above it, its description below it (or in the side panel)."""
-    return {"box": event["box"], "label": f"face {event['face_id']} - {event['region']}", "text": event["text"],
+    """A region's box, "face N - region" above it, its description below it (or in the side panel). In real
+    time a picture shows each region's latest description with its age (`age_s`): "face N - region (2.5 s ago)"."""
+    age = f" ({event['age_s']:.1f} s ago)" if "age_s" in event else ""
+    return {"box": event["box"], "label": f"face {event['face_id']} - {event['region']}{age}", "text": event["text"],
             "tag": event["region"]}
 
 

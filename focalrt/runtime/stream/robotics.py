@@ -2,8 +2,11 @@
 
 Both go through foxglove-sdk (the `[robotics]` extra), which owns the MCAP writer, the WebSocket server and
 the well-known message schemas. One topic per event type, JSON-encoded with the JSON schema from
-focalrt/schemas; annotated frames on a `foxglove.CompressedImage` topic (JPEG). Every message's log time is
-its frame's timestamp in nanoseconds, so video and face state share one timeline in Foxglove.
+focalrt/schemas; annotated frames on a `foxglove.CompressedImage` topic (JPEG; one topic per source,
+/focalrt/image/N, when a run has several). Every message's log time is its frame's timestamp in nanoseconds,
+so video and face state share one timeline in Foxglove; a real-time description, which finishes after later
+frames, is logged at the frame it was emitted with (`emitted_timestamp`), so the file stays in time order and
+its payload's `frame`/`timestamp` say which frame it describes.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class FoxgloveSink:
         self.channels = {kind: fg.Channel(topic, schema=event_schema(kind), message_encoding="json",
                                           context=self.context) for kind, topic in TOPICS.items()}
         self.image = fg.channels.CompressedImageChannel(IMAGE_TOPIC, context=self.context)
+        self.source_images: dict[int, Any] = {}  # several sources: one image topic each, made on first use
         self.jpeg_quality = int(jpeg_quality)
 
     @property
@@ -81,10 +85,11 @@ class FoxgloveSink:
         if kind not in self.channels:
             raise ValueError(f"event has type {kind!r}; expected one of {sorted(self.channels)}")
         self.channels[kind].log(json.loads(json.dumps(event, default=_plain)),
-                                log_time=log_time_ns(event["timestamp"]))
+                                log_time=log_time_ns(event.get("emitted_timestamp", event["timestamp"])))
 
-    def write_frame(self, image_bgr: np.ndarray, timestamp_s: float) -> None:
-        """One (already annotated) frame as a JPEG foxglove.CompressedImage at the frame's time."""
+    def write_frame(self, image_bgr: np.ndarray, timestamp_s: float, source: int | None = None) -> None:
+        """One (already annotated) frame as a JPEG foxglove.CompressedImage at the frame's time; a frame of
+        source N among several goes to /focalrt/image/N."""
         ok, jpeg = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         if not ok:
             raise RuntimeError("OpenCV could not encode the frame as JPEG")
@@ -92,7 +97,10 @@ class FoxgloveSink:
         msg = self._fg.messages.CompressedImage(
             timestamp=self._fg.messages.Timestamp(sec=ns // 1_000_000_000, nsec=ns % 1_000_000_000),
             frame_id=FRAME_ID, data=jpeg.tobytes(), format="jpeg")
-        self.image.log(msg, log_time=ns)
+        if source is not None and source not in self.source_images:
+            self.source_images[source] = self._fg.channels.CompressedImageChannel(f"{IMAGE_TOPIC}/{source}",
+                                                                                   context=self.context)
+        (self.image if source is None else self.source_images[source]).log(msg, log_time=ns)
 
     def _close_writer(self) -> None:
         if self.writer is not None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -41,15 +42,20 @@ def json_default(value: Any) -> Any:
 
 class JsonlSink:
     """One JSON object per line. Each line goes to the OS in one unbuffered write, so a process killed
-    mid-run leaves only whole lines behind."""
+    mid-run leaves only whole lines behind. `stream` is an already open unbuffered writer (stdout, a FIFO,
+    see focalrt.outputs.open_stream) used instead of opening `path`."""
 
-    def __init__(self, path: str | os.PathLike, append: bool = False, fsync: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, append: bool = False, fsync: bool = False,
+                 stream: BinaryIO | None = None):
+        self.path = Path(path) if str(path) != "-" else Path("<stdout>")
         self.fsync = fsync
         self.lines_written = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab" if append else "wb", buffering=0)  # noqa: SIM115
-        self.good_bytes = self._file.seek(0, os.SEEK_END) if self.path.is_file() else 0  # ends in a whole line
+        if stream is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(self.path, "ab" if append else "wb", buffering=0)  # noqa: SIM115
+        self._file = stream
+        self._regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)  # only a regular file is cut back
+        self.good_bytes = self._file.seek(0, os.SEEK_END) if self._regular else 0  # ends in a whole line
 
     def write(self, event: dict[str, Any]) -> None:
         if self._file.closed:
@@ -72,7 +78,7 @@ class JsonlSink:
     def _drop_partial_line(self) -> None:
         """Cut the file back to its last whole line (nothing to do for /dev/full and other devices)."""
         try:
-            if self.path.is_file():
+            if self._regular:
                 os.ftruncate(self._file.fileno(), self.good_bytes)
         except OSError:
             pass

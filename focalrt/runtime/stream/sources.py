@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class Frame:
     timestamp: float  # seconds: media position for files, time.monotonic() for live sources
     image: np.ndarray  # HxWx3 uint8 BGR
     capture_ms: float  # time spent reading and decoding this frame
+    captured: float = field(default_factory=time.monotonic)  # time.monotonic() when read (live: when delivered)
+    source: int | None = None  # which of several sources (its place among them); None when there is one
 
 
 def default_capture_factory(target: Any, api: int, params: list[int] | None = None) -> Any:
@@ -66,7 +68,7 @@ class FrameSource:
     """Iterator of Frames with the same stats, close() and context manager whatever the source kind."""
 
     def __init__(self, name: str, live: bool, frames: Iterator[Frame], release: Callable[[], None],
-                 stats: dict[str, int], fps: float | None = None, size: tuple[int, int] | None = None):
+                 stats: dict[str, Any], fps: float | None = None, size: tuple[int, int] | None = None):
         self.name = name
         self.live = live
         self.fps = fps
@@ -77,7 +79,7 @@ class FrameSource:
         self._closed = False
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return dict(self._stats)
 
     def __iter__(self) -> FrameSource:
@@ -105,7 +107,7 @@ class FrameSource:
         return f"FrameSource({self.name!r}, live={self.live}, fps={self.fps}, size={self.size})"
 
 
-def new_stats() -> dict[str, int]:
+def new_stats() -> dict[str, Any]:
     return {"frames_read": 0, "frames_yielded": 0, "frames_dropped": 0, "corrupt_frames": 0,
             "reconnects": 0, "frames_missing": 0, "loops": 0}
 
@@ -207,8 +209,15 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
+# How many unreadable image files the summary names (it counts them all).
+NAMED_UNREADABLE = 5
+
+
 def open_images(path: Path, every: int, is_folder: bool, loop: bool = False) -> FrameSource:
     stats = new_stats()
+    unreadable: set[str] = set()
+    if is_folder:  # the summary names the files it could not decode: a count alone leaves the user searching
+        stats.update(unreadable_files=0, unreadable_named=[])
     if is_folder:
         files = image_files(path)
         if not files:
@@ -233,6 +242,11 @@ def open_images(path: Path, every: int, is_folder: bool, loop: bool = False) -> 
                 stats["frames_read"] += 1
                 if not is_valid_image(image):
                     stats["corrupt_frames"] += 1
+                    if is_folder and files[index].name not in unreadable:
+                        unreadable.add(files[index].name)
+                        stats["unreadable_files"] = len(unreadable)
+                        if len(stats["unreadable_named"]) < NAMED_UNREADABLE:
+                            stats["unreadable_named"] = [*stats["unreadable_named"], files[index].name]
                     continue
                 # Still images have no media time; wall time since opening keeps timestamps increasing.
                 yield Frame(cycle * len(files) + index, time.monotonic() - start, image,
@@ -451,7 +465,7 @@ class NewestFrameReader:
                     wait = start + frame.index / self.pace_fps - time.monotonic()
                     if wait > 0 and self.device.stopped.wait(wait):
                         break
-                    frame.timestamp = time.monotonic()
+                    frame.timestamp = frame.captured = time.monotonic()
                 with self.cond:
                     if self.slot is not None:
                         self.device.stats["frames_dropped"] += 1

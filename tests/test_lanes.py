@@ -1,0 +1,267 @@
+"""The two lanes (issue 24): in real time the state stream never waits for the VLM, descriptions come later and
+name the frame they describe, several sources share one model and one batch, a lost source stops none of the
+others, and a stop finishes or drops (and counts) what is in flight.
+
+No timing is asserted: a describer held on a threading.Event decides what can have happened, and the frame
+lane runs in the test's own thread (each `next()` of the loop processes one frame).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+
+from focalrt.demo import pan_zoom_frames
+
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def images(astronaut_bgr):
+    return pan_zoom_frames(astronaut_bgr, FRAMES)
+
+
+@pytest.fixture()
+def pipe(tiny_bundle):
+    from focalrt.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(tiny_bundle)
+
+
+def _frames(images, mirrored=False):
+    from focalrt.runtime.stream.sources import Frame
+
+    return [Frame(i, i / 10, image[:, ::-1].copy() if mirrored else image, 0.0) for i, image in enumerate(images)]
+
+
+class HeldDescriber:
+    """Stands in for pipeline.describe_views: records each call's region keys, says it was entered, and holds
+    the call until `release()`; then the real model describes."""
+
+    def __init__(self, monkeypatch, pipe):
+        self.real = pipe.describe_views
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.calls: list[list] = []
+        monkeypatch.setattr(pipe, "describe_views", self)
+
+    def __call__(self, views, *args, **kwargs):
+        self.calls.append([key for keys in kwargs.get("draft_keys") or [] for key in keys])
+        self.entered.set()
+        if not self.gate.wait(timeout=120):
+            raise RuntimeError("the test never released the describer")
+        return self.real(views, *args, **kwargs)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def _runner(pipe, **kwargs):
+    from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state
+
+    return RegionRunner(pipe, regions="mouth", max_new_tokens=2, state=bundle_face_state(pipe), realtime=True,
+                        **kwargs)
+
+
+def _validator(kind):
+    jsonschema = pytest.importorskip("jsonschema")
+    from focalrt.runtime.stream.robotics import event_schema
+
+    return jsonschema.Draft202012Validator(event_schema(kind))
+
+
+def test_states_flow_while_a_description_is_in_flight(pipe, images, monkeypatch):
+    from focalrt.runtime.stream.runner import RegionRunner, frame_loop
+
+    held = HeldDescriber(monkeypatch, pipe)
+    runner = _runner(pipe)
+    loop = frame_loop(runner, _frames(images))
+    first = next(loop)  # frame 0: its state; its mouth goes to the worker, which holds it
+    assert held.entered.wait(timeout=300)
+    assert held.calls == [[(1, "mouth")]]
+    while_held = [first] + [next(loop) for _ in range(FRAMES - 2)]
+    # Every frame but the last gave its state while the first description was still being written.
+    assert [(e["type"], e["frame"]) for r in while_held for e in r.events] == [("state", i) for i in range(FRAMES - 1)]
+    assert [r.frame.index for r in while_held] == list(range(FRAMES - 1))
+
+    held.release()
+    runner.lane.wait()  # the first description is done (the newest crop, frame 6's, may be on its way)
+    last = next(loop)
+    assert last.frame.index == FRAMES - 1
+    rest = [e for r in loop for e in r.events]
+    events = [e for r in while_held for e in r.events] + last.events + rest
+    states = [e for e in events if e["type"] == "state"]
+    descriptions = [e for e in events if e["type"] == "description"]
+    assert [e["frame"] for e in states] == list(range(FRAMES))  # state events stay in frame order
+
+    # The description names the frame it describes, when it was emitted and how long that took.
+    first_description = descriptions[0]
+    assert first_description in last.events  # emitted with the first frame taken after it finished
+    assert (first_description["frame"], first_description["described_frame"]) == (0, 0)
+    assert first_description["reason"] == "first" and first_description["fresh"] is True
+    assert first_description["emitted_frame"] == FRAMES - 1 and first_description["latency_ms"] > 0
+    assert first_description["emitted_timestamp"] == round((FRAMES - 1) / 10, 4)
+    # Newest crop wins: frames 1..6 each replaced the pending request; the last crop is always described.
+    frames_described = [e["frame"] for e in descriptions]
+    assert frames_described == sorted(set(frames_described)) and frames_described[-1] == FRAMES - 1
+    assert all(e["frame"] <= e["emitted_frame"] for e in descriptions)
+    stats = runner.lane.stats
+    assert stats["superseded"] >= FRAMES - 3 and stats["dropped_at_stop"] == stats["dropped_face_left"] == 0
+    assert stats["submitted"] == FRAMES == stats["described"] + stats["superseded"]
+    assert stats["described"] == len(descriptions) == runner.stats.fresh
+
+    # The picture of the last frame shows the region where it is now, with its latest description and age.
+    lockstep = RegionRunner(pipe, regions="mouth", max_new_tokens=1)
+    mouth_now = next(e for e in lockstep.process(last.frame) if e["type"] == "description")["box"]
+    shown = [a for a in last.annotations() if a["tag"] == "mouth"]
+    assert len(shown) == 1 and shown[0]["box"] == mouth_now
+    assert re.fullmatch(r"face 1 - mouth \(\d+\.\d s ago\)", shown[0]["label"])
+
+    state_schema, description_schema = _validator("state"), _validator("description")
+    for event in states:
+        state_schema.validate(json.loads(json.dumps(event)))
+    for event in descriptions:
+        description_schema.validate(json.loads(json.dumps(event)))
+
+
+def test_two_sources_one_model_one_batch_and_own_face_ids(pipe, images, monkeypatch):
+    from focalrt.runtime.stream.inbox import SourceSet
+    from focalrt.runtime.stream.runner import frame_loop
+
+    held = HeldDescriber(monkeypatch, pipe)
+    runner = _runner(pipe)
+    loop = frame_loop(runner, SourceSet([_frames(images), _frames(images, mirrored=True)], ["left", "right"]))
+    results = [next(loop)]  # one frame of one source: the worker's first batch is that frame's mouth alone
+    assert held.entered.wait(timeout=300)
+    after = set()
+    while after != {0, 1}:  # frames processed while the worker is held: pending for both sources
+        results.append(next(loop))
+        after.add(results[-1].frame.source)
+    held.release()
+    events = [e for r in results for e in r.events] + [e for r in loop for e in r.events]
+
+    assert len(held.calls[0]) == 1
+    assert sorted(held.calls[1]) == [((0, 1), "mouth"), ((1, 1), "mouth")]  # one decode for both cameras
+    states = [e for e in events if e["type"] == "state"]
+    descriptions = [e for e in events if e["type"] == "description"]
+    for source in (0, 1):  # every frame of each source gave its state, in order, with its own tracker's ids
+        assert [e["frame"] for e in states if e["source"] == source] == list(range(FRAMES))
+        assert {e["face_id"] for e in states if e["source"] == source} == {1}
+        assert any(e["source"] == source for e in descriptions)
+    second_batch = [e for e in descriptions if e["timings_ms"]["batch"] == 2]
+    assert {e["source"] for e in second_batch} == {0, 1}
+    assert {s: runner.sources[s].stats.frames for s in (0, 1)} == {0: FRAMES, 1: FRAMES}
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+def test_a_lost_source_does_not_stop_the_others(pipe, images, realtime):
+    from focalrt.runtime.stream.inbox import SourceSet
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import SourceError
+
+    def unplugged(frames):
+        yield from frames[:2]
+        raise SourceError("camera 1 stopped delivering frames after 5 reconnect attempts")
+
+    runner = RegionRunner(pipe, regions="mouth", max_new_tokens=1, realtime=realtime)
+    sources = SourceSet([_frames(images), unplugged(_frames(images))])
+    events = list(iter_events(runner, sources))
+    assert sources.lost == {1: "camera 1 stopped delivering frames after 5 reconnect attempts"}
+    assert runner.sources[0].stats.frames == FRAMES and runner.sources[1].stats.frames == 2
+    assert {e["frame"] for e in events if e["source"] == 0} <= set(range(FRAMES))
+    if not realtime:  # lock-step: every frame of the good source described, in turn with the lost one's two
+        assert [(e["source"], e["frame"]) for e in events] == [(0, 0), (1, 0), (0, 1), (1, 1)] + [
+            (0, i) for i in range(2, FRAMES)]
+
+
+def test_one_source_lost_ends_the_run_as_before(pipe, images):
+    from focalrt.runtime.stream.inbox import SourceSet
+    from focalrt.runtime.stream.runner import RegionRunner, iter_events
+    from focalrt.runtime.stream.sources import SourceError
+
+    def unplugged():
+        yield from _frames(images)[:2]
+        raise SourceError("camera 0 gone")
+
+    for realtime in (False, True):
+        runner = RegionRunner(pipe, regions="mouth", max_new_tokens=1, realtime=realtime)
+        seen = []
+        with pytest.raises(SourceError, match="camera 0 gone"):
+            for event in iter_events(runner, SourceSet([unplugged()])):
+                seen.append(event)
+        assert {e["frame"] for e in seen if e["type"] == "description"} <= {0, 1}
+
+
+def test_stop_drops_and_counts_what_is_in_flight(pipe, images, monkeypatch):
+    from focalrt.runtime.stream.runner import frame_loop
+
+    held = HeldDescriber(monkeypatch, pipe)
+    runner = _runner(pipe, stop_timeout_s=0.0)
+    loop = frame_loop(runner, _frames(images))
+    next(loop)
+    assert held.entered.wait(timeout=300)
+    next(loop)  # frame 1: its mouth is pending behind the held one
+    loop.close()  # a stop (Ctrl-C, SIGTERM, the window closed): no time to wait
+    stats = runner.lane.stats
+    assert stats["dropped_at_stop"] == 2 and stats["described"] == 0 and stats["submitted"] == 2
+    held.release()
+    runner.lane.thread.join(timeout=300)
+    assert not runner.lane.thread.is_alive()
+    assert runner.take_described() == []  # what was given up is not emitted later
+
+    # With time to finish, the batch in flight is written rather than dropped.
+    monkeypatch.undo()
+    held = HeldDescriber(monkeypatch, pipe)
+    runner = _runner(pipe, stop_timeout_s=300.0)
+    loop = frame_loop(runner, _frames(images))
+    next(loop)
+    assert held.entered.wait(timeout=300)
+    held.release()
+    loop.close()
+    late = runner.take_described()
+    assert [e["frame"] for e in late][:1] == [0]
+    stats = runner.lane.stats
+    assert stats["described"] == len(late) and stats["dropped_at_stop"] == 0
+
+
+def test_lane_threads_share_the_cores_and_sessions_can_sleep(tiny_bundle):
+    from focalrt.runtime.backends.device import format_report, report
+    from focalrt.runtime.backends.sessions import create_session, lane_threads
+
+    assert lane_threads(2) == (1, 1) and lane_threads(8) == (2, 6) and lane_threads(1) == (1, 1)
+    assert lane_threads(8, face=3) == (3, 5) and lane_threads(2, describe=2) == (1, 2)
+    session = create_session(next((tiny_bundle / "faces").glob("*.onnx")), ["CPUExecutionProvider"], 1,
+                             spinning=False)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    r = report()  # no cameras probed (the caller probes them since the rooms refactor)
+    assert r.lanes["frame_lane"] == {"provider": "CPUExecutionProvider", "threads": lane_threads()[0]}
+    assert "frame lane (face models) on CPUExecutionProvider" in format_report(r)
+
+
+def test_mcap_keeps_time_order_with_late_descriptions(tmp_path):
+    pytest.importorskip("foxglove")
+    mcap_reader = pytest.importorskip("mcap.reader")
+    from focalrt.runtime.stream.robotics import FoxgloveSink
+
+    state = {"type": "state", "frame": 5, "timestamp": 0.5, "face_id": 1, "box": [1, 2, 3, 4],
+             "geometry": {"source": "facemesh-geometry"}, "head_pose": {"source": "facemesh-3d-axes"}}
+    late = {"type": "description", "frame": 0, "timestamp": 0.0, "face_id": 1, "region": "mouth",
+            "box": [1, 2, 3, 4], "text": "a smile", "finish_reason": "stop", "fresh": True, "described_frame": 0,
+            "reason": "first", "emitted_frame": 5, "emitted_timestamp": 0.5, "latency_ms": 480.0}
+    path = tmp_path / "late.mcap"
+    with FoxgloveSink(path) as sink:
+        sink.write(state)
+        sink.write(late)
+        import numpy as np
+
+        sink.write_frame(np.zeros((8, 8, 3), np.uint8), 0.5, source=1)
+    with open(path, "rb") as f:
+        messages = [(c.topic, m.log_time, m.data) for _, c, m in mcap_reader.make_reader(f).iter_messages()]
+    by_topic = {topic: (t, data) for topic, t, data in messages}
+    assert by_topic["/focalrt/description"][0] == by_topic["/focalrt/state"][0] == 500_000_000
+    assert json.loads(by_topic["/focalrt/description"][1])["timestamp"] == 0.0  # the frame it describes
+    assert by_topic["/focalrt/image/1"][0] == 500_000_000  # a second camera's pictures on their own topic
