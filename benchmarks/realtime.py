@@ -16,7 +16,7 @@ Each child measures after its warm-up (the first description written, or 5 s for
 from its frame's capture to the event leaving the frame loop (p50, p99). The report gives the median of the
 repeats and the ratios the issue asks for.
 
-    python benchmarks/realtime.py BUNDLE [--seconds 60] [--repeats 3] [--json results.json]
+    python -m benchmarks.realtime BUNDLE [--seconds 60] [--repeats 3] [--json results.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.harness import ROOT
 
 CONFIGS = ("states-only", "realtime", "lockstep", "realtime-2", "2-processes")
 
@@ -72,7 +74,8 @@ def child(args) -> dict:
     start = None
     deadline = None
     warm_until = time.monotonic() + 5.0
-    loop = frame_loop(runner, SourceSet(sources))
+    source_set = SourceSet(sources)
+    loop = frame_loop(runner, source_set)
     try:
         for result in loop:
             now = time.monotonic()
@@ -97,18 +100,18 @@ def child(args) -> dict:
     return {"config": args.config, "seconds": round(elapsed, 2), "state_rate": states / elapsed,
             "descriptions_per_min": descriptions * 60 / elapsed,
             "latency_p50_ms": percentile(latencies, 50), "latency_p99_ms": percentile(latencies, 99),
-            "frames_dropped": sum(s.stats["frames_dropped"] for s in sources),
+            "frames_dropped": sum(source_set.stats(i)["frames_dropped"] for i in range(count)),
             "threads": {"frame_lane": face_threads, "description_lane": threads},
             "lanes": runner.lane.stats if runner.lane else None, "peak_rss_mb": peak_rss_mb()}
 
 
 def spawn(args, config: str) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, args.bundle, "--child", config, "--clip", args.clip, "--seconds",
-           str(args.seconds), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd = [sys.executable, "-m", "benchmarks.realtime", args.bundle, "--child", config, "--clip", args.clip,
+           "--seconds", str(args.seconds), "--max-new-tokens", str(args.max_new_tokens)]
     for flag, value in (("--threads", args.threads), ("--face-threads", args.face_threads)):
         if value:
             cmd += [flag, str(value)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def collect(proc: subprocess.Popen) -> dict:
@@ -119,9 +122,13 @@ def collect(proc: subprocess.Popen) -> dict:
 
 
 def run_all(args) -> dict:
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     for repeat in range(args.repeats):
-        for config in CONFIGS:
+        for config in configs:
             if config == "2-processes":
                 pair = [collect(p) for p in [spawn(args, "realtime"), spawn(args, "realtime")]]
                 result = {"config": config, "descriptions_per_min": sum(r["descriptions_per_min"] for r in pair),
@@ -175,6 +182,7 @@ def main() -> int:
     p.add_argument("--clip", help="video to replay (default: the demo clip, 480x360 at 30 fps)")
     p.add_argument("--threads", type=int, default=None, help="description lane threads (default: lane_threads)")
     p.add_argument("--face-threads", type=int, default=None, help="frame lane threads (default: lane_threads)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma separated")
     p.add_argument("--json", help="write every run and the summary here")
     p.add_argument("--child", choices=CONFIGS[:-1], help=argparse.SUPPRESS)
     args = p.parse_args()

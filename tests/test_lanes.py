@@ -265,3 +265,196 @@ def test_mcap_keeps_time_order_with_late_descriptions(tmp_path):
     assert by_topic["/focalrt/description"][0] == by_topic["/focalrt/state"][0] == 500_000_000
     assert json.loads(by_topic["/focalrt/description"][1])["timestamp"] == 0.0  # the frame it describes
     assert by_topic["/focalrt/image/1"][0] == 500_000_000  # a second camera's pictures on their own topic
+
+
+# ---- focalrt run ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, images):
+    from focalrt.demo import write_clip
+
+    return write_clip(tmp_path_factory.mktemp("lanes") / "clip.mp4", images)
+
+
+def _summary(err: str) -> dict:
+    return json.loads(next(line for line in err.splitlines() if line.startswith("summary "))[8:])
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _without(events: list[dict], *keys: str) -> list[dict]:
+    return [{k: v for k, v in e.items() if k not in ("timings_ms", *keys)} for e in events]
+
+
+# Recorded from `focalrt run` as it was before the two lanes (the lock-step loop of one `process` per frame), with
+# the arguments of the test below on the module's clip: (type, frame, region, fresh, described_frame, reason).
+BEFORE_TWO_LANES = [
+    ("state", 0, None, None, None, None),
+    ("description", 0, "mouth", True, 0, "first"), ("description", 0, "left_eye", True, 0, "first"),
+    ("description", 1, "mouth", True, 1, "interval"), ("description", 1, "left_eye", True, 1, "interval"),
+    ("state", 2, None, None, None, None),
+    ("description", 2, "mouth", True, 2, "interval"), ("description", 2, "left_eye", True, 2, "interval"),
+    ("description", 3, "mouth", True, 3, "interval"), ("description", 3, "left_eye", True, 3, "interval"),
+    ("state", 4, None, None, None, None),
+    ("description", 4, "mouth", False, 3, "not_due"), ("description", 4, "left_eye", False, 3, "not_due"),
+    ("description", 5, "mouth", True, 5, "interval"), ("description", 5, "left_eye", True, 5, "interval"),
+    ("state", 6, None, None, None, None),
+    ("description", 6, "mouth", True, 6, "interval"), ("description", 6, "left_eye", True, 6, "interval"),
+    ("description", 7, "mouth", False, 6, "not_due"), ("description", 7, "left_eye", False, 6, "not_due"),
+]
+STATE_KEYS = ["type", "frame", "timestamp", "face_id", "box", "emotion", "age", "geometry", "head_pose", "timings_ms"]
+FRESH_KEYS = ["type", "frame", "timestamp", "face_id", "region", "box", "text", "finish_reason", "fresh",
+              "described_frame", "reason", "tokens", "timings_ms"]
+
+
+def test_lockstep_file_runs_give_the_events_of_before_the_two_lanes(tiny_bundle, clip, tmp_path, capsys):
+    """A file runs in lock-step by default: the same events, in the same order, with the same fields as before
+    the two lanes (no emitted_frame, latency_ms or source), carried-over descriptions included."""
+    from focalrt import cli
+
+    out = tmp_path / "e.jsonl"
+    assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth,left_eye", "--min-interval",
+                     "0.1", "--state-every", "2", "--max-new-tokens", "2", "--out", str(out), "--quiet"]) == 0
+    assert _summary(capsys.readouterr().err)["mode"] == "lockstep"
+    events = _lines(out)
+    assert [(e["type"], e["frame"], e.get("region"), e.get("fresh"), e.get("described_frame"), e.get("reason"))
+            for e in events] == BEFORE_TWO_LANES
+    assert {e["face_id"] for e in events} == {1}
+    fresh = {(e["frame"], e["region"]): e for e in events if e.get("fresh")}
+    for e in events:
+        expected = STATE_KEYS if e["type"] == "state" else FRESH_KEYS if e["fresh"] else [
+            k for k in FRESH_KEYS if k != "tokens"]
+        assert list(e) == expected
+        if e["type"] == "description" and not e["fresh"]:  # carried over: what was said about the region then
+            said = fresh[(e["described_frame"], e["region"])]
+            assert (e["text"], e["finish_reason"]) == (said["text"], said["finish_reason"])
+
+
+def test_run_realtime_replays_a_file_as_a_camera(tiny_bundle, clip, tmp_path, capsys):
+    from focalrt import cli
+
+    out, video = tmp_path / "rt.jsonl", tmp_path / "rt.avi"
+    assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--realtime", "--regions", "mouth",
+                     "--max-new-tokens", "2", "--out", str(out), "--write-video", str(video), "--quiet"]) == 0
+    summary = _summary(capsys.readouterr().err)
+    events = _lines(out)
+    states = [e["frame"] for e in events if e["type"] == "state"]
+    descriptions = [e for e in events if e["type"] == "description"]
+    assert states == sorted(set(states)) and len(states) == summary["frames"]  # frame order; dropped frames skipped
+    assert descriptions and all(e["fresh"] and e["frame"] <= e["emitted_frame"] and e["latency_ms"] >= 0
+                                for e in descriptions)
+    assert summary["mode"] == "realtime" and summary["lanes"]["frame_lane_threads"] >= 1
+    lanes = summary["lanes"]
+    assert lanes["submitted"] == lanes["described"] + lanes["superseded"] + lanes["dropped_face_left"]
+    assert lanes["described"] == len(descriptions) and lanes["dropped_at_stop"] == 0
+    assert summary["source"]["frames_yielded"] == summary["frames"]
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == summary["frames"]
+    cap.release()
+
+
+def test_run_two_sources_in_lockstep_give_each_one_source_events(tiny_bundle, clip, tmp_path, capsys):
+    from focalrt import cli
+
+    one, two, video = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "v.avi"
+    assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", "mouth", "--max-new-tokens", "2",
+                     "--out", str(one), "--quiet", "--draft", "off"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--source", str(clip), "--regions", "mouth",
+                     "--max-new-tokens", "2", "--out", str(two), "--quiet", "--draft", "off",
+                     "--write-video", str(video)]) == 0
+    summary = _summary(capsys.readouterr().err)
+    alone, both = _lines(one), _lines(two)
+    assert "source" not in alone[0]  # one source: the events are what they always were
+    for source in (0, 1):  # each camera of a two-camera run: its own ids, exactly the one-camera events
+        assert _without([e for e in both if e["source"] == source], "source") == _without(alone)
+    assert [s["frames"] for s in summary["sources"]] == [FRAMES, FRAMES]
+    assert [s["lost"] for s in summary["sources"]] == [None, None] and summary["mode"] == "lockstep"
+    import cv2
+
+    for i in (0, 1):  # one annotated video per source
+        cap = cv2.VideoCapture(str(tmp_path / f"v-source{i}.avi"))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
+        cap.release()
+    assert not video.exists()
+
+
+def test_run_a_lost_camera_among_two(tiny_bundle, clip, tmp_path, monkeypatch, capsys):
+    from focalrt import cli
+    from focalrt.runtime.stream import sources
+
+    real_open = sources.open_source
+    opened = []
+
+    def second_one_fails(spec, every=1, **kw):
+        src = real_open(spec, every=every, **kw)
+        opened.append(src)
+        if len(opened) == 2:
+            inner = src._frames
+
+            def frames():
+                yield next(inner)
+                raise sources.SourceError("camera 1 stopped delivering frames after 5 reconnect attempts")
+
+            src._frames = frames()
+        return src
+
+    monkeypatch.setattr(sources, "open_source", second_one_fails)
+    out = tmp_path / "e.jsonl"
+    code = cli.main(["run", str(tiny_bundle), "--source", str(clip), "--source", str(clip), "--regions", "mouth",
+                     "--max-new-tokens", "1", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3 and "source 1" in err and "lost" in err
+    events = _lines(out)
+    assert {e["frame"] for e in events if e["source"] == 0} == set(range(FRAMES))  # the other camera went on
+    assert {e["frame"] for e in events if e["source"] == 1} == {0}
+    summary = _summary(err)
+    assert summary["sources"][0]["lost"] is None and "camera 1" in summary["sources"][1]["lost"]
+
+
+def test_run_mode_flags_are_checked(tiny_bundle, clip, tmp_path, astronaut_bgr, capsys):
+    import cv2
+
+    from focalrt import cli
+
+    assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--realtime", "--lockstep",
+                     "--regions", "mouth"]) == 2
+    assert "--lockstep not allowed with argument --realtime" in capsys.readouterr().err
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), astronaut_bgr)
+    assert cli.main(["run", str(tiny_bundle), "--source", str(folder), "--realtime", "--regions", "mouth"]) == 2
+    assert "no frame rate" in capsys.readouterr().err
+
+
+def test_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, tmp_path, astronaut_bgr):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from focalrt.demo import write_clip
+
+    long_clip = write_clip(tmp_path / "long.mp4", pan_zoom_frames(astronaut_bgr, 40))
+    events_path = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "focalrt.cli", "run", str(tiny_bundle), "--source", str(long_clip),
+                             "--loop", "--realtime", "--regions", "mouth,eyes", "--out", str(events_path), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events_path.exists() and '"description"' in events_path.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "descriptions in flight" in err
+    text = events_path.read_text()
+    assert text.endswith("\n")
+    events = [json.loads(line) for line in text.splitlines()]  # every line whole
+    lanes = _summary(err)["lanes"]
+    # (A signal lands between any two lines of Python, so these are bounds, not equalities.)
+    assert 0 < sum(e["type"] == "description" for e in events) <= lanes["described"]
+    assert "dropped_at_stop" in lanes and lanes["described"] + lanes["dropped_at_stop"] <= lanes["submitted"]

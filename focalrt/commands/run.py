@@ -78,6 +78,9 @@ def register(sub) -> None:
     p.add_argument("--out", help="JSONL file: one event per line, flushed line by line (- for stdout; a FIFO needs "
                                  "its reader within 3 s); or *.mcap: typed events and annotated frames for Foxglove "
                                  "/ ROS 2 tools (needs the [robotics] extra)")
+    p.add_argument("--mcap-flush", type=float, default=1.0, metavar="SECONDS",
+                   help="with --out *.mcap: close and flush the open chunk this often, the most a kill may cost "
+                        "(default 1 s)")
     p.add_argument("--foxglove", type=int, nargs="?", const=8765, default=None, metavar="PORT",
                    help="stream events and annotated frames live to the Foxglove app over WebSocket "
                         "(default port 8765; needs the [robotics] extra)")
@@ -169,6 +172,8 @@ def run(args) -> int:
 
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
+    if not args.mcap_flush > 0:
+        raise ValueError(f"--mcap-flush must be > 0 seconds, got {args.mcap_flush}")
     boxes = [parse_box(b) for b in args.box]
     schema = schema_choice(args)
     if args.server and args.threads:
@@ -216,7 +221,8 @@ def run(args) -> int:
             from focalrt.runtime.stream.robotics import FoxgloveSink
 
             # claim_outputs already refused an existing --out without --overwrite and locked (created) the file
-            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True)
+            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True,
+                                 flush_interval_s=args.mcap_flush)
             if robot.port is not None:
                 print(f"Foxglove WebSocket on ws://{args.host}:{robot.port}", file=sys.stderr, flush=True)
         jsonl = JsonlSink(args.out, append=args.append, stream=out_stream) if args.out and not mcap_out else None
@@ -235,6 +241,7 @@ def run(args) -> int:
     progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video or robot))
     code = 0
     terminated: list[int] = []
+    reported: list[WriteError] = []  # write errors already printed
 
     def on_sigterm(signum, _frame):  # a service manager or `docker stop`: end as Ctrl-C does, outputs closed
         terminated.append(signum)
@@ -280,6 +287,7 @@ def run(args) -> int:
     except WriteError as e:
         progress.end()
         print(f"focalrt run: {e}", file=sys.stderr)
+        reported.append(e)
         code = 4
     except ServerLost as e:
         progress.end()
@@ -299,23 +307,27 @@ def run(args) -> int:
                 for event in runner.take_described():  # finished before the stop: written, not lost
                     emit(event)
         except WriteError as e:
-            print(f"focalrt run: {e}", file=sys.stderr)
+            if e not in reported:
+                print(f"focalrt run: {e}", file=sys.stderr)
+                reported.append(e)
             code = 4
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)
             sources.close()
             if jsonl:
                 jsonl.close()
-            if robot:
-                robot.close()
             for window in shows.values():
                 window.close()
-            for video in videos.values():
+            closers = [robot.close] if robot else []
+            closers += [lambda video=video: video.close(check=code == 0) for video in videos.values()]
+            for close in closers:  # each output is finished even when another failed
                 try:
-                    video.close(check=code == 0)
+                    close()
                 except WriteError as e:
-                    progress.end()
-                    print(f"focalrt run: {e}", file=sys.stderr)
+                    if e not in reported:  # a sink that failed mid-run raises the same error again at close
+                        progress.end()
+                        print(f"focalrt run: {e}", file=sys.stderr)
+                        reported.append(e)
                     code = 4
             for lock in locks:  # a video that never got a frame is not left behind as an empty file
                 lock.release(remove_if_new_and_empty=lock.flag == "--write-video"
@@ -326,10 +338,9 @@ def run(args) -> int:
     summary = {**runner.stats.as_dict(), "mode": "realtime" if realtime else "lockstep"}
     if several:
         summary["sources"] = [{"source": i, "name": sources.names[i], **source_summary(runner, i),
-                               "capture": source.stats, "lost": sources.lost.get(i)}
-                              for i, source in enumerate(opened)]
+                               "capture": sources.stats(i), "lost": sources.lost.get(i)} for i in range(len(opened))]
     else:
-        summary["source"] = opened[0].stats
+        summary["source"] = sources.stats(0)
     summary["drafts"] = runner.drafts.stats()
     if args.server:
         summary["server"] = {"url": args.server, **pipeline.stats}
@@ -339,7 +350,7 @@ def run(args) -> int:
                             **(runner.lane.stats if runner.lane else {})}
     progress.end()
     print("summary " + json.dumps(summary), file=sys.stderr)
-    bad = {}
+    bad: dict[str, int] = {}
     for source in opened:
         for k in ("corrupt_frames", "frames_missing"):
             if source.stats.get(k):

@@ -3,9 +3,10 @@
 `SourceSet` is several sources read as one stream of frames, each frame tagged with its source's place
 (`Frame.source`; left None when there is only one, so one-source events stay as they were). Iterated
 directly (lock-step) it takes the sources in turn on the calling thread, the same order every run.
-In real time `Inbox` gives every source a thread that hands its frames over one at a time (a live source
-keeps only its newest frame itself), and wakes the frame lane for whatever comes first: a frame of any
-source, or finished descriptions.
+In real time `Inbox` gives every source a thread that hands its frames over one at a time, and wakes the
+frame lane for whatever comes first: a frame of any source, or finished descriptions. A live source's frame
+waiting there is replaced by a newer one (the frame lane always gets the present, as the source's own capture
+thread does); any other source's reader waits until its frame was taken, so none is lost.
 
 A source that fails (`SourceError`) is recorded in `SourceSet.lost` and the others go on; with a single
 source the error ends the run, as it always did.
@@ -28,6 +29,16 @@ class SourceSet:
         self.sources = list(sources)
         self.names = list(names) if names else [getattr(s, "name", f"source {i}") for i, s in enumerate(self.sources)]
         self.lost: dict[int, str] = {}
+        self.replaced = [0] * len(self.sources)  # live frames a newer one replaced before the frame lane took them
+
+    def stats(self, index: int) -> dict[str, int]:
+        """A FrameSource's counts as the frame lane saw them: frames replaced while waiting are dropped, not
+        yielded."""
+        stats = dict(getattr(self.sources[index], "stats", {}))
+        if self.replaced[index] and "frames_dropped" in stats:
+            stats["frames_dropped"] += self.replaced[index]
+            stats["frames_yielded"] -= self.replaced[index]
+        return stats
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -92,10 +103,13 @@ class Inbox:
         return self
 
     def _read(self, index: int, source: Iterable[Frame]) -> None:
+        live = bool(getattr(source, "live", False))
         try:
             for frame in source:
                 with self.cond:
-                    while self.slots[index] is not None and not self.closed:
+                    if live and self.slots[index] is not None:  # newest frame wins
+                        self.sources.replaced[index] += 1
+                    while not live and self.slots[index] is not None and not self.closed:
                         self.cond.wait()
                     if self.closed:
                         return

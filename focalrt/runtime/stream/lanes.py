@@ -14,6 +14,7 @@ The Pipeline is not thread-safe: while the lane runs, only its worker calls it.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -144,7 +145,11 @@ class DescriptionLane:
                 self.stats["dropped_at_stop"] += len(self.in_flight)
                 self.in_flight = []
                 self.abandoned = True
-        if self.thread.is_alive() and not self.abandoned:
+        if self.abandoned:
+            # Its results are discarded, but the worker is inside ONNX Runtime until its batch ends: a process
+            # that exits under it has ONNX Runtime torn down mid-run (and aborts). Exit waits for it instead.
+            atexit.register(self.thread.join)
+        elif self.thread.is_alive():
             self.thread.join(timeout=1.0)
 
     def _work(self) -> None:
