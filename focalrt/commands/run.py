@@ -213,7 +213,7 @@ def run(args) -> int:
         for spec, kind in zip(args.source, kinds, strict=True):  # real time replays a video file at its rate
             live = {"live": True} if realtime and kind == "video" else {}
             opened.append(open_source(spec, every=args.every, loop=args.loop, open_timeout_s=args.open_timeout,
-                                       read_timeout_s=args.read_timeout, **live))
+                                      read_timeout_s=args.read_timeout, **live))
         sources = SourceSet(opened)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None

@@ -73,9 +73,9 @@ class DeviceReport:
     precisions: dict[str, str]
     cameras: list[int] = field(default_factory=list)
     bundle: dict[str, Any] | None = None
+    lanes: dict[str, Any] = field(default_factory=dict)  # `focalrt run` in real time: where each lane runs
     modules: list[ModuleSource] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    lanes: dict[str, Any] = field(default_factory=dict)  # `focalrt run` in real time: where each lane runs
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -314,9 +314,9 @@ def report(bundle: str | os.PathLike | None = None, cameras: list[int] | None = 
     return DeviceReport(providers=providers, gpus=found, cuda=cuda_version(), tensorrt=tensorrt_version(),
                         onnxruntime=modules[0].version, ram_bytes=total, ram_available_bytes=available,
                         precisions=precisions(providers, gpu), cameras=cameras,
-                        bundle=bundle_fit(bundle, gpu, available) if bundle else None, modules=modules,
-                        warnings=module_warnings(modules),
-                        lanes=realtime_lanes(providers) if ort_ok else {})
+                        bundle=bundle_fit(bundle, gpu, available) if bundle else None,
+                        lanes=realtime_lanes(providers) if ort_ok else {}, modules=modules,
+                        warnings=module_warnings(modules))
 
 
 def realtime_lanes(providers: list[str]) -> dict[str, Any]:
