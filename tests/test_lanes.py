@@ -227,7 +227,7 @@ def test_stop_drops_and_counts_what_is_in_flight(pipe, images, monkeypatch):
 
 
 def test_lane_threads_share_the_cores_and_sessions_can_sleep(tiny_bundle):
-    from focalrt.runtime.backends.device import format_report, report
+    from focalrt.runtime.backends.device import format_report, realtime_lanes, report
     from focalrt.runtime.backends.sessions import create_session, lane_threads
 
     assert lane_threads(2) == (1, 1) and lane_threads(8) == (2, 6) and lane_threads(1) == (1, 1)
@@ -240,6 +240,10 @@ def test_lane_threads_share_the_cores_and_sessions_can_sleep(tiny_bundle):
     r = report()  # no cameras probed (the caller probes them since the rooms refactor)
     assert r.lanes["frame_lane"] == {"provider": "CPUExecutionProvider", "threads": lane_threads()[0]}
     assert "frame lane (face models) on CPUExecutionProvider" in format_report(r)
+    # With a GPU provider the VLM goes there and the face models stay on the CPU, as `focalrt run` does.
+    gpu = realtime_lanes(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu["description_lane"]["provider"] == "CUDAExecutionProvider"
+    assert gpu["frame_lane"]["provider"] == "CPUExecutionProvider"
 
 
 def test_mcap_keeps_time_order_with_late_descriptions(tmp_path):
@@ -431,7 +435,10 @@ def test_run_mode_flags_are_checked(tiny_bundle, clip, tmp_path, astronaut_bgr, 
     assert "no frame rate" in capsys.readouterr().err
 
 
-def test_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, tmp_path, astronaut_bgr):
+@pytest.mark.parametrize("signame,code,word", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                               ("SIGINT", 130, "interrupted")])
+def test_ctrl_c_or_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, tmp_path, astronaut_bgr,
+                                                                             signame, code, word):
     import signal
     import subprocess
     import sys
@@ -447,10 +454,10 @@ def test_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, t
     deadline = time.time() + 120
     while time.time() < deadline and not (events_path.exists() and '"description"' in events_path.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "terminated" in err and "descriptions in flight" in err
+    assert proc.returncode == code, err
+    assert word in err and "descriptions in flight" in err
     text = events_path.read_text()
     assert text.endswith("\n")
     events = [json.loads(line) for line in text.splitlines()]  # every line whole
