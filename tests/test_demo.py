@@ -82,3 +82,35 @@ def test_demo_writes_every_file_and_says_the_weights_are_random(tiny_bundle, tmp
     ok, frame = cap.read()
     cap.release()
     assert ok and frame.shape == first.shape
+
+
+def test_demo_clip_lasts_seconds_and_the_age_of_one_photo_reads_steadily(tiny_bundle, tmp_path, capsys):
+    from focalrt.commands.demo import DEMO_FPS, DEMO_FRAMES, DEMO_SMOOTH, DESCRIBE_INTERVAL_S
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--bundle", str(tiny_bundle), "--out", str(out), "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    cap = cv2.VideoCapture(str(out / "clip.mp4"))
+    seconds = cap.get(cv2.CAP_PROP_FRAME_COUNT) / cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    assert seconds >= 2.5 and DEMO_FRAMES / DEMO_FPS == pytest.approx(seconds, abs=0.1)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    states = [e for e in events if e["type"] == "state"]
+    assert len(states) == DEMO_FRAMES and all(e["smoothing"] == {"ema": DEMO_SMOOTH} for e in states)
+    ages = [e["age"]["expected"] for e in states]
+    jumps = [abs(b - a) for a, b in zip(ages, ages[1:], strict=False)]
+    assert max(jumps) <= 2.0, ages  # the raw estimate moves by up to 15 years between frames of this clip
+    fresh = sorted({e["frame"] for e in events if e["type"] == "description" and e["fresh"]})
+    every = round(DESCRIBE_INTERVAL_S * DEMO_FPS)
+    assert fresh == list(range(0, DEMO_FRAMES, every))  # described afresh twice a second, carried over between
+    assert all(e.get("random_weights") is True for e in events if e["type"] == "description")
+
+
+def test_demo_with_a_wrong_bundle_path_says_no_bundle_there(tmp_path, capsys):
+    assert cli.main(["demo", "--bundle", str(tmp_path / "typo"), "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no bundle there (no such folder)" in err[0], err
+    assert "torch" not in err[0] and "export]" not in err[0] and not (tmp_path / "demo").exists()
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["demo", "--bundle", str(tmp_path / "empty")]) == 2
+    assert "no bundle there (no manifest.json in it)" in capsys.readouterr().err

@@ -8,12 +8,12 @@ import json
 import pytest
 
 from focalrt import cli
-from focalrt.commands.demo import DEMO_REGIONS
+from focalrt.commands.demo import DEMO_REGIONS, DEMO_SMOOTH, DESCRIBE_INTERVAL_S
 from focalrt.runtime.stream import annotate as annotate_module
 from focalrt.runtime.stream import runner as run_module
 from focalrt.runtime.stream import sinks
 
-FRAMES = 3
+FRAMES = 7  # frame 6 is half a second in: the demo's second fresh description
 
 
 def _without_timings(events: list[dict]) -> list[dict]:
@@ -60,12 +60,14 @@ def test_run_demo_and_iterator_share_the_loop_events_and_annotations(tiny_bundle
 
     run_out, video = tmp_path / "run.jsonl", tmp_path / "run.avi"
     assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--regions", DEMO_REGIONS, "--max-new-tokens",
-                     "3", "--out", str(run_out), "--write-video", str(video), "--quiet", "--draft", "off"]) == 0
+                     "3", "--out", str(run_out), "--write-video", str(video), "--quiet", "--draft", "off",
+                     "--min-interval", str(DESCRIBE_INTERVAL_S), "--smooth", str(DEMO_SMOOTH)]) == 0
     assert len(spies["loops"]) == 3
     run_events = [json.loads(line) for line in run_out.read_text().splitlines()]  # drafts off, as the demo's
 
     pipe = Pipeline.from_bundle(tiny_bundle)
-    runner = RegionRunner(pipe, regions=DEMO_REGIONS, max_new_tokens=3, state=bundle_face_state(pipe))
+    runner = RegionRunner(pipe, regions=DEMO_REGIONS, max_new_tokens=3, min_interval_s=DESCRIBE_INTERVAL_S,
+                          state=bundle_face_state(pipe, DEMO_SMOOTH))
     with open_source(str(clip)) as frames:
         iterated = list(iter_events(runner, frames))
     assert len(spies["loops"]) == 4
@@ -73,6 +75,7 @@ def test_run_demo_and_iterator_share_the_loop_events_and_annotations(tiny_bundle
     # The same events, in the same order, from all three (only the measured milliseconds differ).
     assert _without_timings(demo_events) == _without_timings(run_events) == _without_timings(iterated)
     kinds = [(e["frame"], e["type"], e.get("region")) for e in iterated]
+    assert sorted({e["frame"] for e in iterated if e.get("fresh")}) == [0, 6]  # the demo's cadence, run's too
     assert kinds == [(i, *k) for i in range(FRAMES)
                      for k in [("state", None)] + [("description", r) for r in DEMO_REGIONS.split(",")]]
 

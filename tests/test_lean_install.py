@@ -1,8 +1,10 @@
-"""A device install has only the core dependencies: every runtime module, the CLI parser, every --help and
-the device commands work in a process where every module outside `dependencies` is blocked.
+"""A device install has only the core dependencies plus the device's ONNX Runtime and OpenCV: every runtime
+module, the CLI parser, every --help and the device commands work in a process where every other module is
+blocked; without ONNX Runtime or OpenCV a command says, in one line, the two ways to get them.
 
 The allowed modules are computed, not listed: the standard library, focalrt, and the top-level modules of
-the distributions in the transitive closure of pyproject's `dependencies`. On top of that, the modules the
+the distributions in the transitive closure of pyproject's `dependencies` and its [cpu] extra (on a device,
+its own onnxruntime-gpu and OpenCV give the same modules, onnxruntime and cv2). On top of that, the modules the
 extras bring are blocked by name even where a core dependency happens to pull them in (tqdm comes with
 tokenizers' huggingface-hub), because a device must not rely on that.
 """
@@ -10,6 +12,7 @@ tokenizers' huggingface-hub), because a device must not rely on that.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -25,8 +28,10 @@ ALWAYS_BLOCKED = ["torch", "transformers", "onnx", "onnx_ir", "onnxscript", "onn
 
 
 def core_requirements() -> list[str]:
+    """The wheel's own dependencies and the [cpu] extra, the stand-in for the device's ONNX Runtime and OpenCV."""
     tomllib = pytest.importorskip("tomllib")
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project["dependencies"] + project["optional-dependencies"]["cpu"]
 
 
 def allowed_top_level_modules() -> list[str]:
@@ -77,14 +82,15 @@ def guard() -> str:
     return GUARD.format(allowed=allowed_top_level_modules(), blocked=ALWAYS_BLOCKED)
 
 
-def lean_python(guard: str, code: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def lean_python(guard: str, code: str, timeout: float = 600, home: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"HOME": str(home)} if home else {})}
     return subprocess.run([sys.executable, "-c", guard + code], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+                          cwd=REPO, env=env)
 
 
-def lean_cli(guard: str, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def lean_cli(guard: str, *argv: str, timeout: float = 600, home: Path | None = None) -> subprocess.CompletedProcess:
     code = f"from focalrt.cli import main\nsys.exit(main({list(argv)!r}))\n"
-    return lean_python(guard, code, timeout)
+    return lean_python(guard, code, timeout, home)
 
 
 def test_the_guard_blocks_extras_and_allows_core(guard):
@@ -159,16 +165,44 @@ def test_device_commands_run_with_core_dependencies_only(guard, tiny_bundle, tmp
 
 @pytest.mark.parametrize("argv,extra", [
     (["export", "--preset", "tiny-random", "--out", "{tmp}/x"], "export"),
-    (["demo", "--bundle", "{tmp}/new", "--out", "{tmp}/demo"], "export"),
+    (["demo", "--out", "{tmp}/demo"], "export"),  # the demo's own bundle, in a HOME where it is not yet
     (["calibrate", "{bundle}", "--data", "{tmp}", "--out", "{tmp}/c", "--precision", "int8"], "export"),
     (["convert", "{bundle}", "--data", "{tmp}", "--out", "{tmp}/c", "--precision", "int4"], "export"),
     (["bench", "{bundle}", "--plot", "{tmp}/p.png"], "bench"),
 ])
 def test_a_command_needing_an_extra_says_which_in_one_line(guard, tiny_bundle, tmp_path, argv, extra):
     argv = [a.format(tmp=tmp_path, bundle=tiny_bundle) for a in argv]
-    out = lean_cli(guard, *argv)
+    out = lean_cli(guard, *argv, home=tmp_path)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1, out.stderr
     assert f'pip install -e ".[{extra}]"' in lines[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("blocked,argv", [
+    ("onnxruntime", ["describe", "{bundle}", "--image", "{tmp}/face.png", "--max-new-tokens", "2"]),
+    ("cv2", ["run", "{bundle}", "--source", "{tmp}/face.png", "--regions", "mouth", "--out", "{tmp}/e.jsonl"]),
+])
+def test_without_the_devices_onnxruntime_or_opencv_a_command_names_both_routes(tiny_bundle, tmp_path, blocked,
+                                                                               argv):
+    guard = GUARD.format(allowed=allowed_top_level_modules(), blocked=ALWAYS_BLOCKED + [blocked])
+    (tmp_path / "face.png").write_bytes(b"")  # never read: the command stops at the missing module
+    out = lean_cli(guard, *[a.format(tmp=tmp_path, bundle=tiny_bundle) for a in argv])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"focalrt {argv[0]}: needs {blocked!r}")
+    assert 'pip install "onnxruntime>=1.20" "opencv-python-headless>=4.8"' in lines[0]
+    assert 'pip install -e ".[cpu]"' in lines[0] and "the device's own build" in lines[0]
+    assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_doctor_without_onnxruntime_reports_it_missing_with_both_routes(tiny_bundle):
+    guard = GUARD.format(allowed=allowed_top_level_modules(), blocked=ALWAYS_BLOCKED + ["onnxruntime"])
+    out = lean_cli(guard, "doctor", str(tiny_bundle), "--no-cameras")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "onnxruntime: cannot be imported" in out.stdout and "execution providers: none" in out.stdout
+    warning = next(line for line in out.stdout.splitlines() if line.startswith("warning: onnxruntime"))
+    assert 'pip install -e ".[cpu]"' in warning and "the device's own build" in warning
+    assert "cv2 " in out.stdout and "fits" in out.stdout  # the rest of the report is still there

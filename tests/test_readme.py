@@ -1,5 +1,6 @@
-"""The README's Python snippet runs as written: after `focalrt demo` (here: the tiny-random bundle where the
-demo keeps it), on the photo shipped with focalrt, with no camera."""
+"""The Python snippets of the README and docs/usage.md (the README's, with the decode loop's hooks) run as
+written: after `focalrt demo` (here: the tiny-random bundle where the demo keeps it), on the photo shipped with
+focalrt, with no camera. The README's shell blocks are checked by tests/test_doc_blocks.py and run by .ci/run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +19,10 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
-def test_readme_python_snippet_runs_as_written(tiny_bundle, tmp_path):
-    blocks = python_blocks((REPO / "README.md").read_text())
-    assert len(blocks) == 1, "the README has one Python snippet; test each one if that changes"
+@pytest.mark.parametrize("doc", ["README.md", "docs/usage.md"])
+def test_readme_python_snippet_runs_as_written(tiny_bundle, tmp_path, doc):
+    blocks = python_blocks((REPO / doc).read_text())
+    assert len(blocks) == 1, f"{doc} has one Python snippet; test each one if that changes"
     home = tmp_path / "home"
     demo_bundle = home / ".cache" / "focalrt" / "bundles" / "tiny-random"
     demo_bundle.parent.mkdir(parents=True)

@@ -74,7 +74,9 @@ def test_client_without_tritonclient_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tritonclient", None)
     monkeypatch.setitem(sys.modules, "tritonclient.http", None)
-    with pytest.raises(RuntimeError, match=r'needs tritonclient: pip install -e "\.\[client\]"'):
+    hint = (r'pip install "tritonclient\[http\]>=2.50" '
+            r'\(the \[client\] extra; in a focalrt checkout: pip install -e "\.\[client\]"\)')
+    with pytest.raises(RuntimeError, match=r"needs tritonclient: " + hint):
         ServerClient("http://127.0.0.1:9")
 
 

@@ -176,9 +176,11 @@ class ScriptedFactory:
     def __init__(self, captures: list[FakeCamera]):
         self.captures = list(captures)
         self.calls: list[tuple[object, int, float]] = []
+        self.params: list[list[int] | None] = []  # OpenCV open parameters per call (URL timeouts)
 
-    def __call__(self, target, api):
+    def __call__(self, target, api, params=None):
         self.calls.append((target, api, time.monotonic()))
+        self.params.append(params)
         return self.captures.pop(0) if self.captures else FakeCamera(opened=False)
 
 
@@ -268,7 +270,9 @@ def test_url_and_pipeline_are_live_and_password_is_hidden():
         assert source.live
     with open_source("videotestsrc ! videoconvert ! appsink", capture_factory=factory) as source:
         assert source.live
-    assert factory.calls[1][1] == cv2.CAP_GSTREAMER
+    assert factory.calls[1][1] == cv2.CAP_GSTREAMER and factory.params[1] is None
+    assert factory.calls[0][1] == cv2.CAP_FFMPEG  # a URL gets FFmpeg with its timeouts (defaults: 5 s each)
+    assert factory.params[0] == [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
     with pytest.raises(SourceError) as info:
         open_source("rtsp://admin:hunter2@cam.local/stream", capture_factory=ScriptedFactory([]))
     assert "hunter2" not in str(info.value) and "cam.local" in str(info.value)

@@ -81,8 +81,9 @@ def save_plots(result: dict[str, Any], path: str | os.PathLike) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError('--plot needs matplotlib, from the [bench] extra; install it from the focalrt source '
-                           'tree with: pip install -e ".[bench]"') from None
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"--plot needs matplotlib: {install_hint('bench')}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -8,12 +8,17 @@ than the last-level cache (true for `small`, not for `tiny-random`).
 
 Bandwidth is measured STREAM-style in numpy: copy (read + write), add (two reads + a write) and read
 (a max-reduce), on arrays several times the L3 size, one thread per usable core at once (numpy drops the GIL
-inside these loops), best of several repeats as STREAM reports.
+inside these loops), best of several repeats as STREAM reports. `focalrt bench` runs it in a child process
+(`measure_bandwidth_in_child`): its arrays (4x the L3, up to an eighth of the RAM) would otherwise become the
+bench process's peak RSS, which is meant to be the model's.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -87,6 +92,20 @@ def measure_bandwidth(working_set_bytes: int | None = None, repeats: int = 5,
     return result
 
 
+def measure_bandwidth_in_child(working_set_bytes: int | None = None, repeats: int = 5) -> dict[str, Any]:
+    """measure_bandwidth in a process of its own, so its arrays never count in this process's memory.
+
+    The result also has the child's own peak RSS (`probe_peak_rss_bytes`)."""
+    code = ("import json, sys; from focalrt.bench.memory import peak_rss_bytes; "
+            "from focalrt.bench.roofline import measure_bandwidth; "
+            f"r = measure_bandwidth({working_set_bytes!r}, {int(repeats)}); "
+            "r['probe_peak_rss_bytes'] = peak_rss_bytes(); print(json.dumps(r))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory-bandwidth probe failed: {done.stderr.strip().splitlines()[-1:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process": "child"}
+
+
 def _component_bytes(bundle_dir: Path, record: dict[str, Any]) -> int:
     """A component's ONNX file plus its external data, from the manifest (file sizes if not recorded)."""
     total = int(record.get("bytes") or (bundle_dir / record["file"]).stat().st_size)
@@ -133,7 +152,7 @@ def decode_upper_bound(bandwidth_gb_s: float, weight_bytes_per_token: int) -> fl
 def roofline(bundle_dir: str | os.PathLike, manifest: dict[str, Any], decode_tokens_per_s: float | None = None,
              past: int = 0, bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bound for this bundle on this machine, and a measured decode rate as a fraction of it."""
-    bandwidth = bandwidth or measure_bandwidth()
+    bandwidth = bandwidth or measure_bandwidth_in_child()
     weights = weight_bytes_per_token(bundle_dir, manifest)
     kv = kv_bytes_per_token(manifest["text"], past)
     bound = decode_upper_bound(bandwidth["best_gb_s"], weights + kv)

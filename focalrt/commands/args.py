@@ -124,6 +124,15 @@ def add_provider(p: argparse.ArgumentParser) -> None:
                    help="execution provider: cpu, cuda or tensorrt (default: the best one available)")
 
 
+def add_stream_timeouts(p: argparse.ArgumentParser) -> None:
+    """--open-timeout / --read-timeout: how long a URL source may stay silent (OpenCV's own wait is ~30 s)."""
+    p.add_argument("--open-timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="rtsp:// or http(s):// sources: give up opening after this long (default 5)")
+    p.add_argument("--read-timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="rtsp:// or http(s):// sources: a frame that does not come within this long counts as a "
+                        "dropped stream, which is reopened as a lost camera is (default 5)")
+
+
 def require(*modules: str) -> None:
     """Fail before any work when a module an extra provides is missing; `focalrt.cli.main` turns the error
     into one line naming the extra and how to install it."""

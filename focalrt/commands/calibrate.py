@@ -38,7 +38,7 @@ def add_gate_options(p) -> None:
 
 def register(sub) -> None:
     p = add_parser(sub, "calibrate", help="INT8/FP8 quantization calibrated on real frames, with an accuracy gate",
-                   description=__doc__ + "\nNeeds the [export] extra (onnx): pip install -e \".[export]\"")
+                   description=__doc__ + "\nNeeds the [export] extra (onnx) and an ONNX Runtime ([cpu] or [gpu])")
     add_gate_options(p)
     p.add_argument("--precision", required=True, choices=["int8", "fp8"],
                    help="int8 (CPU, CUDA, TensorRT) or fp8 (TensorRT on Ada/Hopper, SM 8.9+)")

@@ -15,7 +15,7 @@ INT4_ALGORITHMS = ("rtn", "rtn_asym", "hqq", "gptq", "k_quant")
 
 def register(sub) -> None:
     p = add_parser(sub, "convert", help="FP16, INT8 or INT4 weight-only conversion, with an accuracy gate",
-                   description=__doc__ + "\nNeeds the [export] extra (onnx): pip install -e \".[export]\"")
+                   description=__doc__ + "\nNeeds the [export] extra (onnx) and an ONNX Runtime ([cpu] or [gpu])")
     add_gate_options(p)
     p.add_argument("--precision", required=True, choices=["fp16", "int8", "int4"],
                    help="fp16 (GPUs); int8 (weight-only decoder, float activations: the accurate choice for a "

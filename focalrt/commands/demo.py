@@ -1,10 +1,12 @@
 """`focalrt demo`: the main job on the built-in default, from a fresh install.
 
-Exports the tiny-random bundle if it is missing (needs the [export] extra), describes the mouth of the
-face photo shipped with focalrt, then runs the real-time pipeline over a clip generated from that photo.
-Writes into --out: clip.mp4 (the generated clip), events.jsonl (a state event per face and a description
-event per region, on every frame: what `focalrt run` writes), annotated.mp4 (the clip with boxes and a side
-panel of the face's emotion and age and the regions' descriptions) and first_frame.png (its first frame).
+Exports the tiny-random bundle into its cache folder if it is missing there (needs the [export] extra),
+describes the mouth of the face photo shipped with focalrt, then runs the real-time pipeline over a 3-second
+clip generated from that photo, as `focalrt run --regions mouth,eyes,brows --min-interval 0.5 --smooth 0.9`
+would. Writes into --out: clip.mp4 (the generated clip), events.jsonl (a state event per face on every frame,
+smoothed over time, and a description event per region on every frame, described afresh twice a second and
+carried over in between: what `focalrt run` writes), annotated.mp4 (the clip with boxes and a side panel of
+the face's emotion and age and the regions' descriptions) and first_frame.png (its first frame).
 """
 
 from __future__ import annotations
@@ -18,22 +20,38 @@ from focalrt.commands.args import add_parser, add_threads, positive_int, require
 DEFAULT_BUNDLE = Path.home() / ".cache" / "focalrt" / "bundles" / "tiny-random"
 DEMO_FILES = ("clip.mp4", "events.jsonl", "annotated.mp4", "first_frame.png")
 DEMO_REGIONS = "mouth,eyes,brows"
+DEMO_FPS = 12.0
+DEMO_FRAMES = 36  # 3 s at DEMO_FPS
+DESCRIBE_INTERVAL_S = 0.5  # regions described afresh twice a second (every 6th frame), carried over in between
+# The state stream's EMA weight (run --smooth; a time constant of ~10 frames, under a second here): one photo's
+# raw age estimate moves with the crop, by up to 15 years from one frame to the next on this clip.
+DEMO_SMOOTH = 0.9
 
 
 def register(sub) -> None:
     p = add_parser(sub, "demo", help="export tiny-random if needed, describe a face photo, run on a generated clip",
                    description=__doc__)
-    p.add_argument("--bundle", default=str(DEFAULT_BUNDLE),
-                   help="bundle to use; exported there (tiny-random preset) if it has no manifest.json")
+    p.add_argument("--bundle", default=None,
+                   help=f"bundle to use (default: {DEFAULT_BUNDLE}, where the tiny-random preset is exported on "
+                        f"the first run)")
     p.add_argument("--out", default="focalrt-demo", help=f"folder for {', '.join(DEMO_FILES)}")
-    p.add_argument("--frames", type=positive_int, default=12, help="frames in the generated clip")
+    p.add_argument("--frames", type=positive_int, default=DEMO_FRAMES,
+                   help=f"frames in the generated clip, at {DEMO_FPS:g} frames per second")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="most tokens per description (default: the bundle's generation setting)")
     add_threads(p)
     p.set_defaults(func=run)
 
 
-def ensure_bundle(path: Path) -> Path:
+def ensure_bundle(path: Path | None) -> Path:
+    """The bundle to use: --bundle as given (it must be one), or the demo's own, exported on the first run."""
+    if path is not None:
+        if not (path / "manifest.json").is_file():
+            what = "no such folder" if not path.exists() else "no manifest.json in it"
+            raise ValueError(f"--bundle {path}: no bundle there ({what}); give a folder written by `focalrt "
+                             f"export`, or leave --bundle out to use the demo's own in {DEFAULT_BUNDLE}")
+        return path
+    path = DEFAULT_BUNDLE
     if (path / "manifest.json").is_file():
         return path
     require("torch", "transformers", "onnx")  # before anything is printed: one line if the extra is missing
@@ -54,7 +72,7 @@ def run(args) -> int:
     from focalrt.runtime.stream.sinks import JsonlSink, VideoSink
     from focalrt.runtime.stream.sources import Frame, open_source
 
-    bundle = ensure_bundle(Path(args.bundle))
+    bundle = ensure_bundle(Path(args.bundle) if args.bundle else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline.from_bundle(bundle, threads=args.threads)
@@ -69,9 +87,9 @@ def run(args) -> int:
     (result,) = frame_loop(runner, [Frame(0, 0.0, photo, 0.0)])
     for event in result.events:
         print(f"photo, {photo_line(event)}")
-    clip = write_clip(out / "clip.mp4", pan_zoom_frames(photo, args.frames))
+    clip = write_clip(out / "clip.mp4", pan_zoom_frames(photo, args.frames), fps=DEMO_FPS)
     runner = RegionRunner(pipeline, regions=DEMO_REGIONS, max_new_tokens=args.max_new_tokens,
-                          state=bundle_face_state(pipeline))
+                          min_interval_s=DESCRIBE_INTERVAL_S, state=bundle_face_state(pipeline, DEMO_SMOOTH))
     video = None
     with open_source(str(clip)) as source, JsonlSink(out / "events.jsonl") as jsonl:
         try:
@@ -80,7 +98,7 @@ def run(args) -> int:
                     jsonl.write(event)
                 picture = annotate_with_panel(result.frame.image, result.annotations(), title=title)
                 if video is None:
-                    video = VideoSink(out / "annotated.mp4", source.fps or 10.0, picture.shape[1::-1])
+                    video = VideoSink(out / "annotated.mp4", source.fps or DEMO_FPS, picture.shape[1::-1])
                 video.write(picture)
                 if result.frame.index == 0:
                     cv2.imwrite(str(out / "first_frame.png"), picture)

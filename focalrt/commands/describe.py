@@ -77,21 +77,30 @@ def run(args) -> int:
     d = pipe.describe(args.image, box=box, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       on_text=stream, system=args.system, drafts=Drafts(args.draft), schema=schema)
-    return report(d, args.json)
+    return report(d, args.json, stats_line(args))
 
 
-def report(d, as_json: bool, **extra) -> int:
-    """The answer's ending: one JSON object (with `extra`), or, after streamed text, a stats line on stderr."""
+def stats_line(args) -> bool:
+    """Whether to end with the stats line: for a person at a terminal, or when asked (-v). When stdout goes
+    to a pipe or a file, stderr usually still goes to the terminal, where the line would land in the middle
+    of the answer as the pipe's reader prints it (`Paris.[stop] 7 tokens...`); the answer alone goes out."""
+    return bool(getattr(args, "verbose", False)) or sys.stdout.isatty()
+
+
+def report(d, as_json: bool, with_stats: bool = True, **extra) -> int:
+    """The answer's ending: one JSON object (with `extra`), or, after streamed text, its newline and (when
+    `with_stats`) a stats line on stderr."""
     if d.state_error:
         print(f"focalrt describe: warning: {d.state_error}", file=sys.stderr)
     if as_json:
         print(json.dumps({**d.to_json(), **extra}))
     else:
         print(flush=True)  # the streamed text ends its line on stdout, so a pipe or a shell prompt starts clean
-        t = d.timings_ms
-        seen = "".join(f" {k} {v}" for k, v in extra.items())
-        print(f"[{d.finish_reason}] {len(d.token_ids)} tokens{seen}; ttft {t['ttft']:.1f} ms, "
-              f"total {t['total']:.1f} ms", file=sys.stderr)
+        if with_stats:
+            t = d.timings_ms
+            seen = "".join(f" {k} {v}" for k, v in extra.items())
+            print(f"[{d.finish_reason}] {len(d.token_ids)} tokens{seen}; ttft {t['ttft']:.1f} ms, "
+                  f"total {t['total']:.1f} ms", file=sys.stderr)
     return 0
 
 
@@ -115,4 +124,4 @@ def run_video(args) -> int:
     d = pipe.describe_video(frames, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             on_text=stream, drafts=Drafts(args.draft), schema=schema)
-    return report(d, args.json, video_frames=indices)
+    return report(d, args.json, stats_line(args), video_frames=indices)

@@ -22,6 +22,7 @@ from focalrt.commands.args import (
     add_parser,
     add_provider,
     add_schema,
+    add_stream_timeouts,
     non_negative_float,
     positive_int,
     schema_choice,
@@ -77,6 +78,9 @@ def register(sub) -> None:
     p.add_argument("--out", help="JSONL file: one event per line, flushed line by line (- for stdout; a FIFO needs "
                                  "its reader within 3 s); or *.mcap: typed events and annotated frames for Foxglove "
                                  "/ ROS 2 tools (needs the [robotics] extra)")
+    p.add_argument("--mcap-flush", type=float, default=1.0, metavar="SECONDS",
+                   help="with --out *.mcap: close and flush the open chunk this often, the most a kill may cost "
+                        "(default 1 s)")
     p.add_argument("--foxglove", type=int, nargs="?", const=8765, default=None, metavar="PORT",
                    help="stream events and annotated frames live to the Foxglove app over WebSocket "
                         "(default port 8765; needs the [robotics] extra)")
@@ -85,6 +89,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --write-video files")
     p.add_argument("--append", action="store_true", help="add to an existing --out JSONL instead of refusing it")
     p.add_argument("--loop", action="store_true", help="start a video file, image or folder again at its end")
+    add_stream_timeouts(p)
     p.add_argument("--show", action="store_true", help="live window (needs a display and GUI OpenCV)")
     add_provider(p)
     p.add_argument("--threads", type=positive_int, default=None,
@@ -167,6 +172,8 @@ def run(args) -> int:
 
     if args.state_every < 0:
         raise ValueError(f"--state-every must be >= 0 (0 = no state events), got {args.state_every}")
+    if not args.mcap_flush > 0:
+        raise ValueError(f"--mcap-flush must be > 0 seconds, got {args.mcap_flush}")
     boxes = [parse_box(b) for b in args.box]
     schema = schema_choice(args)
     if args.server and args.threads:
@@ -205,7 +212,8 @@ def run(args) -> int:
                               face_threads=face_threads)
         for spec, kind in zip(args.source, kinds, strict=True):  # real time replays a video file at its rate
             live = {"live": True} if realtime and kind == "video" else {}
-            opened.append(open_source(spec, every=args.every, loop=args.loop, **live))
+            opened.append(open_source(spec, every=args.every, loop=args.loop, open_timeout_s=args.open_timeout,
+                                      read_timeout_s=args.read_timeout, **live))
         sources = SourceSet(opened)
         mcap_out = bool(args.out) and args.out.lower().endswith(".mcap")
         robot = None
@@ -213,7 +221,8 @@ def run(args) -> int:
             from focalrt.runtime.stream.robotics import FoxgloveSink
 
             # claim_outputs already refused an existing --out without --overwrite and locked (created) the file
-            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True)
+            robot = FoxgloveSink(args.out if mcap_out else None, port=args.foxglove, host=args.host, overwrite=True,
+                                 flush_interval_s=args.mcap_flush)
             if robot.port is not None:
                 print(f"Foxglove WebSocket on ws://{args.host}:{robot.port}", file=sys.stderr, flush=True)
         jsonl = JsonlSink(args.out, append=args.append, stream=out_stream) if args.out and not mcap_out else None
@@ -232,6 +241,7 @@ def run(args) -> int:
     progress = ProgressLine(enabled=not args.quiet and bool(jsonl or args.write_video or robot))
     code = 0
     terminated: list[int] = []
+    reported: list[WriteError] = []  # write errors already printed
 
     def on_sigterm(signum, _frame):  # a service manager or `docker stop`: end as Ctrl-C does, outputs closed
         terminated.append(signum)
@@ -277,6 +287,7 @@ def run(args) -> int:
     except WriteError as e:
         progress.end()
         print(f"focalrt run: {e}", file=sys.stderr)
+        reported.append(e)
         code = 4
     except ServerLost as e:
         progress.end()
@@ -296,23 +307,27 @@ def run(args) -> int:
                 for event in runner.take_described():  # finished before the stop: written, not lost
                     emit(event)
         except WriteError as e:
-            print(f"focalrt run: {e}", file=sys.stderr)
+            if e not in reported:
+                print(f"focalrt run: {e}", file=sys.stderr)
+                reported.append(e)
             code = 4
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)
             sources.close()
             if jsonl:
                 jsonl.close()
-            if robot:
-                robot.close()
             for window in shows.values():
                 window.close()
-            for video in videos.values():
+            closers = [robot.close] if robot else []
+            closers += [lambda video=video: video.close(check=code == 0) for video in videos.values()]
+            for close in closers:  # each output is finished even when another failed
                 try:
-                    video.close(check=code == 0)
+                    close()
                 except WriteError as e:
-                    progress.end()
-                    print(f"focalrt run: {e}", file=sys.stderr)
+                    if e not in reported:  # a sink that failed mid-run raises the same error again at close
+                        progress.end()
+                        print(f"focalrt run: {e}", file=sys.stderr)
+                        reported.append(e)
                     code = 4
             for lock in locks:  # a video that never got a frame is not left behind as an empty file
                 lock.release(remove_if_new_and_empty=lock.flag == "--write-video"

@@ -34,6 +34,9 @@ def register(sub) -> None:
                    help="largest max_new_tokens a request may ask for (default: 256)")
     p.add_argument("--max-prompt-chars", type=positive_int, default=2000,
                    help="longest prompt a request may carry, in characters (default: 2000)")
+    p.add_argument("--max-request-bytes", type=positive_int, default=64 * 1024 * 1024,
+                   help="most bytes one HTTP request may carry or declare in its input shapes; larger ones get "
+                        "HTTP 413 before Triton reads them (default: 67108864)")
     p.add_argument("--exit-timeout", type=positive_int, default=30,
                    help="seconds SIGTERM waits for in-flight requests before the server exits (default: 30)")
     p.set_defaults(func=run)
@@ -62,7 +65,8 @@ def run(args) -> int:
                     max_prompt_chars=args.max_prompt_chars)
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, max_batch=args.max_batch,
-                           queue_delay_us=args.queue_delay_us, exit_timeout_s=args.exit_timeout, limits=limits)
+                           queue_delay_us=args.queue_delay_us, exit_timeout_s=args.exit_timeout, limits=limits,
+                           max_request_bytes=args.max_request_bytes)
     stop = threading.Event()
     signals: list[int] = []
 

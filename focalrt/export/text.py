@@ -77,7 +77,9 @@ def locate_preset(name: str) -> Path:
 def _require_gguf_support() -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"reading a GGUF file needs {' and '.join(missing)}: pip install -e \".[export]\"")
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"reading a GGUF file needs {' and '.join(missing)}: {install_hint('export')}")
 
 
 def load_checkpoint(source: str | Path):

@@ -24,9 +24,6 @@ from focalrt.runtime.models.adapters import adapter_for
 from focalrt.runtime.pipeline import Description
 from focalrt.runtime.stream.sources import backoff_delay
 
-CLIENT_EXTRA = 'pip install -e ".[client]"'
-
-
 SERVER_TIMEOUT_S = 60.0  # how long `run --server` waits for a starting server's models by default
 
 
@@ -42,7 +39,9 @@ def _tritonclient_http():
     try:
         import tritonclient.http as httpclient
     except ImportError:
-        raise RuntimeError(f"talking to a focalrt server needs tritonclient: {CLIENT_EXTRA}") from None
+        from focalrt.extras import install_hint
+
+        raise RuntimeError(f"talking to a focalrt server needs tritonclient: {install_hint('client')}") from None
     return httpclient
 
 

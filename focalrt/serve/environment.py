@@ -24,10 +24,9 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-SERVE_EXTRA = 'pip install -e ".[serve]"'
 NUMPY_FIX = ('PyTriton 0.7\'s Triton Python-backend stub needs numpy<2 (under numpy 2 every output comes back '
-             'empty); serve from an environment with numpy<2, e.g. `python -m venv --system-site-packages '
-             '.venv-serve && .venv-serve/bin/pip install -e ".[serve]"` (see docs/serving.md)')
+             'empty); serve from an environment with numpy<2 (the [serve] extra pins it), e.g. `python -m venv '
+             '--system-site-packages .venv-serve`, and there: ')
 
 
 class ServeEnvironmentError(RuntimeError):
@@ -38,14 +37,19 @@ def require_pytriton() -> None:
     try:
         import pytriton  # noqa: F401
     except ImportError:
-        raise ServeEnvironmentError(f"focalrt serve needs PyTriton: {SERVE_EXTRA}") from None
+        from focalrt.extras import install_hint
+
+        raise ServeEnvironmentError(f"focalrt serve needs PyTriton: {install_hint('serve')}") from None
 
 
 def require_numpy1() -> None:
     import numpy as np
 
     if int(np.__version__.split(".")[0]) >= 2:
-        raise ServeEnvironmentError(f"numpy {np.__version__} here: {NUMPY_FIX}")
+        from focalrt.extras import install_hint
+
+        raise ServeEnvironmentError(f"numpy {np.__version__} here: {NUMPY_FIX}{install_hint('serve')} "
+                                    f"(see docs/serving.md)")
 
 
 def stub_path() -> Path:

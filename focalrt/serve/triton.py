@@ -31,6 +31,8 @@ from focalrt.runtime.faces.landmarks68 import to_68
 from focalrt.runtime.faces.regions import region_box
 from focalrt.runtime.generation.grammar import GrammarError
 from focalrt.runtime.pipeline import Pipeline, parse_state
+from focalrt.serve.gate import DEFAULT_MAX_REQUEST_BYTES, start_gate
+from focalrt.serve.process import free_ports
 from focalrt.serve.requests import (
     DescribeRequest,
     Limits,
@@ -327,6 +329,7 @@ class ServeOptions:
     queue_delay_us: int = 2000
     exit_timeout_s: int = 30
     limits: Limits = field(default_factory=Limits)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # the gate's limit on what one request may declare
 
 
 def warm_up(pipeline: Pipeline, faces: FaceAnalyzer | None) -> float:
@@ -352,8 +355,12 @@ def serve(pipeline: Pipeline, faces: FaceAnalyzer | None, options: ServeOptions,
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
 
-    config = TritonConfig(http_address=options.host, grpc_address=options.host, metrics_address=options.host,
-                          http_port=options.http_port, grpc_port=options.grpc_port,
+    # HTTP goes through the gate (focalrt/serve/gate.py): Triton's own HTTP endpoint is on a private loopback
+    # port, so no request reaches Triton's parser before its declared shapes were checked against its body.
+    triton_http_port = free_ports(1)[0]
+    gate = start_gate(options.host, options.http_port, triton_http_port, options.max_request_bytes)
+    config = TritonConfig(http_address="127.0.0.1", grpc_address=options.host, metrics_address=options.host,
+                          http_port=triton_http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, allow_metrics=True, allow_cpu_metrics=True,
                           allow_gpu_metrics=pipeline.device == "cuda", strict_readiness=True,
                           exit_timeout_secs=options.exit_timeout_s, allow_sagemaker=False, allow_vertex_ai=False)
@@ -376,5 +383,9 @@ def serve(pipeline: Pipeline, faces: FaceAnalyzer | None, options: ServeOptions,
         while triton.is_alive() and not stop.wait(0.5):
             pass
     finally:
-        triton.stop()  # SIGINT to tritonserver: no new requests, in-flight ones finish (exit_timeout_s)
+        try:
+            triton.stop()  # SIGINT to tritonserver: no new requests, in-flight ones finish (exit_timeout_s)
+        finally:
+            gate.shutdown()  # after Triton: the answers of the drained requests still go out through it
+            gate.server_close()
     return describe.stats

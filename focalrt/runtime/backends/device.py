@@ -1,7 +1,9 @@
 """What this device can run: providers, GPU, CUDA/TensorRT versions, precisions, cameras, memory fit.
 
 Everything here is read without CUDA libraries being importable (nvidia-smi, Jetson release files, package
-metadata), so `focalrt doctor` answers on a CPU-only machine as well as on a Jetson or an RTX box.
+metadata), so `focalrt doctor` answers on a CPU-only machine as well as on a Jetson or an RTX box. ONNX Runtime
+and OpenCV are the device's own (a Jetson's onnxruntime-gpu and JetPack OpenCV) or the [cpu]/[gpu] extra's, so
+the report says which distribution provides each module, and warns when two of them fight over one module.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 FP8_MIN_SM = (8, 9)  # Ada (8.9) and Hopper (9.0); Ampere, Orin included (8.7), has no FP8 tensor cores
 INT4_WEIGHT_ONLY_MIN_SM = (7, 5)
@@ -26,6 +27,13 @@ FP16_MIN_SM = (5, 3)
 # Jetson modules by /proc/device-tree/model; their GPUs have no nvidia-smi query support and share RAM.
 JETSON_SM = {"orin": (8, 7), "xavier": (7, 2), "nano": (5, 3), "tx2": (6, 2)}
 RUNTIME_OVERHEAD = 1.15  # session arenas, prepacked weights and activations, on top of weights + KV cache
+# The modules the device provides, and the distributions known to provide each; two at once shadow each other
+# (pip's `onnxruntime` over NVIDIA's `onnxruntime-gpu` hides the GPU providers; pip's OpenCV over JetPack's hides
+# GStreamer).
+DEVICE_MODULES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                                  "onnxruntime-training", "onnxruntime-qnn"),
+                  "cv2": ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                          "opencv-contrib-python-headless")}
 
 
 @dataclass
@@ -42,18 +50,32 @@ class Gpu:
 
 
 @dataclass
+class ModuleSource:
+    """Where an importable module comes from: its version, file and the distribution(s) that installed it."""
+
+    module: str
+    version: str | None  # None: not importable
+    path: str | None
+    distributions: list[str]  # "name version"; empty for a system build without pip metadata (JetPack's OpenCV)
+    build: dict[str, str] = field(default_factory=dict)  # OpenCV: GStreamer / FFMPEG support
+    error: str | None = None
+
+
+@dataclass
 class DeviceReport:
     providers: list[str]
     gpus: list[Gpu]
     cuda: str | None
     tensorrt: str | None
-    onnxruntime: str
+    onnxruntime: str | None
     ram_bytes: int | None
     ram_available_bytes: int | None
     precisions: dict[str, str]
     cameras: list[int] = field(default_factory=list)
     bundle: dict[str, Any] | None = None
     lanes: dict[str, Any] = field(default_factory=dict)  # `focalrt run` in real time: where each lane runs
+    modules: list[ModuleSource] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -217,19 +239,83 @@ def bundle_fit(bundle_path: str | os.PathLike, gpu: Gpu | None, ram_available: i
             "fits": fits}
 
 
+def installed_distributions(names: tuple[str, ...]) -> list[str]:
+    """"name version" of each of `names` that pip (or any installer with metadata) has installed."""
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def module_source(module: str) -> ModuleSource:
+    """Import `module` and say where it came from (which distribution's files, or a system build)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # not installed, or a broken build (a numpy ABI mismatch raises ImportError too)
+        return ModuleSource(module, None, None, installed_distributions(DEVICE_MODULES.get(module, ())),
+                            error=f"{type(e).__name__}: {e}")
+    path = str(Path(mod.__file__).parent) if getattr(mod, "__file__", None) else None
+    dists = []
+    for name in sorted(set(metadata.packages_distributions().get(module, []))):
+        dist = metadata.distribution(name)  # the one providing the imported files, not one shadowed by it
+        if path and Path(dist.locate_file(module)).resolve() == Path(path).resolve():
+            dists.append(f"{name} {dist.version}")
+    build = {}
+    if module == "cv2":
+        info = mod.getBuildInformation()
+        for key in ("GStreamer", "FFMPEG"):
+            m = re.search(rf"^\s*{key}:\s*(\S+)", info, flags=re.M)
+            build[key] = m.group(1) if m else "unknown"
+    return ModuleSource(module, str(getattr(mod, "__version__", None)), path, dists, build)
+
+
+def module_warnings(sources: list[ModuleSource]) -> list[str]:
+    """Two distributions of one module shadow each other: say which, and the fix."""
+    out = []
+    for src in sources:
+        names = [d.split()[0] for d in installed_distributions(DEVICE_MODULES.get(src.module, ()))]
+        if src.module == "onnxruntime" and "onnxruntime" in names and "onnxruntime-gpu" in names:
+            out.append("both onnxruntime and onnxruntime-gpu are installed: they share the onnxruntime module and "
+                       "the one installed last wins, so the GPU providers may be gone; keep one: "
+                       "pip uninstall -y onnxruntime onnxruntime-gpu, then install onnxruntime-gpu alone")
+        elif len(names) > 1:
+            out.append(f"{' and '.join(names)} are all installed and share the {src.module} module: the one "
+                       f"installed last wins; uninstall all but one")
+        if src.module == "cv2" and src.path and "site-packages" in src.path and src.build.get("GStreamer") == "NO" \
+                and Path("/etc/nv_tegra_release").exists():
+            out.append(f"cv2 comes from pip ({', '.join(src.distributions)}), without GStreamer: it shadows "
+                       f"JetPack's OpenCV, so CSI cameras will not open; pip uninstall it (docs/deploy-jetson.md)")
+        if src.error:
+            from focalrt.extras import device_runtime_hint
+
+            out.append(f"{src.module} cannot be imported ({src.error}); {device_runtime_hint(src.module)}")
+    return out
+
+
 def report(bundle: str | os.PathLike | None = None, cameras: list[int] | None = None) -> DeviceReport:
     """What this device has; `cameras` are the camera indices the caller probed (`stream.sources.list_cameras`,
     which lives in the stream room above this one)."""
-    providers = list(ort.get_available_providers())
+    modules = [module_source(m) for m in DEVICE_MODULES]
+    ort_ok = modules[0].error is None
+    providers: list[str] = []
+    if ort_ok:
+        import onnxruntime as ort
+
+        providers = list(ort.get_available_providers())
     found = gpus()
     total, available = ram()
     cameras = list(cameras or [])
     gpu = found[0] if found else None
     return DeviceReport(providers=providers, gpus=found, cuda=cuda_version(), tensorrt=tensorrt_version(),
-                        onnxruntime=ort.__version__, ram_bytes=total, ram_available_bytes=available,
+                        onnxruntime=modules[0].version, ram_bytes=total, ram_available_bytes=available,
                         precisions=precisions(providers, gpu), cameras=cameras,
                         bundle=bundle_fit(bundle, gpu, available) if bundle else None,
-                        lanes=realtime_lanes(providers))
+                        lanes=realtime_lanes(providers), modules=modules, warnings=module_warnings(modules))
 
 
 def realtime_lanes(providers: list[str]) -> dict[str, Any]:
@@ -248,8 +334,17 @@ def _gb(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 1e9:.2f} GB"
 
 
+def format_module(src: ModuleSource) -> str:
+    if src.error:
+        return f"{src.module}: cannot be imported ({src.error})"
+    origin = ", ".join(src.distributions) if src.distributions else "no pip metadata (a system build)"
+    build = "".join(f", {k} {v}" for k, v in src.build.items())
+    return f"{src.module} {src.version} from {origin} ({src.path}){build}"
+
+
 def format_report(r: DeviceReport) -> str:
-    lines = [f"onnxruntime {r.onnxruntime}; execution providers: {', '.join(r.providers)}"]
+    lines = [format_module(m) for m in r.modules]
+    lines.append(f"onnxruntime {r.onnxruntime or 'missing'}; execution providers: {', '.join(r.providers) or 'none'}")
     if r.gpus:
         for g in r.gpus:
             mem = "shared with system RAM" if g.shared_memory else _gb(g.memory_bytes)
@@ -272,6 +367,7 @@ def format_report(r: DeviceReport) -> str:
         lines.append(f"bundle {b['path']} ({'/'.join(b['precision'])}): weights {_gb(b['weights_bytes'])} + "
                      f"KV cache at {b['max_context']} tokens {_gb(b['kv_cache_bytes'])} -> needs about "
                      f"{_gb(b['needed_bytes'])} of {b['memory']} ({_gb(b['available_bytes'])} available): {verdict}")
+    lines += [f"warning: {w}" for w in r.warnings]
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MODES = ("off", "temporal", "prompt")
-DEFAULT_DRAFT = "temporal"  # the CLI default: measured faster here (README "Draft decoding")
+DEFAULT_DRAFT = "temporal"  # the CLI default: measured faster here (docs/benchmarks.md, "Draft decoding")
 DRAFT_HELP = ("draft decoding: temporal = a region's last description drafts its next one (prompt lookup as "
               "fallback), prompt = n-gram lookup in the prompt, off; same output, fewer decoder calls "
               f"(default {DEFAULT_DRAFT})")

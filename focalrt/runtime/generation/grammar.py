@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-INSTALL = 'pip install -e ".[grammar]"'
 DEFAULT_SCHEMA = "face_state.schema.json"
 # Compact JSON: no whitespace between tokens. Flexible whitespace lets an unlucky sampler emit blanks forever.
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -43,7 +42,9 @@ def _llguidance():
         import llguidance
         import llguidance.numpy  # noqa: F401
     except ImportError:
-        raise GrammarError(f"constrained decoding needs llguidance; install it with `{INSTALL}`") from None
+        from focalrt.extras import install_hint
+
+        raise GrammarError(f"constrained decoding needs llguidance: {install_hint('grammar')}") from None
     return llguidance
 
 

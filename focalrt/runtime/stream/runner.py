@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from focalrt.bundle import has_random_weights
 from focalrt.runtime.faces.crops import clip_box, crop_face, crop_face_square, fit_box, landmarks_in_view
 from focalrt.runtime.faces.detection import FaceAnalyzer
 from focalrt.runtime.faces.landmarks68 import to_68
@@ -184,6 +185,8 @@ class RegionRunner:
             pipeline.grammar(schema)  # compiled now: a schema llguidance rejects fails before any frame is read
         self.stats = RunStats()
         self.drafts = Drafts(draft)  # "temporal": each (face, region) drafts from its last description
+        # A random-weight bundle's text is gibberish by design: its description events say so themselves.
+        self.weights_note = {"random_weights": True} if has_random_weights(pipeline.bundle.manifest) else {}
         if stop_timeout_s < 0:
             raise ValueError(f"stop_timeout_s must be >= 0, got {stop_timeout_s}")
         self.realtime, self.stop_timeout_s = realtime, stop_timeout_s
@@ -361,7 +364,7 @@ class RegionRunner:
             for decision in decided:
                 name, frame_box, reason = decision.job.name, decision.job.frame_box, decision.reason
                 key = (face_id, name)
-                base = self._base(frame, face_id, name, frame_box)
+                base = {**self._base(frame, face_id, name, frame_box), **self.weights_note}
                 if not decision.due:
                     last = src.scheduler.last(key)
                     if last is None:  # a window not described yet (it filled on a frame that was not due)

@@ -19,11 +19,13 @@ FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJP
 # MJPEG in AVI or Matroska stays playable up to the last whole frame when the writer is killed; an MP4
 # written through OpenCV keeps its index (moov) at the end and cannot be opened at all after a SIGKILL.
 KILL_SAFE_SUFFIXES = (".mkv", ".avi")
-# cv2.VideoWriter.write reports no errors, so failed writes (full disk, I/O error) are seen from the file:
-# an MJPEG file must grow within every GROWTH_CHECK_FRAMES frames (FFmpeg buffers 32 KiB; an MJPEG frame is well over
-# 650 bytes), and once closed hold at least MIN_FRAME_BYTES per frame written.
+# Failed writes (full disk, I/O error) are errors. OpenCV 5's VideoWriter.write returns False for them (4.x
+# returns None and reports nothing), and FFmpeg buffers 32 KiB, so a failure may also cost frames written just
+# before it. Hence three checks: the return value of every write where there is one; with OpenCV 4, an MJPEG
+# file must grow within every GROWTH_CHECK_FRAMES frames (an MJPEG frame is well over 650 bytes); and once
+# closed, the file is demuxed (no decoding: ~20 us a frame) to count the frames it really holds, which is
+# what the error then says was kept.
 GROWTH_CHECK_FRAMES = 50
-MIN_FRAME_BYTES = 600
 
 
 class WriteError(RuntimeError):
@@ -146,42 +148,58 @@ class VideoSink:
         if (width, height) != self.size:  # VideoWriter would silently drop the frame
             raise ValueError(f"frame is {width}x{height} but {self.path} was opened for "
                              f"{self.size[0]}x{self.size[1]}; open the VideoSink with the source size")
-        self._writer.write(annotate(frame_bgr, annotations))
+        ok = self._writer.write(annotate(frame_bgr, annotations))
         self.frames_written += 1
+        if ok is False:  # OpenCV >= 5 says so; the frames FFmpeg still buffered are lost with it
+            self._fail("the video writer reported a failed write")
         if self.codec == "MJPG" and self.frames_written - self._size_at_check[0] >= GROWTH_CHECK_FRAMES:
             self._check_growing()
 
     def _check_growing(self) -> None:
-        """cv2.VideoWriter.write reports no errors: a regular file that stopped growing means they happen."""
+        """With OpenCV 4 the writer reports nothing: a regular file that stopped growing means writes fail."""
         size = self.path.stat().st_size if self.path.is_file() else None
         if size is not None and size <= self._size_at_check[1]:
-            kept = self._size_at_check[0]
-            self.close(check=False)
-            raise WriteError(f"writing video {self.path} failed: it stopped growing at {size} bytes (disk full or "
-                             f"I/O error); about {kept} of {self.frames_written} frames were written")
+            self._fail(f"it stopped growing at {size} bytes")
         self._size_at_check = (self.frames_written, size or 0)
 
+    def _fail(self, what: str) -> None:
+        self._writer.release()
+        self._writer = None
+        raise WriteError(f"writing video {self.path} failed: {what} (disk full or I/O error); it keeps "
+                         f"{count_frames(self.path)} of the {self.frames_written} frames written")
+
     def close(self, check: bool = True) -> None:
-        """Finalise the file; with check, read its header back and raise WriteError if it is not playable."""
+        """Finalise the file; with check, count the frames it holds and raise WriteError if any is missing."""
         if self._writer is None:
             return
         self._writer.release()
         self._writer = None
         if check and self.frames_written and self.path.is_file():
-            cap = cv2.VideoCapture(str(self.path))
-            opened = cap.isOpened()
-            count = cap.get(cv2.CAP_PROP_FRAME_COUNT) if opened else 0
-            cap.release()
-            too_small = self.codec == "MJPG" and self.path.stat().st_size < self.frames_written * MIN_FRAME_BYTES
-            if too_small or not opened or 0 <= count < self.frames_written * 0.99 - 1:
-                raise WriteError(f"video {self.path} is not playable after writing {self.frames_written} frames "
-                                 f"(disk full or I/O error; it holds {self.path.stat().st_size} bytes)")
+            kept = count_frames(self.path)
+            if kept < self.frames_written:
+                raise WriteError(f"writing video {self.path} failed (disk full or I/O error): it keeps {kept} of the "
+                                 f"{self.frames_written} frames written ({self.path.stat().st_size} bytes)")
 
     def __enter__(self) -> VideoSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close(check=exc[0] is None)  # also on KeyboardInterrupt, so the mp4 gets its index
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """How many frames a video file really holds (a cut-off last one not counted): FFmpeg demuxes it without
+    decoding (CAP_PROP_FORMAT -1, raw packets), so a long recording is counted in a second or so. Without
+    FFmpeg, frames are decoded and counted."""
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    if not cap.isOpened() or not cap.set(cv2.CAP_PROP_FORMAT, -1):
+        cap.release()
+        cap = cv2.VideoCapture(str(path))
+    count = 0
+    while cap.isOpened() and cap.grab():
+        count += 1
+    cap.release()
+    return count
 
 
 def gui_problems() -> list[str]:

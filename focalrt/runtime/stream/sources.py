@@ -3,6 +3,10 @@
 Live sources (cameras, URLs, pipelines) are read by a capture thread that keeps only the newest frame,
 so a slow model always sees the present instead of a growing backlog. Files yield every frame (or every
 N-th) because there nothing is lost by waiting.
+
+URL sources open through OpenCV's FFmpeg backend with an open and a read timeout (a few seconds by default,
+OpenCV's own is about 30 s): a server that accepts and then says nothing fails the open, and a stream that
+stalls fails the read, which then follows the same reconnect rules as a camera that drops out.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import numpy as np
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pgm", ".ppm", ".pnm")
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 MAX_BACKOFF_S = 30.0
+DEFAULT_OPEN_TIMEOUT_S = 5.0  # a URL that accepts the connection but never answers
+DEFAULT_READ_TIMEOUT_S = 5.0  # a stream that stops sending mid-way
 
-# (target, api_preference) -> an object with isOpened/read/grab/get/release, like cv2.VideoCapture.
-CaptureFactory = Callable[[Any, int], Any]
+# (target, api_preference[, params]) -> an object with isOpened/read/grab/get/release, like cv2.VideoCapture.
+# `params` (OpenCV's open parameters, [property, value, ...]) is passed only when there are some (URL sources).
+CaptureFactory = Callable[..., Any]
 
 
 class SourceError(RuntimeError):
@@ -43,8 +50,18 @@ class Frame:
     source: int | None = None  # which of several sources (its place among them); None when there is one
 
 
-def default_capture_factory(target: Any, api: int) -> Any:
-    return cv2.VideoCapture(target, api)
+def default_capture_factory(target: Any, api: int, params: list[int] | None = None) -> Any:
+    return cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+
+
+def stream_params(open_timeout_s: float, read_timeout_s: float) -> list[int]:
+    """OpenCV open parameters bounding how long FFmpeg waits to open a URL and for each frame (ms)."""
+    if open_timeout_s <= 0 or read_timeout_s <= 0:
+        raise ValueError(f"open and read timeouts must be > 0 seconds, got {open_timeout_s} and {read_timeout_s}")
+    if not hasattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC"):  # OpenCV before 4.5.2: FFmpeg's own ~30 s applies
+        return []
+    return [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000)]
 
 
 class FrameSource:
@@ -148,7 +165,8 @@ def classify(spec: str | int) -> tuple[str, Any]:
 
 def open_source(spec: str | int, every: int = 1, live: bool | None = None, reconnect_attempts: int = 5,
                 backoff_s: float = 0.5, capture_factory: CaptureFactory | None = None,
-                loop: bool = False) -> FrameSource:
+                loop: bool = False, open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S,
+                read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> FrameSource:
     """Open any supported source. live=None decides from the kind: devices and streams are live.
 
     live=True on a video file replays it at its own fps with newest-frame-only semantics, which is how
@@ -157,6 +175,8 @@ def open_source(spec: str | int, every: int = 1, live: bool | None = None, recon
     capture_factory replaces cv2.VideoCapture(target, api), for tests and custom capture backends.
     loop=True starts a file source (video, image, folder) again at its end, with frame indices and timestamps
     still increasing; stats["loops"] counts the restarts.
+    open_timeout_s / read_timeout_s bound a URL source's open and each of its reads (FFmpeg backend); a read
+    that times out is a dropped stream: it is reopened as reconnect_attempts and backoff_s say.
     """
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an integer >= 1 (1 = every frame), got {every!r}")
@@ -173,7 +193,8 @@ def open_source(spec: str | int, every: int = 1, live: bool | None = None, recon
                              f"{target} is an image {'folder' if kind == 'folder' else 'file'}")
         return open_images(target, every, kind == "folder", loop)
     is_live = kind != "video" if live is None else bool(live)
-    device = CaptureDevice(kind, target, factory, reconnect_attempts, backoff_s, new_stats())
+    params = stream_params(open_timeout_s, read_timeout_s) if kind == "url" else []
+    device = CaptureDevice(kind, target, factory, reconnect_attempts, backoff_s, new_stats(), params)
     fps = device.fps()
     size = device.size()
     frames = read_capture(device, every, media_time=kind == "video", loop=loop)
@@ -252,12 +273,14 @@ class CaptureDevice:
     """One cv2.VideoCapture plus the policy for reopening it when a device or stream drops out."""
 
     def __init__(self, kind: str, target: Any, factory: CaptureFactory, reconnect_attempts: int,
-                 backoff_s: float, stats: dict[str, int]):
+                 backoff_s: float, stats: dict[str, int], params: list[int] | None = None):
         self.kind = kind
         self.target = target
         self.name = describe_target(kind, target)
         self.factory = factory
-        self.api = cv2.CAP_GSTREAMER if kind == "gstreamer" else cv2.CAP_ANY
+        self.params = list(params or [])  # OpenCV open parameters (URL timeouts), at every (re)open
+        self.api = (cv2.CAP_GSTREAMER if kind == "gstreamer" else cv2.CAP_FFMPEG if self.params
+                    else cv2.CAP_ANY)
         self.reconnectable = kind in ("camera", "url", "gstreamer")
         self.reconnect_attempts = reconnect_attempts
         self.backoff_s = backoff_s
@@ -266,10 +289,21 @@ class CaptureDevice:
         self.stopped = threading.Event()
         if kind == "video" and not Path(target).is_file():
             raise SourceError(f"no such file: video {target}")
-        self.cap = factory(target, self.api)
+        self.cap = self.open()
         if not self.cap.isOpened():
             self.cap.release()
             raise SourceError(self.open_failure_message())
+
+    def open(self) -> Any:
+        """A new capture of the target: the factory, with the open parameters when there are some."""
+        return self.factory(self.target, self.api, self.params) if self.params else self.factory(self.target,
+                                                                                                   self.api)
+
+    def timeouts(self) -> str:
+        """The open timeout, worded for an error message (" within 5 s (--open-timeout)"); "" without one."""
+        params = dict(zip(self.params[::2], self.params[1::2], strict=True))
+        ms = params.get(getattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC", None))
+        return f" within {ms / 1000:g} s (--open-timeout)" if ms else ""
 
     def open_failure_message(self) -> str:
         if self.kind == "video":
@@ -288,8 +322,8 @@ class CaptureDevice:
                         f"e.g. the system python3-opencv on Jetson)")
             return (f"could not open {self.name}; check each element with gst-launch-1.0 and make sure "
                     f"the pipeline ends in 'appsink'")
-        return (f"could not open {self.name} with OpenCV (backend FFMPEG); check the URL, credentials "
-                f"and that the stream is reachable (try ffprobe on the same URL)")
+        return (f"could not open {self.name}{self.timeouts()} with OpenCV (backend FFMPEG); check the URL, "
+                f"credentials and that the stream is reachable (try ffprobe on the same URL)")
 
     def fps(self) -> float | None:
         value = float(self.cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -325,7 +359,7 @@ class CaptureDevice:
     def rewind(self) -> bool:
         """Reopen a video file at its first frame (for --loop)."""
         self.cap.release()
-        self.cap = self.factory(self.target, self.api)
+        self.cap = self.open()
         return bool(self.cap.isOpened())
 
     def reconnect(self) -> bool:
@@ -338,7 +372,7 @@ class CaptureDevice:
             self.failures += 1
             if self.stopped.wait(delay):
                 return False
-            cap = self.factory(self.target, self.api)
+            cap = self.open()
             if cap.isOpened():
                 self.cap = cap
                 self.stats["reconnects"] += 1
