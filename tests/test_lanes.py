@@ -309,8 +309,9 @@ BEFORE_TWO_LANES = [
     ("description", 7, "mouth", False, 6, "not_due"), ("description", 7, "left_eye", False, 6, "not_due"),
 ]
 STATE_KEYS = ["type", "frame", "timestamp", "face_id", "box", "emotion", "age", "geometry", "head_pose", "timings_ms"]
-FRESH_KEYS = ["type", "frame", "timestamp", "face_id", "region", "box", "text", "finish_reason", "fresh",
-              "described_frame", "reason", "tokens", "timings_ms"]
+# (random_weights, which main added for random-weight bundles such as this one after the recording, included.)
+FRESH_KEYS = ["type", "frame", "timestamp", "face_id", "region", "box", "random_weights", "text", "finish_reason",
+              "fresh", "described_frame", "reason", "tokens", "timings_ms"]
 
 
 def test_lockstep_file_runs_give_the_events_of_before_the_two_lanes(tiny_bundle, clip, tmp_path, capsys):
@@ -348,7 +349,7 @@ def test_run_realtime_replays_a_file_as_a_camera(tiny_bundle, clip, tmp_path, ca
     descriptions = [e for e in events if e["type"] == "description"]
     assert states == sorted(set(states)) and len(states) == summary["frames"]  # frame order; dropped frames skipped
     assert descriptions and all(e["fresh"] and e["frame"] <= e["emitted_frame"] and e["latency_ms"] >= 0
-                                for e in descriptions)
+                                and e["random_weights"] is True for e in descriptions)  # as in lock-step
     assert summary["mode"] == "realtime" and summary["lanes"]["frame_lane_threads"] >= 1
     lanes = summary["lanes"]
     assert lanes["submitted"] == lanes["described"] + lanes["superseded"] + lanes["dropped_face_left"]

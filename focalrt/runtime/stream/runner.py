@@ -438,7 +438,8 @@ class RegionRunner:
                 src.scheduler.mark_described(key, frame.index, frame.timestamp, d.signature)  # asked for now
                 context = {"source": frame.source, "key": key, "window": d.job.window, "stage": dict(plan.stage),
                            "captured": frame.captured,
-                           "base": self._base(frame, view.face_id, d.job.name, d.job.frame_box)}
+                           "base": {**self._base(frame, view.face_id, d.job.name, d.job.frame_box),
+                                    **self.weights_note}}
                 requests.append(DescribeRequest((face_key, d.job.name), face_key, view.image, d.job.view_box,
                                                 view.landmarks68, d.reason, context))
         self.lane.submit(requests)
