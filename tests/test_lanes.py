@@ -466,3 +466,35 @@ def test_ctrl_c_or_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny
     # (A signal lands between any two lines of Python, so these are bounds, not equalities.)
     assert 0 < sum(e["type"] == "description" for e in events) <= lanes["described"]
     assert "dropped_at_stop" in lanes and lanes["described"] + lanes["dropped_at_stop"] <= lanes["submitted"]
+
+
+@pytest.mark.parametrize("nice", [None, 10])
+def test_the_description_lane_can_yield_the_cpu_to_the_frame_lane(nice):
+    """On Linux `--describe-nice N` runs the worker N levels below the frame lane, so the state stream gets a
+    contended core first (default 0: the same priority); the frame lane's own thread keeps its priority."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are Linux's")
+    from focalrt.runtime.generation.drafts import Drafts
+    from focalrt.runtime.pipeline import GenerationOptions
+    from focalrt.runtime.stream.lanes import DESCRIBE_NICE, DescribeRequest, DescriptionLane
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    class Recorder:  # stands in for the Pipeline: notes the priority it is called with
+        def describe_views(self, views, *args, **kwargs):
+            seen["worker"] = priority()
+            raise RuntimeError("recorded")
+
+    before = priority()
+    lane = DescriptionLane(Recorder(), None, GenerationOptions(), Drafts(), nice=nice).start()
+    lane.submit([DescribeRequest(("face", "mouth"), "face", object(), None, None, "first", {})])
+    lane.wait()
+    with pytest.raises(RuntimeError, match="recorded"):  # the worker's error reaches the frame lane
+        lane.take()
+    assert seen["worker"] == min(19, before + (DESCRIBE_NICE if nice is None else nice)) and priority() == before
