@@ -67,6 +67,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def refuse_hard_linked_data(bundle: Bundle, command: str) -> None:
+    """Raise, naming the file and the fix, if an external-data file of `bundle` has several hard links: the
+    onnx package will not read external data through one (its "potential hardlink attack" check), which
+    `convert` and `calibrate` need; ONNX Runtime sessions are not affected."""
+    for key, rec in _listed_files(bundle.manifest):
+        if key.endswith(".external_data"):
+            path = bundle.path / rec["file"]
+            links = path.stat().st_nlink if path.exists() else 1
+            if links > 1:
+                raise BundleError(f"{path} has {links} hard links (a `cp -al` or `rsync --link-dest` copy?), and the "
+                                  f"onnx package refuses to read external data through a hard link, so `focalrt "
+                                  f"{command}` cannot read this bundle; copy it without links first "
+                                  f"(`cp -r {bundle.path} NEW`) and {command} NEW (running it is unaffected)")
+
+
 def file_record(bundle_dir: Path, relative: str) -> dict[str, Any]:
     """Size and hash of a bundle file (and of its external-data file, if any)."""
     p = bundle_dir / relative

@@ -954,3 +954,32 @@ def test_no_request_kills_the_server_and_good_ones_keep_their_answers(fuzz_serve
     assert len(cases) >= 250 and len(answers) >= 12
     assert all(tokens == expected[i] for i, tokens in answers)
     assert fuzz_server.ready()
+
+
+# --- hard-linked bundles --------------------------------------------------------------------------------------
+
+def test_a_hard_linked_bundle_is_refused_by_convert_in_one_line_and_still_runs(tiny_bundle, tmp_path):
+    """`cp -al` backups hard-link every file; onnx will not read external data through a hard link, so convert
+    and calibrate refuse such a bundle in one line naming the file and the fix, before any work; describe
+    (ONNX Runtime) still runs it."""
+    onnx = pytest.importorskip("onnx")
+    from focalrt.bundle import file_record, write_manifest
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_bundle, plain)
+    model = onnx.load(str(plain / "decoder.onnx"))
+    onnx.save(model, str(plain / "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data",
+              size_threshold=0)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["components"]["decoder"].update(file_record(plain, "decoder.onnx"))
+    write_manifest(plain, manifest)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in plain.rglob("*"):  # what `cp -al plain linked` makes
+        target = linked / f.relative_to(plain)
+        target.mkdir(exist_ok=True) if f.is_dir() else os.link(f, target)
+    line = one_line_error(cli("convert", linked, "--data", ASTRONAUT, "--precision", "fp16", "--out", tmp_path / "o"))
+    assert "decoder.onnx.data has 2 hard links" in line and "cp -r" in line
+    assert not (tmp_path / "o").exists()
+    described = cli("describe", linked, "--image", ASTRONAUT, "--max-new-tokens", "2")
+    assert described.returncode == 0, described.stderr[-1500:]

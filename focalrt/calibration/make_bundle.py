@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from focalrt import __version__
-from focalrt.bundle import atomic_output_dir, file_record, load, write_manifest
+from focalrt.bundle import atomic_output_dir, file_record, load, refuse_hard_linked_data, write_manifest
 from focalrt.calibration import quantize as qz
 from focalrt.calibration import report as reports
 from focalrt.calibration.gate import GateResult, Thresholds, evaluate, open_candidate, reference_runs
@@ -86,6 +86,7 @@ def make_bundle(src: str | Path, out: str | Path, data: str | Path | int, opts: 
     method = _method(opts)
     thresholds = opts.thresholds or Thresholds()
     source = load(src)
+    refuse_hard_linked_data(source, "calibrate" if opts.precision in CALIBRATED else "convert")
     _check_fp32(source)
     timings: dict[str, float] = {}
     pipe = Pipeline.from_bundle(src, provider="cpu")

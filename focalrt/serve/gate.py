@@ -176,8 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
             except (ConnectionError, http.client.HTTPException, OSError):
                 self.server.drop_connection()
                 if attempt:
-                    self._refuse(503, "the inference server behind the gate is not answering; retry shortly",
-                                 close=True)
+                    # the client's connection stays open (keep-alive): a camera waiting for the server polls on it
+                    self._refuse(503, "the inference server behind the gate is not answering yet; retry shortly")
                     return
         self.send_response(response.status, response.reason)
         for key, value in response.getheaders():
