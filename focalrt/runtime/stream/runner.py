@@ -133,7 +133,9 @@ class RegionRunner:
     region named "window" that the schedule describes like any other.
 
     With `realtime`, `frame_loop` runs the description stage on a worker beside the frame lane (module
-    docstring); `stop_timeout_s` bounds how long a stop waits for the batch in flight. Frames tagged with a
+    docstring); `stop_timeout_s` bounds how long a stop waits for the batch in flight, and `describe_nice`
+    lowers the worker's CPU priority (Linux; `lanes.lower_thread_priority`) so the frame lane wins a contended
+    core. Frames tagged with a
     `source` (several cameras, `inbox.SourceSet`) each get their own tracker, face ids, schedule and state
     smoothing, and their events say which `source` they come from; one model describes them all.
     `face_providers` and `face_threads` place the face models this runner loads (default: the pipeline's
@@ -147,7 +149,8 @@ class RegionRunner:
                  faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
                  state_every: int = 1, draft: str = "off", schema: Any = None, video_window: bool = False,
                  window_stride: int = 1, realtime: bool = False, stop_timeout_s: float = STOP_TIMEOUT_S,
-                 face_providers: list[str] | None = None, face_threads: int | None = None):
+                 face_providers: list[str] | None = None, face_threads: int | None = None,
+                 describe_nice: int | None = None):
         if not pipeline.bundle.has_vision:
             raise ValueError(f"{pipeline.bundle.path} is a text-only bundle (no vision component): it cannot "
                              f"describe camera frames; ask it with `focalrt describe BUNDLE --prompt TEXT`")
@@ -189,7 +192,7 @@ class RegionRunner:
         self.weights_note = {"random_weights": True} if has_random_weights(pipeline.bundle.manifest) else {}
         if stop_timeout_s < 0:
             raise ValueError(f"stop_timeout_s must be >= 0, got {stop_timeout_s}")
-        self.realtime, self.stop_timeout_s = realtime, stop_timeout_s
+        self.realtime, self.stop_timeout_s, self.describe_nice = realtime, stop_timeout_s, describe_nice
         self.lane: DescriptionLane | None = None  # real time: the description lane of the running frame_loop
 
     # ---- per source -------------------------------------------------------------------------------------
@@ -412,7 +415,8 @@ class RegionRunner:
 
     def start_lane(self, on_ready: Callable[[], None] | None = None) -> DescriptionLane:
         """Start the description lane's worker; from now until stop_lane only it calls the pipeline."""
-        self.lane = DescriptionLane(self.pipeline, self.prompt, self.options, self.drafts, on_ready).start()
+        self.lane = DescriptionLane(self.pipeline, self.prompt, self.options, self.drafts, on_ready,
+                                    self.describe_nice).start()
         return self.lane
 
     def stop_lane(self) -> None:
@@ -438,7 +442,8 @@ class RegionRunner:
                 src.scheduler.mark_described(key, frame.index, frame.timestamp, d.signature)  # asked for now
                 context = {"source": frame.source, "key": key, "window": d.job.window, "stage": dict(plan.stage),
                            "captured": frame.captured,
-                           "base": self._base(frame, view.face_id, d.job.name, d.job.frame_box)}
+                           "base": {**self._base(frame, view.face_id, d.job.name, d.job.frame_box),
+                                    **self.weights_note}}
                 requests.append(DescribeRequest((face_key, d.job.name), face_key, view.image, d.job.view_box,
                                                 view.landmarks68, d.reason, context))
         self.lane.submit(requests)
