@@ -133,9 +133,12 @@ class Pipeline:
         self.vision = session("vision") if bundle.has_vision else None  # None: text-only
         # Face-LLaVA's video tower (one window of frames -> frame-major image embeddings); None: images only
         self.video = session("video") if "video" in m["components"] else None
-        embed, decoder = session("embed"), session("decoder")
+        # The decoder embeds its token ids; a bundle exported before that has an embedding component too.
+        embed = session("embed") if "embed" in m["components"] else None
+        decoder = session("decoder")
         # Tensor names by role from the manifest's records; a manifest without them: the graphs' own.
-        parts = (("embed", embed), ("decoder", decoder)) + ((("vision", self.vision),) if self.vision else ())
+        parts = ((("embed", embed),) if embed else ()) + (("decoder", decoder),) + \
+            ((("vision", self.vision),) if self.vision else ())
         records = {name: rec if "inputs" in rec and "outputs" in rec else io_record(sess)
                    for name, sess in parts for rec in [m["components"][name]]}
         self.model = TextModel(embed=embed, decoder=decoder,
