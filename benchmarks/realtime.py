@@ -7,6 +7,7 @@ interleaved within each repeat, so a change in the machine's load hits them all 
 
   states-only    real time, no regions: the state stream alone (the rate descriptions must not slow much)
   realtime       real time, descriptions continuously due
+  realtime-nice  the same with the description lane's worker 10 nice levels below the frame lane (--describe-nice 10)
   lockstep       lock-step on the same live replay (what `focalrt run --lockstep` does)
   realtime-2     real time, two sources (the clip twice) in one process, one model
   2-processes    two `realtime` processes side by side (their peak RSS summed)
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT
 
-CONFIGS = ("states-only", "realtime", "lockstep", "realtime-2", "2-processes")
+CONFIGS = ("states-only", "realtime", "realtime-nice", "lockstep", "realtime-2", "2-processes")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -60,6 +61,7 @@ def child(args) -> dict:
     from focalrt.runtime.stream.runner import RegionRunner, bundle_face_state, frame_loop
     from focalrt.runtime.stream.sources import open_source
 
+
     realtime = args.config != "lockstep"
     face_threads, threads = lane_threads(face=args.face_threads, describe=args.threads) if realtime else (None, None)
     pipe = Pipeline.from_bundle(args.bundle, provider="cpu", threads=threads, spinning=not realtime)
@@ -67,7 +69,8 @@ def child(args) -> dict:
     state = bundle_face_state(pipe, providers=cpu, threads=face_threads, spinning=not realtime)
     describe = args.config != "states-only"
     runner = RegionRunner(pipe, regions="mouth" if describe else None, max_new_tokens=args.max_new_tokens,
-                          state=state, realtime=realtime, face_providers=cpu, face_threads=face_threads)
+                          state=state, realtime=realtime, face_providers=cpu, face_threads=face_threads,
+                          describe_nice=10 if args.config == "realtime-nice" else 0)
     count = 2 if args.config == "realtime-2" else 1
     sources = [open_source(args.clip, live=True, loop=True) for _ in range(count)]
     states, descriptions, latencies = 0, 0, []
@@ -160,6 +163,10 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         "state_rate_lockstep_over_states_only": ratio(m["lockstep"]["state_rate"], m["states-only"]["state_rate"]),
         "descriptions_realtime_over_lockstep": ratio(m["realtime"]["descriptions_per_min"],
                                                      m["lockstep"]["descriptions_per_min"]),
+        "state_rate_realtime_nice_over_states_only": ratio(m["realtime-nice"]["state_rate"],
+                                                           m["states-only"]["state_rate"]),
+        "descriptions_realtime_nice_over_lockstep": ratio(m["realtime-nice"]["descriptions_per_min"],
+                                                          m["lockstep"]["descriptions_per_min"]),
         "descriptions_two_sources_over_one": ratio(m["realtime-2"]["descriptions_per_min"],
                                                    m["realtime"]["descriptions_per_min"]),
         "peak_rss_two_sources_over_two_processes": ratio(m["realtime-2"]["peak_rss_mb"],

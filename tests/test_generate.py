@@ -200,7 +200,7 @@ def test_generation_options_and_keywords_are_the_same_request(pipe, astronaut_bg
     a = pipe.describe(astronaut_bgr, box=BOX, options=opts)
     b = pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=5, temperature=0.8, top_k=20, seed=3)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 5
-    views = pipe.describe_views([ImageRegions(astronaut_bgr, [BOX])], options=GenerationOptions(max_new_tokens=4))
+    views = pipe.describe_images([ImageRegions(astronaut_bgr, [BOX])], options=GenerationOptions(max_new_tokens=4))
     assert views[0][0].token_ids == pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=4).token_ids
     with pytest.raises(TypeError, match="unknown generation option"):
         pipe.describe(astronaut_bgr, box=BOX, max_tokens=4)

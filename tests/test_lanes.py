@@ -38,14 +38,14 @@ def _frames(images, mirrored=False):
 
 
 class HeldDescriber:
-    """Stands in for pipeline.describe_views: records each call's region keys, says it was entered, and holds
+    """Stands in for pipeline.describe_images: records each call's region keys, says it was entered, and holds
     the call until `release()`; then the real model describes."""
 
     def __init__(self, monkeypatch, pipe):
-        self.real = pipe.describe_views
+        self.real = pipe.describe_images
         self.entered, self.gate = threading.Event(), threading.Event()
         self.calls: list[list] = []
-        monkeypatch.setattr(pipe, "describe_views", self)
+        monkeypatch.setattr(pipe, "describe_images", self)
 
     def __call__(self, views, *args, **kwargs):
         self.calls.append([key for keys in kwargs.get("draft_keys") or [] for key in keys])
@@ -227,7 +227,7 @@ def test_stop_drops_and_counts_what_is_in_flight(pipe, images, monkeypatch):
 
 
 def test_lane_threads_share_the_cores_and_sessions_can_sleep(tiny_bundle):
-    from focalrt.runtime.backends.device import format_report, report
+    from focalrt.runtime.backends.device import format_report, realtime_lanes, report
     from focalrt.runtime.backends.sessions import create_session, lane_threads
 
     assert lane_threads(2) == (1, 1) and lane_threads(8) == (2, 6) and lane_threads(1) == (1, 1)
@@ -240,6 +240,10 @@ def test_lane_threads_share_the_cores_and_sessions_can_sleep(tiny_bundle):
     r = report()  # no cameras probed (the caller probes them since the rooms refactor)
     assert r.lanes["frame_lane"] == {"provider": "CPUExecutionProvider", "threads": lane_threads()[0]}
     assert "frame lane (face models) on CPUExecutionProvider" in format_report(r)
+    # With a GPU provider the VLM goes there and the face models stay on the CPU, as `focalrt run` does.
+    gpu = realtime_lanes(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu["description_lane"]["provider"] == "CUDAExecutionProvider"
+    assert gpu["frame_lane"]["provider"] == "CPUExecutionProvider"
 
 
 def test_mcap_keeps_time_order_with_late_descriptions(tmp_path):
@@ -305,8 +309,9 @@ BEFORE_TWO_LANES = [
     ("description", 7, "mouth", False, 6, "not_due"), ("description", 7, "left_eye", False, 6, "not_due"),
 ]
 STATE_KEYS = ["type", "frame", "timestamp", "face_id", "box", "emotion", "age", "geometry", "head_pose", "timings_ms"]
-FRESH_KEYS = ["type", "frame", "timestamp", "face_id", "region", "box", "text", "finish_reason", "fresh",
-              "described_frame", "reason", "tokens", "timings_ms"]
+# (random_weights, which main added for random-weight bundles such as this one after the recording, included.)
+FRESH_KEYS = ["type", "frame", "timestamp", "face_id", "region", "box", "random_weights", "text", "finish_reason",
+              "fresh", "described_frame", "reason", "tokens", "timings_ms"]
 
 
 def test_lockstep_file_runs_give_the_events_of_before_the_two_lanes(tiny_bundle, clip, tmp_path, capsys):
@@ -344,7 +349,7 @@ def test_run_realtime_replays_a_file_as_a_camera(tiny_bundle, clip, tmp_path, ca
     descriptions = [e for e in events if e["type"] == "description"]
     assert states == sorted(set(states)) and len(states) == summary["frames"]  # frame order; dropped frames skipped
     assert descriptions and all(e["fresh"] and e["frame"] <= e["emitted_frame"] and e["latency_ms"] >= 0
-                                for e in descriptions)
+                                and e["random_weights"] is True for e in descriptions)  # as in lock-step
     assert summary["mode"] == "realtime" and summary["lanes"]["frame_lane_threads"] >= 1
     lanes = summary["lanes"]
     assert lanes["submitted"] == lanes["described"] + lanes["superseded"] + lanes["dropped_face_left"]
@@ -431,7 +436,10 @@ def test_run_mode_flags_are_checked(tiny_bundle, clip, tmp_path, astronaut_bgr, 
     assert "no frame rate" in capsys.readouterr().err
 
 
-def test_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, tmp_path, astronaut_bgr):
+@pytest.mark.parametrize("signame,code,word", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                               ("SIGINT", 130, "interrupted")])
+def test_ctrl_c_or_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, tmp_path, astronaut_bgr,
+                                                                             signame, code, word):
     import signal
     import subprocess
     import sys
@@ -447,10 +455,10 @@ def test_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, t
     deadline = time.time() + 120
     while time.time() < deadline and not (events_path.exists() and '"description"' in events_path.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "terminated" in err and "descriptions in flight" in err
+    assert proc.returncode == code, err
+    assert word in err and "descriptions in flight" in err
     text = events_path.read_text()
     assert text.endswith("\n")
     events = [json.loads(line) for line in text.splitlines()]  # every line whole
@@ -458,3 +466,35 @@ def test_sigterm_in_real_time_finishes_or_drops_what_is_in_flight(tiny_bundle, t
     # (A signal lands between any two lines of Python, so these are bounds, not equalities.)
     assert 0 < sum(e["type"] == "description" for e in events) <= lanes["described"]
     assert "dropped_at_stop" in lanes and lanes["described"] + lanes["dropped_at_stop"] <= lanes["submitted"]
+
+
+@pytest.mark.parametrize("nice", [None, 10])
+def test_the_description_lane_can_yield_the_cpu_to_the_frame_lane(nice):
+    """On Linux `--describe-nice N` runs the worker N levels below the frame lane, so the state stream gets a
+    contended core first (default 0: the same priority); the frame lane's own thread keeps its priority."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are Linux's")
+    from focalrt.runtime.generation.drafts import Drafts
+    from focalrt.runtime.pipeline import GenerationOptions
+    from focalrt.runtime.stream.lanes import DESCRIBE_NICE, DescribeRequest, DescriptionLane
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    class Recorder:  # stands in for the Pipeline: notes the priority it is called with
+        def describe_images(self, views, *args, **kwargs):
+            seen["worker"] = priority()
+            raise RuntimeError("recorded")
+
+    before = priority()
+    lane = DescriptionLane(Recorder(), None, GenerationOptions(), Drafts(), nice=nice).start()
+    lane.submit([DescribeRequest(("face", "mouth"), "face", object(), None, None, "first", {})])
+    lane.wait()
+    with pytest.raises(RuntimeError, match="recorded"):  # the worker's error reaches the frame lane
+        lane.take()
+    assert seen["worker"] == min(19, before + (DESCRIBE_NICE if nice is None else nice)) and priority() == before

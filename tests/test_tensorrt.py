@@ -292,11 +292,12 @@ def _record_sessions(monkeypatch, stop_after: int | None = None) -> list[dict]:
 
     calls: list[dict] = []
 
-    def recording(path, providers=None, threads=None, trt_options=None):
+    def recording(path, providers=None, threads=None, trt_options=None, **options):
         calls.append({"file": Path(path).name, "providers": providers, "trt_options": trt_options})
         if stop_after is not None and len(calls) == stop_after:
             raise _StopLoading
-        return create_session(path, [p for p in providers if p == "CPUExecutionProvider"], threads, trt_options)
+        return create_session(path, [p for p in providers if p == "CPUExecutionProvider"], threads, trt_options,
+                              **options)
 
     monkeypatch.setattr(sessions, "create_session", recording)
     return calls

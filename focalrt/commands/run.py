@@ -102,6 +102,10 @@ def register(sub) -> None:
     p.add_argument("--face-provider", default=None,
                    help="execution provider of the face models: cpu, cuda or tensorrt (default: in real time the "
                         "CPU, leaving a GPU to the VLM; in lock-step the same as --provider)")
+    p.add_argument("--describe-nice", type=int, default=0, choices=range(0, 20), metavar="N",
+                   help="real time on Linux: run the description lane N nice levels below the frame lane (0-19), so "
+                        "the state stream wins a contended core; descriptions then slow down, most on a busy machine "
+                        "(default 0)")
     p.add_argument("--stop-timeout", type=non_negative_float, default=3.0,
                    help="real time, on Ctrl-C or SIGTERM: seconds the descriptions in flight may take to finish and "
                         "be written; after that they are dropped (dropped_at_stop in the summary)")
@@ -209,7 +213,7 @@ def run(args) -> int:
                               state_every=max(1, args.state_every), draft=args.draft, schema=schema,
                               video_window=args.video_window, window_stride=args.window_stride, realtime=realtime,
                               stop_timeout_s=args.stop_timeout, face_providers=face_providers,
-                              face_threads=face_threads)
+                              face_threads=face_threads, describe_nice=args.describe_nice)
         for spec, kind in zip(args.source, kinds, strict=True):  # real time replays a video file at its rate
             live = {"live": True} if realtime and kind == "video" else {}
             opened.append(open_source(spec, every=args.every, loop=args.loop, open_timeout_s=args.open_timeout,

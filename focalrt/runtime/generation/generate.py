@@ -197,7 +197,8 @@ class PromptCache:
         return self.arrays is not None
 
     def view(self, start: int, stop: int) -> PromptCache:
-        """Slots [start, stop) as their own cache; writes through to this one."""
+        """Slots [start, stop) as their own cache; writes through to this one. ("view" here means a range of
+        slots, as a numpy view; images handed to the encoders are "encoder inputs", see planning.py.)"""
         return PromptCache(self.buffers, self.arrays, self.max_context, self.lengths[start:stop], self.device,
                            self.start + start, self.heads)
 

@@ -3,18 +3,27 @@
 The frame lane (capture, faces, tracking, states, the choice of due regions: `runner.RegionRunner`) hands each
 due region to `DescriptionLane.submit` and goes on with the next frame. The worker takes every pending request
 at once -- every due region of every face of every source -- and describes them in one
-`Pipeline.describe_views` call, so they share each decode step, as a lock-step frame's regions do.
+`Pipeline.describe_images` call, so they share each decode step, as a lock-step frame's regions do.
 
 Backpressure: there is one pending slot per key (source, face, region). A region that becomes due again
 while the worker is busy replaces its pending request with the newer crop (counted as `superseded`), so
 nothing queues beyond one request per tracked region and one batch in flight, however long a decode takes.
 
 The Pipeline is not thread-safe: while the lane runs, only its worker calls it.
+
+Priority: on Linux the worker can lower its own thread's CPU priority (`nice` levels, `focalrt run
+--describe-nice`), so when the two lanes want the same core the frame lane gets it first. Off by default: on a
+loaded 2-core machine it also hands the core to every other process, and descriptions nearly stop
+(docs/benchmarks.md, "Two lanes"). With one description-lane thread (the default up to 3 cores) the whole
+decode runs on the worker; with more, ONNX Runtime's pool threads (made when the session loaded) keep the
+process's priority.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -52,6 +61,22 @@ class Described:
     finished: float
 
 
+DESCRIBE_NICE = 0  # default: how many nice levels the worker runs below the frame lane (Linux)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Lower the calling thread's CPU priority by `nice` levels. Linux only (where a thread has its own nice
+    value); False where it cannot (another OS, or a nice of 0)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        return False
+    return True
+
+
 def new_lane_stats() -> dict[str, int]:
     return {"submitted": 0, "superseded": 0, "described": 0, "batches": 0, "dropped_face_left": 0,
             "dropped_at_stop": 0}
@@ -65,8 +90,9 @@ class DescriptionLane:
     """
 
     def __init__(self, pipeline: Any, prompt: str | None, options: GenerationOptions, drafts: Drafts,
-                 on_ready: Callable[[], None] | None = None):
+                 on_ready: Callable[[], None] | None = None, nice: int | None = None):
         self.pipeline, self.prompt, self.options, self.drafts = pipeline, prompt, options, drafts
+        self.nice = DESCRIBE_NICE if nice is None else nice  # the worker's priority below the frame lane's
         self.on_ready = on_ready  # called (from the worker) when descriptions are ready to take
         self.cond = threading.Condition()
         self.pending: dict[Hashable, DescribeRequest] = {}
@@ -153,6 +179,7 @@ class DescriptionLane:
             self.thread.join(timeout=1.0)
 
     def _work(self) -> None:
+        lower_thread_priority(self.nice)
         while True:
             with self.cond:
                 while not self.pending and not self.stopping:
@@ -187,7 +214,7 @@ class DescriptionLane:
             self._ready()
 
     def _describe(self, batch: list[DescribeRequest]) -> list[Description]:
-        """One describe_views call: requests sharing a view (a face's regions of one frame) share its encoder
+        """One describe_images call: requests sharing a view (a face's regions of one frame) share its encoder
         pass; descriptions come back in request order."""
         views: list[ImageRegions] = []
         keys: list[list[Hashable]] = []
@@ -201,7 +228,7 @@ class DescriptionLane:
             views[i].boxes.append(request.box)
             keys[i].append(request.key)
             where.append((i, len(keys[i]) - 1))
-        described = self.pipeline.describe_views(views, self.prompt, self.options, drafts=self.drafts,
+        described = self.pipeline.describe_images(views, self.prompt, self.options, drafts=self.drafts,
                                                   draft_keys=keys)
         return [described[i][j] for i, j in where]
 

@@ -76,7 +76,7 @@ class RegionJob:
 
 
 @dataclass
-class FaceView:
+class FaceJobs:
     """What the encoder sees for one face (or the whole frame for fixed boxes), and its regions."""
 
     face_id: int
@@ -117,7 +117,7 @@ class FramePlan:
     frame: Frame
     source: SourceState
     states: list[dict[str, Any]]
-    decisions: list[tuple[FaceView, list[Decision]]]
+    decisions: list[tuple[FaceJobs, list[Decision]]]
     stage: dict[str, float]
     retired: list[int]
 
@@ -133,7 +133,9 @@ class RegionRunner:
     region named "window" that the schedule describes like any other.
 
     With `realtime`, `frame_loop` runs the description stage on a worker beside the frame lane (module
-    docstring); `stop_timeout_s` bounds how long a stop waits for the batch in flight. Frames tagged with a
+    docstring); `stop_timeout_s` bounds how long a stop waits for the batch in flight, and `describe_nice`
+    lowers the worker's CPU priority (Linux; `lanes.lower_thread_priority`) so the frame lane wins a contended
+    core. Frames tagged with a
     `source` (several cameras, `inbox.SourceSet`) each get their own tracker, face ids, schedule and state
     smoothing, and their events say which `source` they come from; one model describes them all.
     `face_providers` and `face_threads` place the face models this runner loads (default: the pipeline's
@@ -147,7 +149,8 @@ class RegionRunner:
                  faces: FaceAnalyzer | None = None, state: FaceStateEstimator | None = None,
                  state_every: int = 1, draft: str = "off", schema: Any = None, video_window: bool = False,
                  window_stride: int = 1, realtime: bool = False, stop_timeout_s: float = STOP_TIMEOUT_S,
-                 face_providers: list[str] | None = None, face_threads: int | None = None):
+                 face_providers: list[str] | None = None, face_threads: int | None = None,
+                 describe_nice: int | None = None):
         if not pipeline.bundle.has_vision:
             raise ValueError(f"{pipeline.bundle.path} is a text-only bundle (no vision component): it cannot "
                              f"describe camera frames; ask it with `focalrt describe BUNDLE --prompt TEXT`")
@@ -189,7 +192,7 @@ class RegionRunner:
         self.weights_note = {"random_weights": True} if has_random_weights(pipeline.bundle.manifest) else {}
         if stop_timeout_s < 0:
             raise ValueError(f"stop_timeout_s must be >= 0, got {stop_timeout_s}")
-        self.realtime, self.stop_timeout_s = realtime, stop_timeout_s
+        self.realtime, self.stop_timeout_s, self.describe_nice = realtime, stop_timeout_s, describe_nice
         self.lane: DescriptionLane | None = None  # real time: the description lane of the running frame_loop
 
     # ---- per source -------------------------------------------------------------------------------------
@@ -230,14 +233,14 @@ class RegionRunner:
         stage: dict[str, float] = {"capture": frame.capture_ms}
         self._count(src, frames=1)
         src.last_frame = (frame.index, frame.timestamp)
-        views: list[FaceView] = []
+        views: list[FaceJobs] = []
         if self.boxes:
             h, w = image.shape[:2]
             jobs = []
             for i, box in enumerate(self.boxes):
                 box = fit_box(box, w, h)
                 jobs.append(RegionJob(f"box{i}" if len(self.boxes) > 1 else "box", box, box))
-            views.append(FaceView(FIXED_BOX_FACE_ID, image, jobs))
+            views.append(FaceJobs(FIXED_BOX_FACE_ID, image, jobs))
         states: list[dict[str, Any]] = []
         retired: list[int] = []
         if self.regions or self.state is not None or self.video_window:
@@ -246,7 +249,7 @@ class RegionRunner:
         return FramePlan(frame, src, states, self._decide(frame, src, views), stage, retired)
 
     def _face_views(self, frame: Frame, src: SourceState,
-                    stage: dict[str, float]) -> tuple[list[FaceView], list[dict[str, Any]], list[int]]:
+                    stage: dict[str, float]) -> tuple[list[FaceJobs], list[dict[str, Any]], list[int]]:
         """Detect, landmark and track faces; one square crop per face with its regions' boxes in it, the
         faces' state events when they are due, and the face ids retired on this frame."""
         image = frame.image
@@ -282,10 +285,10 @@ class RegionRunner:
                              to_68(points) if self.pipeline.adapter.uses_landmarks else None)
             jobs = [RegionJob(name, frame_box, crop_box)
                     for name, frame_box, crop_box in zip(self.regions, frame_boxes, face.boxes, strict=True)]
-            views.append(FaceView(face_id, face.image, jobs, face.landmarks68))
+            views.append(FaceJobs(face_id, face.image, jobs, face.landmarks68))
         return views, states, retired
 
-    def _window_views(self, frame: Frame, src: SourceState, found: list[tuple], ids: list[int]) -> list[FaceView]:
+    def _window_views(self, frame: Frame, src: SourceState, found: list[tuple], ids: list[int]) -> list[FaceJobs]:
         """Add each face's crop to its window (every window_stride-th time the face is seen); one view per
         face whose window is full. The crop is the one the image path sees: the run's square face crop, or
         Face-LLaVA's crop tool's (side (w + h) / 2 from the box corner, 256 px) in `face_crop` region mode."""
@@ -312,7 +315,7 @@ class RegionRunner:
                 lms = [lm for _, _, lm in window]
                 clip = VideoClip([crop for _, crop, _ in window], None if lms[0] is None else lms)
                 box = tuple(int(round(v)) for v in det.box)
-                views.append(FaceView(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
+                views.append(FaceJobs(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
         return views
 
     def _states(self, frame: Frame, src: SourceState, found: list[tuple], ids: list[int],
@@ -330,7 +333,7 @@ class RegionRunner:
                  "timings_ms": {k: stage[k] for k in ("capture", "detect", "landmarks") if k in stage} | {"state": ms}}
                 for face_id, (det, _), state in zip(ids, found, states, strict=True)]
 
-    def _decide(self, frame: Frame, src: SourceState, views: list[FaceView]) -> list[tuple[FaceView, list[Decision]]]:
+    def _decide(self, frame: Frame, src: SourceState, views: list[FaceJobs]) -> list[tuple[FaceJobs, list[Decision]]]:
         """The schedule's verdict on every region of every view (the frame lane's choice of due regions)."""
         plan = []
         for view in views:
@@ -355,7 +358,7 @@ class RegionRunner:
                  for view, decided in due_views]
         keys = [[(self.face_key(frame.source, view.face_id), d.job.name) for d in decided if d.due]
                 for view, decided in due_views]
-        described = iter(self.pipeline.describe_views(batch, self.prompt, self.options, drafts=self.drafts,
+        described = iter(self.pipeline.describe_images(batch, self.prompt, self.options, drafts=self.drafts,
                                                       draft_keys=keys) if batch else [])
         events = []
         for view, decided in plan.decisions:
@@ -412,7 +415,8 @@ class RegionRunner:
 
     def start_lane(self, on_ready: Callable[[], None] | None = None) -> DescriptionLane:
         """Start the description lane's worker; from now until stop_lane only it calls the pipeline."""
-        self.lane = DescriptionLane(self.pipeline, self.prompt, self.options, self.drafts, on_ready).start()
+        self.lane = DescriptionLane(self.pipeline, self.prompt, self.options, self.drafts, on_ready,
+                                    self.describe_nice).start()
         return self.lane
 
     def stop_lane(self) -> None:
@@ -438,7 +442,8 @@ class RegionRunner:
                 src.scheduler.mark_described(key, frame.index, frame.timestamp, d.signature)  # asked for now
                 context = {"source": frame.source, "key": key, "window": d.job.window, "stage": dict(plan.stage),
                            "captured": frame.captured,
-                           "base": self._base(frame, view.face_id, d.job.name, d.job.frame_box)}
+                           "base": {**self._base(frame, view.face_id, d.job.name, d.job.frame_box),
+                                    **self.weights_note}}
                 requests.append(DescribeRequest((face_key, d.job.name), face_key, view.image, d.job.view_box,
                                                 view.landmarks68, d.reason, context))
         self.lane.submit(requests)
