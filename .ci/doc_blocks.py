@@ -23,6 +23,7 @@ MARKER = re.compile(r"^# (run by CI: (?P<stage>\.ci/[\w-]+)|not run here: \S.*)$
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", flags=re.M | re.S)
 SHELL = {"sh", "bash", "shell", "console"}
 CI_ITSELF = "bash .ci/run"
+CHECK = 'rc=$?; [ "$rc" -eq 0 ] || { echo "doc block failed (exit $rc): the line above" >&2; exit "$rc"; }'
 
 
 def shell_blocks(markdown: str) -> list[str]:
@@ -53,16 +54,34 @@ def blocks_for(markdown: str, stage: str) -> list[str]:
     return [b for b in shell_blocks(markdown) if (m := marker(b)) is not None and m["stage"] == stage]
 
 
+def checked(block: str) -> str:
+    """The block with its exit status checked after every command line. `set -e` alone lets the first command
+    of `a && b && c` fail unnoticed (bash exempts all but the last command of an && list), and README users
+    type such lines; each logical line (backslash continuations joined) is followed by a check of `$?`."""
+    out, pending = [], ""
+    for line in block.splitlines():
+        pending += line + "\n"
+        if line.endswith("\\"):
+            continue
+        text, pending = pending, ""
+        out.append(text.rstrip("\n"))
+        if text.strip() and not text.lstrip().startswith("#"):
+            if re.match(r"\s*(if|for|while|until|case|function)\b|.*<<", text):
+                raise SystemExit(f"a CI block keeps to simple command lines (no compound commands or here-documents): "
+                                 f"{text.strip()}")
+            out.append(CHECK)
+    return "\n".join(out)
+
+
 def script(path: Path, stage: str) -> str:
     blocks = blocks_for(path.read_text(), stage)
     if not blocks:
         raise SystemExit(f"{path}: no block marked '# run by CI: {stage}'")
     parts = ["set -euo pipefail"]
-    for i, block in enumerate(blocks, 1):
-        parts.append(f"echo '{path.name}: block {i} of {len(blocks)}' >&2")
-        parts.append("set -x")
-        parts.append(block.rstrip())
-        parts.append("{ set +x; } 2>/dev/null")
+    for i, block in enumerate(blocks, 1):  # each block is shown (on stderr) before it runs, as the doc has it
+        parts.append(f"cat >&2 <<'END_OF_BLOCK'\n--- {path.name}: block {i} of {len(blocks)}\n{block.rstrip()}\n"
+                     f"END_OF_BLOCK")
+        parts.append(checked(block.rstrip()))
     return "\n".join(parts) + "\n"
 
 

@@ -129,8 +129,8 @@ def text_scenario(bundle_dir: str, max_new_tokens: int) -> dict[str, list[dict]]
     t = m["text"]
     comps = m["components"]
     sess = {c: ort.InferenceSession(str(path / comps[c]["file"]), providers=["CPUExecutionProvider"])
-            for c in ("embed", "decoder")}
-    model = TextModel(sess["embed"], sess["decoder"], TensorNames.from_manifest(comps, int(t["num_layers"])),
+            for c in ("embed", "decoder") if c in comps}
+    model = TextModel(sess.get("embed"), sess["decoder"], TensorNames.from_manifest(comps, int(t["num_layers"])),
                       int(t["hidden_size"]), rope_axes=1)
     tok = Tokenizer.from_file(str(path / m["tokenizer"]["file"]))
     stop = {tok.token_to_id("<|im_end|>")}
@@ -220,7 +220,8 @@ def main() -> None:
             m = json.loads((Path(args.text_bundle) / "manifest.json").read_text())
             comps, t = m["components"], m["text"]
             sess = [ort.InferenceSession(str(Path(args.text_bundle) / comps[c]["file"]),
-                                         providers=["CPUExecutionProvider"]) for c in ("embed", "decoder")]
+                                         providers=["CPUExecutionProvider"]) if c in comps else None
+                    for c in ("embed", "decoder")]
             model = TextModel(*sess, TensorNames.from_manifest(comps, int(t["num_layers"])), int(t["hidden_size"]),
                               rope_axes=1)
             cost = verify_cost(model, t, range(1, 9), args.verify_repeats)

@@ -126,8 +126,7 @@ def teacher_forced(pipe, prompt_ids: list[int], ref_tokens: list[int]) -> np.nda
     ids = np.array(prompt_ids + ref_tokens[:-1], np.int64)
     t = pipe.text_cfg
     cache = PromptCache.allocate(t["num_layers"], 1, t["num_kv_heads"], t["head_dim"], ids.size, "cpu")
-    embeds = pipe.model.embed_tokens(ids[None])
-    return pipe.model.forward(embeds, np.arange(ids.size)[None], cache, ids.size, keep=len(ref_tokens))[0]
+    return pipe.model.forward(ids[None], np.arange(ids.size)[None], cache, ids.size, keep=len(ref_tokens))[0]
 
 
 def cosine(a, b) -> float:

@@ -5,7 +5,7 @@
     python -m benchmarks.regions --json regions.json --plot regions.png
 
 For N regions of one face (and for 1-3 faces) it times, in one process on the same weights and frame:
-- batched: `Pipeline.describe_views`, the path `focalrt run` takes (encoder once per face, prefix once per
+- batched: `Pipeline.describe_images`, the path `focalrt run` takes (encoder once per face, prefix once per
   face, one decode step for every region of every face);
 - sequential: `Pipeline.describe` per region (what other runtimes do: one prompt at a time).
 Every description generates exactly --max-new-tokens tokens (stop tokens are disabled), so both sides do
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n_faces in faces:
         for n in counts if n_faces == 1 else [3]:
             batch = [(img, boxes[:n], None) for img, boxes in views[:n_faces]]
-            batched = median_ms(lambda b=batch: pipe.describe_views(b, max_new_tokens=new), args.runs)
+            batched = median_ms(lambda b=batch: pipe.describe_images(b, max_new_tokens=new), args.runs)
             sequential = median_ms(lambda b=batch: [pipe.describe(img, box=box, max_new_tokens=new)
                                                     for img, boxes, _ in b for box in boxes], args.runs)
             rows.append({"faces": n_faces, "regions_per_face": n, "descriptions": n * n_faces,

@@ -2,7 +2,7 @@
 
 Each client sends one-region `describe` requests back to back (one in flight per client) for a fixed count,
 then stops. Reported per level: descriptions/s, p50/p99 latency, errors, answers lost, and the batch sizes
-Triton formed (from the `batch_requests` each answer carries: how many requests shared its describe_views call).
+Triton formed (from the `batch_requests` each answer carries: how many requests shared its describe_images call).
 
     PYTHONPATH=. FOCALRT_SERVE_PYTHON=.venv-serve/bin/python python -m benchmarks.serve BUNDLE \
         --requests-per-client 6 --max-new-tokens 64
@@ -112,7 +112,7 @@ def main() -> None:
           f"max_new_tokens {args.max_new_tokens}, max batch {args.max_batch}, queue delay {args.queue_delay_us} us; "
           f"server exit code {code}")
     print("| clients | descriptions/s | vs 1 client | p50 ms | p99 ms | errors | lost | Triton mean batch | "
-          "batch sizes seen (requests per describe_views: answers) |")
+          "batch sizes seen (requests per describe_images: answers) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["descriptions_per_s"] / base if base else float("nan")

@@ -20,9 +20,10 @@ FORMAT = "focalrt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES = ("qwen2_5_vl", "face_llava", "text")
-# Every bundle has a token embedding and a decoder. Vision-language families also have a vision encoder;
-# the "text" family (a Llama / Qwen2 causal LM, e.g. from a GGUF) has none, and its `preprocess` is null.
-REQUIRED_COMPONENTS = ("embed", "decoder")
+# Every bundle has a decoder (token ids in: the embedding is inside it; bundles exported before that also
+# have an "embed" component, which the runtime still runs). Vision-language families also have a vision
+# encoder; the "text" family (a Llama / Qwen2 causal LM, e.g. from a GGUF) has none, its `preprocess` null.
+REQUIRED_COMPONENTS = ("decoder",)
 VISION_FAMILIES = ("qwen2_5_vl", "face_llava")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")  # the one declared manifest schema (JSON Schema 2020-12)
 

@@ -66,7 +66,7 @@ def test_more_regions_than_slots_are_chunked(tiny_bundle, astronaut_bgr):
 def test_views_of_several_faces_share_one_batch(pipe, astronaut_bgr):
     other = np.ascontiguousarray(astronaut_bgr[:, ::-1])
     views = [(astronaut_bgr, BOXES[:2], None), (other, BOXES[2:5], None)]
-    out = pipe.describe_views(views, max_new_tokens=8)
+    out = pipe.describe_images(views, max_new_tokens=8)
     assert [len(v) for v in out] == [2, 3]
     for (image, boxes, _), got in zip(views, out, strict=True):
         assert [d.token_ids for d in got] == [d.token_ids for d in _plain(pipe, image, boxes, 8)]

@@ -160,8 +160,13 @@ def test_roofline_bandwidth_is_positive_and_bounds_decode(tiny_bundle):
     manifest = load(tiny_bundle).manifest
     per_token = weight_bytes_per_token(tiny_bundle, manifest)
     sizes = model_bytes(tiny_bundle, manifest)
-    # The whole decoder and one embedding row, never the whole embedding table.
-    assert sizes["decoder"] < per_token < sizes["decoder"] + sizes["embed"]
+    # The decoder holds the embedding table, tied to the LM head here: the head reads all of it, once.
+    assert "embed" not in sizes and "tied" in manifest["components"]["decoder"]["lm_head"]
+    assert per_token == sizes["decoder"]
+    # Untied, the gathered table is counted as the one row a step reads.
+    untied = {**manifest, "components": {"decoder": {**manifest["components"]["decoder"], "lm_head": "Gemm"}}}
+    text = manifest["text"]
+    assert per_token - weight_bytes_per_token(tiny_bundle, untied) == (text["vocab_size"] - 1) * text["hidden_size"] * 4
 
 
 def test_every_context_length_is_warmed_before_it_is_timed(tiny_bundle):

@@ -84,7 +84,11 @@ def test_int8_bundle_loads_describes_and_is_smaller(int8_bundle, tiny_bundle, as
     bundle = load(int8_bundle, verify_hashes=True)
     comps = bundle.manifest["components"]
     assert comps["vision"]["precision"] == "int8" and comps["decoder"]["precision"] == "int8"
-    assert comps["embed"]["precision"] == "fp16"  # a lookup table: fp16 storage, fp32 output
+    assert "embed" not in comps  # the decoder embeds its tokens: its tied table is quantized once, with the head
+    vocab = bundle.manifest["text"]["vocab_size"]
+    graph = onnx.load(str(int8_bundle / "decoder.onnx"), load_external_data=False).graph
+    tables = [t.data_type for t in graph.initializer if len(t.dims) == 2 and vocab in t.dims]
+    assert tables == [onnx.TensorProto.INT8]
     assert comps["decoder"]["quantization"]["weights"].startswith("int8 symmetric per output channel")
     for name in ("vision", "decoder"):
         assert _component_bytes(int8_bundle, name) < 0.5 * _component_bytes(tiny_bundle, name)
@@ -110,7 +114,7 @@ def _zero_point_types(path: Path) -> dict[int, int]:
 
 def _feeds(record: dict, rng: np.random.Generator, length: int = 8) -> dict[str, np.ndarray]:
     """Inputs for one component from its manifest record: a prefill of `length` tokens over an empty cache."""
-    dims = {"batch": 1, "sequence": length, "total_sequence": length, "max_context": length}
+    dims = {"batch": 1, "sequence": length, "total_sequence": length, "max_context": length, "image_tokens": 1}
     feeds = {}
     for inp in record["inputs"]:
         shape = tuple(dims.get(d, d) for d in inp["shape"])
@@ -135,8 +139,7 @@ def test_int8_bundle_has_a_signed_copy_for_tensorrt(int8_bundle):
 
     bundle = load(int8_bundle, verify_hashes=True)  # the copies are listed files: present, sizes and hashes match
     comps = bundle.manifest["components"]
-    assert "tensorrt_file" not in comps["embed"]  # fp16: nothing to re-encode
-    assert not (int8_bundle / "embed.tensorrt.onnx").exists()
+    assert set(comps) == {"vision", "decoder"}
     rng = np.random.default_rng(0)
     literal = ort.SessionOptions()
     literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the QDQ arithmetic as written
@@ -166,7 +169,7 @@ def test_int8_bundle_has_a_signed_copy_for_tensorrt(int8_bundle):
         np.testing.assert_array_equal(got, ref)
 
 
-def test_tensorrt_copy_shares_the_external_weights(int8_bundle, tmp_path):
+def test_tensorrt_copy_shares_the_external_weights(int8_bundle, tiny_bundle, tmp_path):
     """A component stored like the big ones (weights in decoder.onnx.data): the copy is only a graph proto."""
     import shutil
 
@@ -200,13 +203,14 @@ def test_tensorrt_copy_shares_the_external_weights(int8_bundle, tmp_path):
     got = ort.InferenceSession(str(copy), literal, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     np.testing.assert_array_equal(got, ref)
 
-    # A graph without uint8 activations (the fp16 embedding) gets no copy, and an outdated one is removed.
-    other = tmp_path / "fp16"
+    # A graph without uint8 activations (here an unquantized vision encoder) gets no copy, and an outdated
+    # one is removed.
+    other = tmp_path / "fp32"
     other.mkdir()
-    (other / "embed.tensorrt.onnx").write_bytes(copy.read_bytes())
-    shutil.copy(int8_bundle / "embed.onnx", other / "embed.onnx")
-    assert write_tensorrt_copy(other / "embed.onnx") is None
-    assert sorted(p.name for p in other.iterdir()) == ["embed.onnx"]
+    (other / "vision.tensorrt.onnx").write_bytes(copy.read_bytes())
+    shutil.copy(tiny_bundle / "vision.onnx", other / "vision.onnx")
+    assert write_tensorrt_copy(other / "vision.onnx") is None
+    assert sorted(p.name for p in other.iterdir()) == ["vision.onnx"]
 
 
 def test_int8_report_has_every_field(int8_bundle):
@@ -261,14 +265,15 @@ def test_recorded_inputs_come_from_the_pipeline(tiny_bundle, frames_dir):
     patches = (pre["image_size"] // pre["patch_size"]) ** 2
     assert [v["pixel_values"].shape for v in rec.vision] == [(patches, 3 * 2 * 14 * 14)] * 2
     prefills = [f for f, k in zip(rec.decoder, rec.decoder_kind, strict=True) if k == "prefill"]
-    assert [f["inputs_embeds"].shape[1] for f in prefills] == rec.prompt_lengths
+    assert [f["input_ids"].shape[1] for f in prefills] == rec.prompt_lengths
+    assert all(f["image_embeds"].shape == (pre["image_tokens"], pipe.model.hidden_size) for f in prefills)
     # the prompt really holds the image tokens plus the box in text
     assert all(n > pre["image_tokens"] for n in rec.prompt_lengths)
     for feed, kind in zip(rec.decoder, rec.decoder_kind, strict=True):
         total = feed["attention_mask"].shape[1]
         assert feed["past_key_values.0.key"].shape[2] == total  # KV buffer cut to the positions in use
         if kind != "prefill":
-            assert feed["inputs_embeds"].shape[1] == 1 and feed["position_ids"].shape == (3, 1, 1)
+            assert feed["input_ids"].shape == (1, 1) and feed["position_ids"].shape == (3, 1, 1)
             assert np.abs(feed["past_key_values.0.key"][:, :, :total - 1]).sum() > 0  # real cache contents
 
     # The recorded prefill, run through the decoder alone, gives the logits the pipeline produced.
@@ -328,7 +333,7 @@ def test_sensitivity_ranks_quantized_nodes_of_a_model_with_external_weights(tiny
     dst.parent.mkdir()
     quantize_qdq(src, dst, rec.decoder, "int8", progress=False)
     errors = node_errors(src, dst, rec.decoder)
-    assert len(errors) == 15  # 2 layers x 7 projections + the LM head
+    assert len(errors) == 11  # 2 layers x 5 projections (q/k/v fused) + the LM head
     values = list(errors.values())
     assert values == sorted(values, reverse=True) and 0 < values[-1] and values[0] < 0.05
 
@@ -374,13 +379,19 @@ def test_int4_conversion_describes(tiny_bundle, frames_dir, tmp_path, capsys, as
                         "0.8", "--min-top1", "0", "--min-greedy-agreement", "0"], capsys)
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())["components"]
-    assert m["decoder"]["precision"] == "int4" and m["embed"]["precision"] == "fp16"
+    assert m["decoder"]["precision"] == "int4" and "embed" not in m
     assert m["vision"]["precision"] == "fp16"
     assert _component_bytes(out, "decoder") < 0.25 * _component_bytes(tiny_bundle, "decoder")
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
     blocked = [n for n in graph.node if n.op_type == "DequantizeLinear"
                and any(a.name == "block_size" and a.i == INT4_BLOCK_SIZE for a in n.attribute)]
-    assert len(blocked) == m["decoder"]["quantization"]["quantized_nodes"] > 0
+    # every projection as blocked QDQ, and the tied LM head as one MatMulNBits whose table the token
+    # GatherBlockQuantized reads: the embedding is stored once, in int4
+    assert len(blocked) + 1 == m["decoder"]["quantization"]["quantized_nodes"] > 1
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1
+    text = json.loads((out / "manifest.json").read_text())["text"]
+    assert not [t for t in graph.initializer if list(t.dims) == [text["vocab_size"], text["hidden_size"]]]
     d = Pipeline.from_bundle(out, provider="cpu").describe(astronaut_bgr, box=BOX, max_new_tokens=4)
     assert len(d.token_ids) >= 1
 

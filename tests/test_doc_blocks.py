@@ -64,3 +64,16 @@ def test_the_readme_main_job_and_real_model_run_in_ci(doc_blocks):
     assert "focalrt demo" in run and 'pip install -e ".[cpu,export]"' in run
     assert '.[grammar]' in run and run.index('.[grammar]') < run.index("--format json")  # the extra it needs, first
     assert "doc_blocks.py README.md .ci/run" in (REPO / ".ci" / "run").read_text()
+
+
+def test_a_failing_command_inside_an_and_list_stops_the_stage(doc_blocks, tmp_path):
+    """bash's `set -e` ignores the failure of `a` in `a && b`; the script doc_blocks writes must not."""
+    import subprocess
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("```sh\n# run by CI: .ci/run\ntrue && echo first \\\n  line\n```\n\n"
+                   "```sh\n# run by CI: .ci/run\nfalse && echo never   # an inline comment\necho reached\n```\n")
+    out = subprocess.run(["bash", "-c", doc_blocks.script(doc, ".ci/run")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "first line" in out.stdout and "reached" not in out.stdout, out
+    assert "doc block failed (exit 1)" in out.stderr

@@ -213,9 +213,9 @@ def test_temporal_drafts_through_the_pipeline(pipe, astronaut_bgr):
     box = (170, 80, 280, 200)
     plain = pipe.describe(astronaut_bgr, box=box, max_new_tokens=12)
     drafts = Drafts("temporal")
-    first = pipe.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=12, drafts=drafts,
+    first = pipe.describe_images([(astronaut_bgr, [box], None)], max_new_tokens=12, drafts=drafts,
                                draft_keys=[["mouth"]])[0][0]
-    again = pipe.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=12, drafts=drafts,
+    again = pipe.describe_images([(astronaut_bgr, [box], None)], max_new_tokens=12, drafts=drafts,
                                draft_keys=[["mouth"]])[0][0]
     assert first.token_ids == again.token_ids == plain.token_ids
     assert again.timings_ms["decode_calls"] < plain.timings_ms["decode_calls"] // 2

@@ -124,7 +124,7 @@ MALFORMED = [  # (case, change, the key path the one-line error must name)
     ("negative image_size", _set("preprocess.image_size", -28), "preprocess.image_size -28 is less than"),
     ("face_models yes", _set("face_models", "yes"), "face_models is \"yes\" (str)"),
     ("byte count as string", _set("components.vision.bytes", "1090152"), "components.vision.bytes is \"1090152\""),
-    ("component is a string", _set("components.embed", "embed.onnx"), "components.embed is \"embed.onnx\""),
+    ("component is a string", _set("components.decoder", "decoder.onnx"), "components.decoder is \"decoder.onnx\""),
     ("rescale as string", _set("preprocess.rescale", "1/255"), "preprocess.rescale is \"1/255\""),
     ("max_context zero", _set("text.max_context", 0), "text.max_context 0 is less than"),
     ("stop_tokens not a list", _set("prompt.stop_tokens", "<|im_end|>"), "prompt.stop_tokens is"),

@@ -200,7 +200,7 @@ def test_generation_options_and_keywords_are_the_same_request(pipe, astronaut_bg
     a = pipe.describe(astronaut_bgr, box=BOX, options=opts)
     b = pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=5, temperature=0.8, top_k=20, seed=3)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 5
-    views = pipe.describe_views([ImageRegions(astronaut_bgr, [BOX])], options=GenerationOptions(max_new_tokens=4))
+    views = pipe.describe_images([ImageRegions(astronaut_bgr, [BOX])], options=GenerationOptions(max_new_tokens=4))
     assert views[0][0].token_ids == pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=4).token_ids
     with pytest.raises(TypeError, match="unknown generation option"):
         pipe.describe(astronaut_bgr, box=BOX, max_tokens=4)
@@ -219,3 +219,27 @@ def test_cached_decoder_bindings_follow_the_cache_they_were_made_for(pipe):
     expected = _greedy_steps(pipe, fresh, logits_a[:, -1], 3)
     np.testing.assert_array_equal(more_a[0], expected[0])
     np.testing.assert_allclose(more_a[1], expected[1], atol=1e-4)
+
+
+def test_a_host_cache_grows_to_what_the_rows_need_and_decodes_the_same(pipe, astronaut_bgr):
+    """KV sized to the work: a cache starting at 8 positions grows (keeping what it holds) through a region
+    prompt and its answer, and gives the tokens a cache of the whole context gives; it never passes the
+    context, and rows that need less never make it grow."""
+    t = pipe.text_cfg
+    whole = pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=8)
+    small = PromptCache.allocate(t["num_layers"], 1, t["num_kv_heads"], t["head_dim"], pipe.max_context, capacity=8)
+    assert small.capacity == 8
+    full, pipe.cache = pipe.cache, small
+    try:
+        grown = pipe.describe(astronaut_bgr, box=BOX, max_new_tokens=8)
+    finally:
+        pipe.cache = full
+    assert grown.token_ids == whole.token_ids
+    need = len(whole.prompt_token_ids) + 8
+    assert need - 1 <= small.capacity < 2 * need and small.capacity < pipe.max_context
+    assert small.buffers[0].shape()[2] == small.arrays[0].shape[2] == small.capacity
+    view = small.view(0, 1)
+    assert not view.reserve(small.capacity)  # enough already: nothing replaced
+    with pytest.raises(ValueError, match="do not fit the context"):
+        view.reserve(pipe.max_context + 1)
+    assert view.reserve(small.capacity + 1) and small.buffers[0] is view.buffers[0]  # a view grows the whole cache

@@ -38,14 +38,14 @@ def _frames(images, mirrored=False):
 
 
 class HeldDescriber:
-    """Stands in for pipeline.describe_views: records each call's region keys, says it was entered, and holds
+    """Stands in for pipeline.describe_images: records each call's region keys, says it was entered, and holds
     the call until `release()`; then the real model describes."""
 
     def __init__(self, monkeypatch, pipe):
-        self.real = pipe.describe_views
+        self.real = pipe.describe_images
         self.entered, self.gate = threading.Event(), threading.Event()
         self.calls: list[list] = []
-        monkeypatch.setattr(pipe, "describe_views", self)
+        monkeypatch.setattr(pipe, "describe_images", self)
 
     def __call__(self, views, *args, **kwargs):
         self.calls.append([key for keys in kwargs.get("draft_keys") or [] for key in keys])
@@ -487,7 +487,7 @@ def test_the_description_lane_can_yield_the_cpu_to_the_frame_lane(nice):
     seen = {}
 
     class Recorder:  # stands in for the Pipeline: notes the priority it is called with
-        def describe_views(self, views, *args, **kwargs):
+        def describe_images(self, views, *args, **kwargs):
             seen["worker"] = priority()
             raise RuntimeError("recorded")
 

@@ -117,7 +117,7 @@ def test_decoder_graph_is_fused_with_no_per_layer_shape_arithmetic(tiny_bundle, 
     import onnx
 
     per_layer = {"MatMul", "Add", "Mul", "Sigmoid", "GroupQueryAttention", "MRotaryEmbedding",
-                 "SkipSimplifiedLayerNormalization", "Identity", "Constant"}
+                 "SkipSimplifiedLayerNormalization", "Identity", "Constant", "Split"}
     rest = []
     for bundle in (tiny_bundle, tiny_bundle_b):
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -125,6 +125,7 @@ def test_decoder_graph_is_fused_with_no_per_layer_shape_arithmetic(tiny_bundle, 
         ops = Counter(n.op_type for n in onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph.node)
         assert ops["GroupQueryAttention"] == layers
         assert ops["MRotaryEmbedding"] == 2 * layers
+        assert ops["MatMul"] == 5 * layers and ops["Split"] == layers  # q/k/v one projection, split for M-RoPE
         assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
         assert ops["Transpose"] == 0 and ops["Slice"] == 0 and ops["Neg"] == 0
         assert manifest["components"]["decoder"]["rotary_table_positions"] == manifest["text"]["max_context"]

@@ -60,11 +60,11 @@ def test_truncated_bundle_file_is_named(tiny_bundle, tmp_path):
 
 def test_corrupt_onnx_with_right_size_names_file(tiny_bundle, tmp_path):
     b = _copy(tiny_bundle, tmp_path)
-    size = (b / "embed.onnx").stat().st_size
-    (b / "embed.onnx").write_bytes(b"\0" * size)
+    size = (b / "decoder.onnx").stat().st_size
+    (b / "decoder.onnx").write_bytes(b"\0" * size)
     with pytest.raises(BundleError, match="sha256"):
         load(b, verify_hashes=True)
-    with pytest.raises(RuntimeError, match="embed.onnx"):
+    with pytest.raises(RuntimeError, match="decoder.onnx"):
         Pipeline.from_bundle(b)
 
 

@@ -180,12 +180,12 @@ def test_a_server_that_goes_away_is_retried_with_the_cameras_backoff_then_lost(t
     views = [(np.zeros((8, 8, 3), np.uint8), [(0, 0, 4, 4), (1, 1, 5, 5)], None)]
     if lost:
         with pytest.raises(client_module.ServerLost, match="after 3 reconnect attempts"):
-            remote.describe_views(views)
+            remote.describe_images(views)
         assert remote.stats | {"waited_for_server_s": 0} == {"requests": 0, "outages": 1, "retries": 3,
                                                               "reconnects": 0, "undescribed": 2,
                                                               "waited_for_server_s": 0}
     else:
-        assert [d.text for d in remote.describe_views(views)[0]] == ["hi"]
+        assert [d.text for d in remote.describe_images(views)[0]] == ["hi"]
         assert remote.stats | {"waited_for_server_s": 0} == {"requests": 1, "outages": 1, "retries": 2,
                                                               "reconnects": 1, "undescribed": 0,
                                                               "waited_for_server_s": 0}
@@ -253,9 +253,9 @@ def test_every_request_gets_exactly_one_answer_with_the_local_tokens(client, pip
         assert len(results) == 1
         r = results[0]
         assert r.box == box and r.region == "box" and r.face_id == -1
-        local = pipe.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=6)[0][0]
+        local = pipe.describe_images([(astronaut_bgr, [box], None)], max_new_tokens=6)[0][0]
         assert r.token_ids == local.token_ids and r.text == local.text and r.finish_reason == local.finish_reason
-    # Triton merged requests into batches that went through one describe_views call
+    # Triton merged requests into batches that went through one describe_images call
     assert max(r[0].timings_ms["batch_requests"] for r in answers) > 1
 
 
@@ -395,7 +395,7 @@ def test_rows_with_different_schemas_or_none_batch_together_each_as_locally(clie
                                     for b, s in zip(boxes, schemas, strict=True)])
     assert max(a[0].timings_ms["batch_requests"] for a in answers) > 1  # mixed schemas shared a call
     for box, schema, (r,) in zip(boxes, schemas, answers, strict=True):
-        local = pipe.describe_views([(astronaut_bgr, [box], None)], max_new_tokens=40,
+        local = pipe.describe_images([(astronaut_bgr, [box], None)], max_new_tokens=40,
                                     **({"schema": schema} if schema else {}))[0][0]
         assert r.token_ids == local.token_ids and r.text == local.text
         assert r.state_fields == local.state_fields()

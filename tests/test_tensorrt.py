@@ -57,7 +57,7 @@ def test_build_keep_rebuild_and_refuse_stale(tiny_bundle, tmp_path):
     fake = FakeBuilder()
     first = build_engines(bundle, gpu=ADA, tensorrt_version="10.3.0", build_fn=fake)
     status = {r["component"]: r["status"] for r in first}
-    assert status["vision"] == "built" and status["embed"] == "built"
+    assert status["vision"] == "built" and set(status) == {"vision", "decoder"}
     assert "execution provider" in status["decoder"]  # GroupQueryAttention is not a TensorRT parser op
     decoder = next(r for r in first if r["component"] == "decoder")
     assert "com.microsoft::GroupQueryAttention" in decoder["reason"]
@@ -71,7 +71,7 @@ def test_build_keep_rebuild_and_refuse_stale(tiny_bundle, tmp_path):
 
     again = build_engines(bundle, gpu=ADA, tensorrt_version="10.3.0", build_fn=fake)
     assert {r["component"]: r["status"] for r in again}["vision"] == "up to date"
-    assert len(fake.calls) == 2  # nothing rebuilt
+    assert len(fake.calls) == 1  # nothing rebuilt
 
     newer = build_engines(bundle, components=["vision"], gpu=ADA, tensorrt_version="10.4.0", build_fn=fake)
     assert newer[0]["status"] == "rebuilt" and any("tensorrt" in c for c in newer[0]["changed"])
@@ -123,18 +123,17 @@ def test_profiles_are_bounded_by_max_context(tiny_bundle):
     b = load(tiny_bundle)
     ctx = b.manifest["text"]["max_context"]
     dec = profile_shapes(b.component("decoder"), b.manifest, max_batch=4)
-    lo, opt, hi = dec["inputs_embeds"]
-    assert lo == [1, 1, 64] and hi == [4, ctx, 64]
+    lo, opt, hi = dec["input_ids"]
+    assert lo == [1, 1] and hi == [4, ctx]
     assert dec["past_key_values.0.key"][2] == [4, 2, ctx, 16]
     assert dec["attention_mask"][2] == [4, ctx]
     step = profile_shapes(b.component("decoder"), b.manifest, decode=True)
-    assert step["inputs_embeds"][2] == [1, 1, 64]
-    emb = profile_shapes(b.component("embed"), b.manifest)
-    assert emb["image_embeds"][1] == [b.manifest["preprocess"]["image_tokens"], 64]
+    assert step["input_ids"][2] == [1, 1]
+    assert dec["image_embeds"][1] == [b.manifest["preprocess"]["image_tokens"], 64]
     assert profile_shapes(b.component("vision"), b.manifest) == {}  # fixed grid: no dynamic inputs
 
     opts = trt_ep_provider_options(tiny_bundle, "decoder")
-    assert f"inputs_embeds:1x{ctx}x64" in opts["trt_profile_max_shapes"]
+    assert f"input_ids:1x{ctx}" in opts["trt_profile_max_shapes"]
     assert opts["trt_engine_cache_path"].endswith("engines")
 
     bad = {"inputs": [{"name": "x", "shape": ["mystery", 3]}]}
@@ -205,7 +204,7 @@ def test_only_the_tensorrt_entry_gets_the_options(tiny_bundle):
     assert got["trt_engine_cache_enable"] is True and got["trt_timing_cache_enable"] is True
     assert got["trt_engine_cache_path"] == engines and got["trt_timing_cache_path"] == engines
     lo, opt, hi = (_spec(got[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
-    assert hi["inputs_embeds"] == [8, ctx, 64] and lo["inputs_embeds"] == [1, 1, 64]
+    assert hi["input_ids"] == [8, ctx] and lo["input_ids"] == [1, 1]
     assert opt["past_key_values.0.key"] == [1, 2, ctx, 16]
     assert "trt_fp16_enable" not in got and "trt_int8_enable" not in got  # the tiny bundle is fp32
 
@@ -229,13 +228,13 @@ def test_create_session_hands_the_options_to_onnxruntime(tiny_bundle, tmp_path, 
         return "session"
 
     monkeypatch.setattr(sessions.ort, "InferenceSession", fake_session)
-    trt = trt_ep_provider_options(bundle, "embed", max_batch=4)
+    trt = trt_ep_provider_options(bundle, "decoder", max_batch=4)
     assert not (bundle / "engines").exists()
-    assert sessions.create_session(bundle / "embed.onnx", GPU_PROVIDERS, trt_options=trt) == "session"
+    assert sessions.create_session(bundle / "decoder.onnx", GPU_PROVIDERS, trt_options=trt) == "session"
     assert seen[-1] == [(TRT_EP, trt), ("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
     assert (bundle / "engines").is_dir()  # made before the provider writes its caches there
 
-    sessions.create_session(bundle / "embed.onnx", ["CPUExecutionProvider"], trt_options=trt)
+    sessions.create_session(bundle / "decoder.onnx", ["CPUExecutionProvider"], trt_options=trt)
     assert seen[-1] == [("CPUExecutionProvider", {})]
 
 
@@ -248,8 +247,9 @@ def test_component_precision_sets_the_tensorrt_flag(tiny_bundle, tmp_path):
     assert not any(k.startswith("trt_profile_") for k in vision)  # fixed grid: no shape profile
     decoder = trt_ep_provider_options(bundle, "decoder")
     assert decoder.get("trt_int8_enable") is True and "trt_fp16_enable" not in decoder
-    embed = trt_ep_provider_options(bundle, "embed")  # still fp32
-    assert "trt_fp16_enable" not in embed and "trt_int8_enable" not in embed
+    bundle = _with_precisions(tiny_bundle, tmp_path / "other", {"vision": "fp16"})
+    decoder = trt_ep_provider_options(bundle, "decoder")  # still fp32
+    assert "trt_fp16_enable" not in decoder and "trt_int8_enable" not in decoder
 
 
 def test_decoder_profile_max_uses_max_batch_and_context(tiny_bundle):
@@ -261,15 +261,13 @@ def test_decoder_profile_max_uses_max_batch_and_context(tiny_bundle):
     for batch, ctx in ((1, 300), (3, 1024), (8, None)):
         hi = _spec(trt_ep_provider_options(b, "decoder", max_batch=batch, max_context=ctx)["trt_profile_max_shapes"])
         c = ctx or full
-        assert hi["inputs_embeds"] == [batch, c, 64]
+        assert hi["input_ids"] == [batch, c]
         assert hi["attention_mask"] == [batch, c]
         assert hi["position_ids"] == [3, batch, c]
         kv = [name for name in hi if name.startswith("past_key_values.")]
         assert len(kv) == 2 * b.manifest["text"]["num_layers"]
         assert all(hi[name] == [batch, 2, c, 16] for name in kv)
-        emb = _spec(trt_ep_provider_options(b, "embed", max_batch=batch, max_context=ctx)["trt_profile_max_shapes"])
-        assert emb["input_ids"] == [batch, c]
-        assert emb["image_embeds"] == [b.manifest["preprocess"]["image_tokens"] * batch, 64]
+        assert hi["image_embeds"] == [b.manifest["preprocess"]["image_tokens"] * batch, 64]
 
     # A context above the model's is capped, as the pipeline caps it; min <= opt <= max even when tiny.
     assert profile_shapes(b.component("decoder"), b.manifest, max_context=10 * full)["attention_mask"][2] == [1, full]
@@ -311,7 +309,7 @@ def test_pipeline_on_cpu_passes_no_tensorrt_options(tiny_bundle, tmp_path, monke
     bundle = _with_precisions(tiny_bundle, tmp_path, {})
     calls = _record_sessions(monkeypatch)
     Pipeline.from_bundle(bundle, provider="cpu")
-    assert [c["file"] for c in calls] == ["vision.onnx", "embed.onnx", "decoder.onnx"]
+    assert [c["file"] for c in calls] == ["vision.onnx", "decoder.onnx"]
     assert all(c["trt_options"] is None and c["providers"] == ["CPUExecutionProvider"] for c in calls)
     assert not (bundle / "engines").exists()
 
@@ -321,23 +319,21 @@ def test_pipeline_under_tensorrt_gives_each_component_its_profile(tiny_bundle, t
 
     bundle = _with_precisions(tiny_bundle, tmp_path, {"decoder": "fp16"})
     monkeypatch.setattr(pipeline, "resolve_providers", lambda provider=None: list(GPU_PROVIDERS))
-    calls = _record_sessions(monkeypatch, stop_after=3)
+    calls = _record_sessions(monkeypatch, stop_after=2)
     with pytest.raises(_StopLoading):
         pipeline.Pipeline.from_bundle(bundle, max_context=256)  # max_batch left at its default, 8
     by_file = {c["file"]: c["trt_options"] for c in calls}
-    assert set(by_file) == {"vision.onnx", "embed.onnx", "decoder.onnx"}
+    assert set(by_file) == {"vision.onnx", "decoder.onnx"}
     engines = str(bundle / "engines")
     assert all(o["trt_engine_cache_path"] == engines == o["trt_timing_cache_path"] for o in by_file.values())
     assert "trt_profile_max_shapes" not in by_file["vision.onnx"]
     dec = _spec(by_file["decoder.onnx"]["trt_profile_max_shapes"])
-    assert dec["inputs_embeds"] == [8, 256, 64] and dec["past_key_values.0.key"] == [8, 2, 256, 16]
+    assert dec["input_ids"] == [8, 256] and dec["past_key_values.0.key"] == [8, 2, 256, 16]
     assert by_file["decoder.onnx"].get("trt_fp16_enable") is True
-    assert "trt_fp16_enable" not in by_file["embed.onnx"]
-    assert _spec(by_file["embed.onnx"]["trt_profile_max_shapes"])["input_ids"] == [8, 256]
 
 def _int8_vision_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
     """A copy of the bundle whose vision encoder is int8, written by the calibrate command's own steps
-    (transform, then manifest) on random pixels; embed and decoder stay fp32. No gate: only files matter."""
+    (transform, then manifest) on random pixels; the decoder stays fp32. No gate: only files matter."""
     import shutil
 
     from focalrt.bundle import load
@@ -365,25 +361,25 @@ def test_tensorrt_provider_loads_the_signed_int8_graph(tiny_bundle, tmp_path, mo
     bundle = _int8_vision_bundle(tiny_bundle, tmp_path)
     comps = load(bundle, verify_hashes=True).manifest["components"]
     assert comps["vision"]["tensorrt_file"]["file"] == "vision.tensorrt.onnx"
-    assert "tensorrt_file" not in comps["embed"] and "tensorrt_file" not in comps["decoder"]
+    assert "tensorrt_file" not in comps["decoder"]
 
     calls = _record_sessions(monkeypatch)
     pipeline.Pipeline.from_bundle(bundle, provider="cpu")  # CPU keeps the uint8 graph ORT fuses
-    assert [c["file"] for c in calls] == ["vision.onnx", "embed.onnx", "decoder.onnx"]
+    assert [c["file"] for c in calls] == ["vision.onnx", "decoder.onnx"]
 
     monkeypatch.setattr(pipeline, "resolve_providers", lambda provider=None: list(GPU_PROVIDERS))
-    calls = _record_sessions(monkeypatch, stop_after=3)
+    calls = _record_sessions(monkeypatch, stop_after=2)
     with pytest.raises(_StopLoading):
         pipeline.Pipeline.from_bundle(bundle)
-    assert [c["file"] for c in calls] == ["vision.tensorrt.onnx", "embed.onnx", "decoder.onnx"]
+    assert [c["file"] for c in calls] == ["vision.tensorrt.onnx", "decoder.onnx"]
     assert calls[0]["trt_options"]["trt_int8_enable"] is True
     assert calls[0]["providers"] == GPU_PROVIDERS
 
     monkeypatch.setattr(pipeline, "resolve_providers", lambda provider=None: GPU_PROVIDERS[1:])  # CUDA, no TensorRT
-    calls = _record_sessions(monkeypatch, stop_after=3)
+    calls = _record_sessions(monkeypatch, stop_after=2)
     with pytest.raises(_StopLoading):
         pipeline.Pipeline.from_bundle(bundle)
-    assert [c["file"] for c in calls] == ["vision.onnx", "embed.onnx", "decoder.onnx"]
+    assert [c["file"] for c in calls] == ["vision.onnx", "decoder.onnx"]
 
 
 def test_engine_build_parses_the_bundled_signed_graph(tiny_bundle, tmp_path):
@@ -465,7 +461,7 @@ def test_real_engine_build_on_a_gpu(tiny_bundle, tmp_path):
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
-    results = build_engines(bundle, components=["vision", "embed"])
+    results = build_engines(bundle, components=["vision"])
     assert all(r["status"] == "built" for r in results)
     assert all(Path(r["engine"]).stat().st_size > 0 for r in results)
 

@@ -78,7 +78,7 @@ def test_int4_convert_of_a_text_bundle_chooses_the_block_and_says_which(smollm2,
     assert code == 0, captured.err
     assert "int4: chose block size 128," in captured.out and "gate failed" not in captured.err
     m = json.loads((out / "manifest.json").read_text())
-    assert set(m["components"]) == {"embed", "decoder"}
+    assert set(m["components"]) == {"decoder"}
     assert "blocks of 128 " in m["components"]["decoder"]["quantization"]["weights"]
     report = json.loads((out / "calibration" / "report.json").read_text())
     assert report["gate"]["passed"] and report["gate"]["metrics"]["vision_cosine_min"] is None

@@ -158,8 +158,8 @@ class RecordingPipeline:
         self._record([(image, kwargs.get("landmarks68"))], out)
         return out
 
-    def describe_views(self, views, *args, **kwargs):
-        out = self._pipeline.describe_views(views, *args, **kwargs)
+    def describe_images(self, views, *args, **kwargs):
+        out = self._pipeline.describe_images(views, *args, **kwargs)
         self._record([(image, landmarks68) for image, _, landmarks68 in views], [d for group in out for d in group])
         return out
 

@@ -78,6 +78,9 @@ def bench_report(result: dict[str, Any]) -> str:
                                [[f["faces_requested"], f["faces_found"], f["front_end_ms"]["p50_ms"],
                                  f["frame_ms"]["p50_ms"], f["tokens_per_region"]] for f in sc["faces"]]), ""]
     if mem.get("peak_rss_covers"):
-        out.append(f"- peak RSS: {mem['peak_rss_covers']}")
+        probe = rf.get("bandwidth", {}).get("probe_peak_rss_bytes")
+        # /usr/bin/time reports the largest of the process and its children: the probe, when it is larger.
+        child = f" (its own peak: {mib(probe)}; /usr/bin/time reports the larger of the two)" if probe else ""
+        out.append(f"- peak RSS: {mem['peak_rss_covers']}{child}")
     out += [f"- {n}" for n in result.get("notes", [])]
     return "\n".join(out).rstrip() + "\n"

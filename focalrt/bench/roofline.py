@@ -127,12 +127,19 @@ def weight_bytes_per_token(bundle_dir: str | os.PathLike, manifest: dict[str, An
     """Bytes one decode step reads: the whole decoder (lm_head included) plus one embedding row.
 
     The decoder's file size stands in for its weights: the graph itself is a few hundred KB next to
-    hundreds of MB of initializers. The embedding table is gathered, so only one row of it is read.
+    hundreds of MB of initializers. The embedding table is gathered, so only one row of it is read. A
+    decoder that embeds its own tokens holds the table: tied to the LM head it is read whole anyway (as the
+    head); untied, its float table (`vocab_size` x `hidden_size`) is counted out but for the one row.
     """
     comps = manifest["components"]
     decoder = _component_bytes(Path(bundle_dir), comps["decoder"])
-    row_bytes = 2 if comps.get("embed", {}).get("precision") in ("fp16", "bf16") else 4
-    return decoder + int(manifest["text"]["hidden_size"]) * row_bytes
+    hidden = int(manifest["text"]["hidden_size"])
+    if "embed" in comps:  # a bundle exported before the decoder embedded its tokens
+        row_bytes = 2 if comps["embed"].get("precision") in ("fp16", "bf16") else 4
+        return decoder + hidden * row_bytes
+    if "tied" in str(comps["decoder"].get("lm_head", "")):
+        return decoder
+    return decoder - (int(manifest["text"]["vocab_size"]) - 1) * hidden * 4
 
 
 def kv_bytes_per_token(text: dict[str, Any], past: int, bytes_per_value: int = 4) -> int:

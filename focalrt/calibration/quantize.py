@@ -261,6 +261,7 @@ def quantize_int4(src: Path, dst: Path, exclude: list[str] | None = None,
     with quiet_onnxruntime_quantization():
         quantizer.process()
     out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    head = quantize_lm_head(out, 4, block_size, exclude)
     set_accuracy_level(out)
     save_model(out, dst, is_large(src))
     done = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits" or (
@@ -269,7 +270,7 @@ def quantize_int4(src: Path, dst: Path, exclude: list[str] | None = None,
             "hqq": "HQQ (MatMulNBits)", "gptq": "GPTQ (MatMulNBits)", "k_quant": "k-quant (MatMulNBits)"}
     return {"precision": "int4", "quantized_nodes": done, "excluded_nodes": exclude, "algorithm": algorithm,
             "weights": f"int4 {kind[algorithm]}, blocks of {block_size} along the input dimension",
-            "activations": "float32"}
+            "activations": "float32", **({"lm_head": head} if head else {})}
 
 
 # INT8 weight-only: symmetric round-to-nearest per block of 32 input weights, written as MatMulNBits (bits=8,
@@ -293,6 +294,7 @@ def quantize_int8_weights(src: Path, dst: Path, exclude: list[str] | None = None
     with quiet_onnxruntime_quantization():
         quantizer.process()
     out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    head = quantize_lm_head(out, 8, block_size, exclude)
     set_accuracy_level(out)
     save_model(out, dst, is_large(src))
     done = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
@@ -300,7 +302,91 @@ def quantize_int8_weights(src: Path, dst: Path, exclude: list[str] | None = None
             "weights": f"int8 weight-only symmetric round-to-nearest (MatMulNBits), blocks of {block_size} along "
                        "the input dimension",
             "activations": f"float32, quantized to int8 per block inside the matmul (accuracy_level "
-                           f"{MATMUL_NBITS_ACCURACY_LEVEL})"}
+                           f"{MATMUL_NBITS_ACCURACY_LEVEL})", **({"lm_head": head} if head else {})}
+
+
+def lm_head_gemm(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The decoder's LM head as exported (`export/gqa.py::LMHead`): a Gemm(transB=1) over a [V, H] initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in inits and trans_b == 1:
+            return node
+    return None
+
+
+def quantize_lm_head(model: onnx.ModelProto, bits: int, block_size: int,
+                     exclude: list[str] | None = None) -> dict[str, Any] | None:
+    """The LM head Gemm -> MatMulNBits (symmetric round-to-nearest, `bits` 4 or 8, blocks along H); a token
+    Gather reading the same table (tied embeddings) -> GatherBlockQuantized over that quantized table.
+
+    Why: onnxruntime's quantizers take MatMul (and Gather only at 4 bits, with a table of its own), so the
+    head would stay float, and a tied table would be stored twice. This is what onnxruntime-genai's builder
+    writes for tied embeddings: the quantized head's weight, reshaped to [V, H * bits / 8], is the
+    embedding table, read block by block with the head's scales. Returns None (nothing changed) when the
+    graph has no such head or it is excluded.
+    """
+    from onnx import helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    head = lm_head_gemm(model)
+    if head is None or head.name in set(exclude or []):
+        return None
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    table_name = head.input[1]
+    table = numpy_helper.to_array(inits[table_name]).astype(np.float32)
+    vocab, hidden = table.shape
+    # The largest block up to the one asked for that divides the hidden size, so no row is padded (a
+    # padded row stores and reads the padding too); a hidden size no power of two divides keeps the block.
+    block_size = next((b for b in (512, 256, 128, 64, 32, 16) if b <= block_size and hidden % b == 0), block_size)
+    blocks = -(-hidden // block_size)
+    blob = block_size * bits // 8
+    packed = np.zeros((vocab, blocks, blob), np.uint8)
+    scales = np.zeros(vocab * blocks, np.float32)
+    zero_points = np.zeros(vocab * ((blocks + 1) // 2), np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, np.ascontiguousarray(table.T), scales, zero_points, block_size, vocab, hidden, True)
+    base = f"lm_head.q{bits}"
+    graph.initializer.extend([numpy_helper.from_array(packed, f"{base}.weight"),
+                              numpy_helper.from_array(scales.reshape(vocab, blocks), f"{base}.scales"),
+                              numpy_helper.from_array(np.array([vocab, blocks * blob], np.int64), f"{base}.rows")])
+    nodes = list(graph.node)
+    at = nodes.index(head)
+    out = head.output[0]
+    matmul_out = out if len(head.input) < 3 else f"{out}.no_bias"
+    new = [helper.make_node("MatMulNBits", [head.input[0], f"{base}.weight", f"{base}.scales"], [matmul_out],
+                            name=f"{head.name}.MatMulNBits", domain="com.microsoft", K=hidden, N=vocab, bits=bits,
+                            block_size=block_size, accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL)]
+    if len(head.input) >= 3:
+        new.append(helper.make_node("Add", [matmul_out, head.input[2]], [out], name=f"{head.name}.bias"))
+    nodes[at:at + 1] = new
+    gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table_name]
+    if gathers:
+        nodes.insert(0, helper.make_node("Reshape", [f"{base}.weight", f"{base}.rows"], [f"{base}.table"],
+                                         name=f"{base}.table"))
+    for gather in gathers:
+        i = nodes.index(gather)
+        out = gather.output[0]
+        padded = blocks * block_size != hidden
+        gathered = f"{out}.padded" if padded else out
+        repl = [helper.make_node("GatherBlockQuantized", [f"{base}.table", gather.input[1], f"{base}.scales"],
+                                 [gathered], name=f"{gather.name}.GatherBlockQuantized", domain="com.microsoft",
+                                 bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)]
+        if padded:  # the last block of each row is padded: cut the row back to the hidden size
+            graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), f"{base}.{k}")
+                                      for k, v in (("from", 0), ("to", hidden), ("axis", -1))])
+            repl.append(helper.make_node("Slice", [gathered, f"{base}.from", f"{base}.to", f"{base}.axis"], [out],
+                                         name=f"{gather.name}.unpad"))
+        nodes[i:i + 1] = repl
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(table_name in n.input for n in nodes):
+        graph.initializer.remove(inits[table_name])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"node": head.name, "bits": bits, "block_size": block_size,
+            "tied_embedding": "GatherBlockQuantized over the head's weight (stored once)" if gathers else None}
 
 
 def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: list[str] | None = None) -> dict[str, Any]:

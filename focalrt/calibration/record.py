@@ -228,9 +228,14 @@ def decoder_feed(seen: DecoderInputs) -> dict[str, np.ndarray]:
         raise RuntimeError("calibration records the KV cache from host memory; run it with provider='cpu'")
     past = cache.lengths.copy()
     total = int((past + seen.new_tokens).max())
-    feeds = {names.inputs_embeds: np.array(seen.inputs_embeds.numpy(), np.float32, copy=True),
-             names.attention_mask: np.array(seen.attention_mask, copy=True),
+    feeds = {names.attention_mask: np.array(seen.attention_mask, copy=True),
              names.position_ids: np.array(seen.position_ids, np.int64, copy=True)}
+    if names.inputs_embeds is not None:  # a bundle with an embedding component: the decoder takes its output
+        feeds[names.inputs_embeds] = np.array(seen.inputs_embeds.numpy(), np.float32, copy=True)
+    else:
+        feeds[names.token_ids] = np.array(seen.token_ids, np.int64, copy=True)
+        if names.image_embeds is not None:
+            feeds[names.image_embeds] = np.array(seen.image_embeds.numpy(), np.float32, copy=True)
     if names.logits_to_keep is not None:
         feeds[names.logits_to_keep] = np.array([seen.keep], np.int64)
     rows = slice(cache.start, cache.start + cache.batch)

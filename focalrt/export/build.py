@@ -175,8 +175,6 @@ def export_bundle(out: str | Path, *, model_id: str | None = None, preset: str |
         video = getattr(fam, "export_video", None)  # optional: families with a video tower
         if video is not None and (record := video(source.model, tmp)) is not None:
             components["video"] = record
-        log.info("exporting token embedding")
-        components["embed"] = fam.export_embed(source.model, tmp)
         log.info("exporting decoder (%d layers)", sections["text"]["num_layers"])
         components["decoder"] = fam.export_decoder(source.model, tmp, options.max_context)
         if keep_quantization:

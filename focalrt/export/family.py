@@ -8,8 +8,7 @@ Each family module (`qwen2_5_vl`, `face_llava`, `text`) offers the same function
     write_bundle_tokenizer(source, out) -> dict            tokenizer.json + the manifest's tokenizer entry
     export_vision(model, out, image_size) -> dict          vision.onnx, validated (None: a text-only family)
     export_video(model, out) -> dict | None                optional: video.onnx, validated (None: no video tower)
-    export_embed(model, out) -> dict                       embed.onnx, validated
-    export_decoder(model, out, max_context) -> dict        decoder.onnx, validated
+    export_decoder(model, out, max_context) -> dict        decoder.onnx (token ids in, the embedding inside), validated
     manifest_sections(source, options, tok) -> dict        the family's "architecture", "preprocess", "text"
 
 The driver owns everything they share: the temporary directory and its atomic rename, the order of the

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL (Focal-RegionFace) export: vision encoder, token embedding and KV-cached decoder.
+"""Qwen2.5-VL (Focal-RegionFace) export: vision encoder and KV-cached decoder (which embeds the tokens).
 
 Each component is a small wrapper module that declares its ONNX inputs, outputs and dynamic axes in
 one place (the Optimum habit) and is checked against the transformers model right after export.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from focalrt.export.family import Options, Source
-from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder
+from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
 from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
 
 log = logging.getLogger(__name__)
@@ -121,22 +121,6 @@ class VisionEncoder(nn.Module):
         return self.visual(pixel_values, grid_thw=self.grid_thw).pooler_output
 
 
-class TokenEmbedding(nn.Module):
-    """input_ids -> embeddings, with image embeddings placed at the image-pad positions in order."""
-
-    def __init__(self, embed_tokens: nn.Embedding, image_token_id: int):
-        super().__init__()
-        self.embed_tokens = embed_tokens
-        self.image_token_id = image_token_id
-
-    def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        embeds = self.embed_tokens(input_ids)
-        is_image = input_ids == self.image_token_id
-        index = (is_image.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
-        placed = image_embeds.index_select(0, index).view(embeds.shape)
-        return torch.where(is_image.unsqueeze(-1), placed, embeds)
-
-
 def _sample_pixels(n_patches: int, dim: int, seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).standard_normal((n_patches, dim)).astype(np.float32))
 
@@ -159,74 +143,14 @@ def export_vision(model, out: Path, image_size: int) -> dict[str, Any]:
     return {"validation_max_abs_diff": err, "grid_thw": list(grid), **describe_io(path)}
 
 
-def export_embed(model, out: Path) -> dict[str, Any]:
-    cfg = model.config
-    module = TokenEmbedding(model.model.language_model.embed_tokens, cfg.image_token_id).eval()
-    hidden = cfg.text_config.hidden_size
-    ids = torch.tensor([[151644, 9707, cfg.image_token_id, cfg.image_token_id, cfg.image_token_id, 1879]])
-    image_embeds = torch.randn(3, hidden)
-    path = out / "embed.onnx"
-    export_module(module, (ids, image_embeds), path, ["input_ids", "image_embeds"], ["inputs_embeds"],
-                  {"input_ids": {0: "batch", 1: "sequence"}, "image_embeds": {0: "image_tokens"},
-                   "inputs_embeds": {0: "batch", 1: "sequence"}})
-    sess = cpu_session(path)
-    with torch.no_grad():
-        ref = model.model.language_model.embed_tokens(ids)
-        ref[ids == cfg.image_token_id] = image_embeds
-    got = sess.run(None, {"input_ids": ids.numpy(), "image_embeds": image_embeds.numpy()})[0]
-    err = compare("token embedding", got, ref.numpy(), atol=1e-6)
-    return {"validation_max_abs_diff": err, **describe_io(path)}
-
-
 def export_decoder(model, out: Path, max_context: int) -> dict[str, Any]:
-    module = KVCachedDecoder(model.model.language_model, model.lm_head, max_context).eval()
+    lm = model.model.language_model
+    module = KVCachedDecoder(lm, model.lm_head, max_context, model.config.image_token_id).eval()
     path = out / "decoder.onnx"
     graph = export_kv_decoder(module, path)
-    err = validate_decoder(model, path)
+    err = validate_kv_decoder(module, lm, model.lm_head, path)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
-
-
-def validate_decoder(model, path: Path, prompt_len: int = 7, steps: int = 3, buf: int = 32) -> float:
-    """Prefill (logits at every prompt position) then cached single-token steps through ONNX, against
-    transformers with a DynamicCache."""
-    from transformers import DynamicCache
-
-    tcfg = model.config.text_config
-    n_layers, kv = tcfg.num_hidden_layers, tcfg.num_key_value_heads
-    hd = tcfg.hidden_size // tcfg.num_attention_heads
-    gen = torch.Generator().manual_seed(3)
-    total = prompt_len + steps
-    embeds = torch.randn(1, total, tcfg.hidden_size, generator=gen)
-    # 3D positions as an image prompt has them: the middle tokens take distinct h/w positions.
-    pos = torch.arange(total).view(1, 1, -1).repeat(3, 1, 1)
-    pos[1, 0, 2:5] = torch.tensor([2, 2, 3])
-    pos[2, 0, 2:5] = torch.tensor([2, 3, 2])
-    sess = cpu_session(path)
-    cache = [np.zeros((1, kv, buf, hd), np.float32) for _ in range(2 * n_layers)]
-    lm = model.model.language_model
-    ref_cache = DynamicCache(config=model.config.text_config)
-    worst = 0.0
-    start = 0
-    for end in [prompt_len] + list(range(prompt_len + 1, total + 1)):
-        feeds = {"inputs_embeds": embeds[:, start:end].numpy(),
-                 "attention_mask": np.ones((1, end), np.int64),
-                 "position_ids": pos[:, :, start:end].numpy()}
-        feeds["logits_to_keep"] = np.array([end - start], np.int64)  # every prefill position, then the one step
-        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": c
-                      for i, c in enumerate(cache)})
-        outs = sess.run(None, feeds)
-        cache = outs[1:]
-        with torch.no_grad():
-            h = lm(inputs_embeds=embeds[:, start:end], position_ids=pos[:, :, start:end],
-                   attention_mask=torch.ones(1, end, dtype=torch.long), past_key_values=ref_cache,
-                   use_cache=True).last_hidden_state
-            ref = model.lm_head(h).numpy()
-        worst = max(worst, compare(f"decoder logits at length {end}", outs[0], ref, atol=1e-4))
-        ref_k = ref_cache.layers[0].keys.numpy()
-        worst = max(worst, compare(f"decoder KV cache at length {end}", cache[0][:, :, :end], ref_k, atol=1e-4))
-        start = end
-    return worst
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Text-only causal LMs (Llama, Qwen2) -> a text bundle: token embedding + KV-cached decoder, no vision.
+"""Text-only causal LMs (Llama, Qwen2) -> a text bundle: one KV-cached decoder (token ids in), no vision.
 
 The source is a GGUF file, which transformers dequantizes to float32 (it needs the `gguf` and
 `accelerate` packages), or a transformers checkpoint directory. The decoder is the same
@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from focalrt.export.family import Options, Source
 from focalrt.export.gguf_check import check_gguf
 from focalrt.export.gqa import KVCachedDecoder, export_kv_decoder, validate_kv_decoder
-from focalrt.export.onnx_io import compare, cpu_session, describe_io, export_module
+from focalrt.export.onnx_io import compare, cpu_session, describe_io
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +107,6 @@ def load_checkpoint(source: str | Path):
     return model.eval(), tokenizer  # float32: from_pretrained was asked for it (a GGUF model refuses .float())
 
 
-class TokenEmbedding(nn.Module):
-    """input_ids [B, S] -> inputs_embeds [B, S, H]; text bundles have no image tokens to place."""
-
-    def __init__(self, embed_tokens: nn.Embedding):
-        super().__init__()
-        self.embed_tokens = embed_tokens
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-
-def export_embed(model, out: Path) -> dict[str, Any]:
-    module = TokenEmbedding(model.get_input_embeddings()).eval()
-    ids = torch.tensor([[1, 2, 3, model.config.vocab_size - 1]])
-    path = out / "embed.onnx"
-    export_module(module, (ids,), path, ["input_ids"], ["inputs_embeds"],
-                  {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}})
-    with torch.no_grad():
-        ref = module(ids).numpy()
-    got = cpu_session(path).run(None, {"input_ids": ids.numpy()})[0]
-    return {"validation_max_abs_diff": compare("token embedding", got, ref, atol=1e-6), **describe_io(path)}
-
-
 def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
@@ -139,7 +115,7 @@ def export_decoder(model, out: Path, max_context: int) -> dict[str, Any]:
     module = KVCachedDecoder(model.model, model.lm_head, max_context).eval()
     path = out / "decoder.onnx"
     graph = export_kv_decoder(module, path)
-    err = validate_kv_decoder(model.model, model.lm_head, path, head_dim_of(model.config))
+    err = validate_kv_decoder(module, model.model, model.lm_head, path)
     log.info("decoder.onnx matches PyTorch over prefill (every position) + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
 

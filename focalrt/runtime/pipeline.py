@@ -61,7 +61,7 @@ class GenerationOptions:
 
 
 class ImageRegions(NamedTuple):
-    """One image for `describe_views` (e.g. a face crop), the boxes to describe in it, and its landmarks."""
+    """One image for `describe_images` (e.g. a face crop), the boxes to describe in it, and its landmarks."""
 
     image: Any  # BGR array or image file
     boxes: list[tuple[int, int, int, int] | None]
@@ -133,9 +133,12 @@ class Pipeline:
         self.vision = session("vision") if bundle.has_vision else None  # None: text-only
         # Face-LLaVA's video tower (one window of frames -> frame-major image embeddings); None: images only
         self.video = session("video") if "video" in m["components"] else None
-        embed, decoder = session("embed"), session("decoder")
+        # The decoder embeds its token ids; a bundle exported before that has an embedding component too.
+        embed = session("embed") if "embed" in m["components"] else None
+        decoder = session("decoder")
         # Tensor names by role from the manifest's records; a manifest without them: the graphs' own.
-        parts = (("embed", embed), ("decoder", decoder)) + ((("vision", self.vision),) if self.vision else ())
+        parts = ((("embed", embed),) if embed else ()) + (("decoder", decoder),) + \
+            ((("vision", self.vision),) if self.vision else ())
         records = {name: rec if "inputs" in rec and "outputs" in rec else io_record(sess)
                    for name, sess in parts for rec in [m["components"][name]]}
         self.model = TextModel(embed=embed, decoder=decoder,
@@ -340,20 +343,20 @@ class Pipeline:
                          prompt: str | None = None, options: GenerationOptions | None = None, *,
                          landmarks68: np.ndarray | None = None, **sampling: Any) -> list[Description]:
         """Several regions of one image at the cost of little more than one (see `describe_batch`)."""
-        return self.describe_views([ImageRegions(image, boxes, landmarks68)], prompt, options, **sampling)[0]
+        return self.describe_images([ImageRegions(image, boxes, landmarks68)], prompt, options, **sampling)[0]
 
-    def describe_views(self, views: list[ImageRegions], prompt: str | None = None,
-                       options: GenerationOptions | None = None, *, drafts: Drafts | None = None,
-                       draft_keys: list[list[Any]] | None = None, **sampling: Any) -> list[list[Description]]:
+    def describe_images(self, images: list[ImageRegions], prompt: str | None = None,
+                        options: GenerationOptions | None = None, *, drafts: Drafts | None = None,
+                        draft_keys: list[list[Any]] | None = None, **sampling: Any) -> list[list[Description]]:
         """Several images (e.g. one crop per face), each with its regions and landmarks, in one batch; one list
         of descriptions per image. `draft_keys` holds one key per box (e.g. (face id, region))."""
-        requests = [Request(image, box, lm, prompt, draft_keys[v][b] if draft_keys else None)
-                    for v, (image, boxes, lm) in enumerate(views) for b, box in enumerate(boxes)]
+        requests = [Request(image, box, lm, prompt, draft_keys[i][b] if draft_keys else None)
+                    for i, (image, boxes, lm) in enumerate(images) for b, box in enumerate(boxes)]
         flat = self.describe_batch(requests, options, drafts=drafts, **sampling)
-        out, i = [], 0
-        for _, boxes, _ in views:
-            out.append(flat[i:i + len(boxes)])
-            i += len(boxes)
+        out, start = [], 0
+        for _, boxes, _ in images:
+            out.append(flat[start:start + len(boxes)])
+            start += len(boxes)
         return out
 
     # ------------------------------------------------------------------------------------ one batch of rows

@@ -220,7 +220,7 @@ def parse_describe(result) -> list[Result]:
 
 
 class RemotePipeline:
-    """What RegionRunner needs from a Pipeline, with describe_views sent to a server.
+    """What RegionRunner needs from a Pipeline, with describe_images sent to a server.
 
     Only the bundle's manifest and face models are read here (faces, landmarks and tracking stay on the camera
     side, exactly as in a local run); the VLM runs on the server, one request per face crop or video window,
@@ -287,8 +287,8 @@ class RemotePipeline:
             self.schemas[key] = text
         return self.schemas[key]
 
-    def describe_views(self, views: list[tuple], prompt: str | None = None, max_new_tokens: Any = None,
-                       **unsupported: Any) -> list[list[Description]]:
+    def describe_images(self, views: list[tuple], prompt: str | None = None, max_new_tokens: Any = None,
+                        **unsupported: Any) -> list[list[Description]]:
         # RegionRunner passes GenerationOptions; drafts change only how many decoder calls a description takes,
         # never its tokens, so a server that does not draft gives the same events.
         schema = getattr(max_new_tokens, "schema", None) or unsupported.pop("schema", None)

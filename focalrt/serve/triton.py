@@ -1,7 +1,7 @@
 """A bundle served on Triton Inference Server through PyTriton: models `describe` and `faces`.
 
 Triton's dynamic batcher gathers requests from many clients; `describe` hands all of a batch's images and
-regions to one `Pipeline.describe_views` call, so they share every decode step. Malformed requests never reach
+regions to one `Pipeline.describe_images` call, so they share every decode step. Malformed requests never reach
 the model: each gets its own `error` output while the rest of the batch is answered. If the merged call still
 fails (something only the model can find, e.g. a prompt longer than the context), the batch is split and each
 request runs alone, so one bad request costs only its own answer.
@@ -122,7 +122,7 @@ class DescribeModel:
                 log.exception("describe: request %d could not be prepared", i)
                 responses[i] = _error_response(f"the server could not prepare this request: {e}")
         groups: dict[tuple, list] = {}
-        for job in jobs:  # one describe_views call per (prompt, max tokens); schemas are per row (one matcher each)
+        for job in jobs:  # one describe_images call per (prompt, max tokens); schemas are per row (one matcher each)
             req = job[1]
             groups.setdefault((req.prompt, req.max_new_tokens), []).append(job)
         for group in groups.values():
@@ -163,7 +163,7 @@ class DescribeModel:
             raise RequestError(f"input 'schema': schema does not compile: {e}") from None
 
     def _describe(self, group: list) -> list[list]:
-        """One describe_views call for the group. Rows under a schema get their own matcher and their parsed
+        """One describe_images call for the group. Rows under a schema get their own matcher and their parsed
         `state`, as a local run's do; the other rows of the batch decode freely beside them."""
         views = [(image, boxes, lm) for _, _, vs in group for image, boxes, lm, _ in vs]
         schemas = [req.schema for _, req, vs in group for _, boxes, _, _ in vs for _ in boxes]
@@ -175,7 +175,7 @@ class DescribeModel:
             if any(s is not None for s in schemas):
                 kwargs["logits_processors"] = [[self.pipeline.grammar(s).processor()] if s is not None else []
                                                for s in schemas]
-            described = self.pipeline.describe_views(views, req.prompt, max_new_tokens=req.max_new_tokens, **kwargs)
+            described = self.pipeline.describe_images(views, req.prompt, max_new_tokens=req.max_new_tokens, **kwargs)
             limit = self.pipeline.options(max_new_tokens=req.max_new_tokens).max_new_tokens
         for d, schema in zip((d for per_view in described for d in per_view), schemas, strict=True):
             if schema is not None:
@@ -339,7 +339,7 @@ def warm_up(pipeline: Pipeline, faces: FaceAnalyzer | None) -> float:
     t0 = time.perf_counter()
     image = cv2.imread(str(Path(focalrt.data.__file__).parent / "astronaut.jpg"))
     h, w = image.shape[:2]
-    pipeline.describe_views([(image, [(w // 4, h // 4, w // 2, h // 2)], None)], max_new_tokens=2)
+    pipeline.describe_images([(image, [(w // 4, h // 4, w // 2, h // 2)], None)], max_new_tokens=2)
     if faces is not None:
         faces.analyze(image)
     return (time.perf_counter() - t0) * 1e3

@@ -30,15 +30,12 @@ from focalrt.export.face_llava.checkpoint import (
     to_original_face_llava_state_dict,
 )
 from focalrt.export.face_llava.components import (
-    TokenEmbedding,
     VideoEncoder,
     VisionEncoder,
     export_decoder,
-    export_embed,
     export_video,
     export_vision,
     image_token_count,
-    validate_decoder,
 )
 from focalrt.export.face_llava.model import (
     BOS_TOKEN,
@@ -62,8 +59,8 @@ __all__ = [
     "FAMILY", "export_options", "load_source", "manifest_sections", "write_bundle_tokenizer",
     "BOS_TOKEN", "DEFAULT_MAX_CONTEXT", "EOS_TOKEN", "FACE_LLAVA_PROMPT", "IMAGE_MEAN", "IMAGE_STD", "IMAGE_TOKEN",
     "LLAVA_V1_SYSTEM", "PRESETS", "PRESET_IMAGE_TOKEN_ID", "PRESET_VOCAB_SIZE", "VIDEO_FRAMES",
-    "FaceLlava", "TokenEmbedding", "VideoEncoder", "VisionEncoder", "build_preset_tokenizer", "build_random_model",
-    "convert_face_llava_state_dict", "export_decoder", "export_embed", "export_video", "export_vision",
-    "image_token_count", "load_face_llava_checkpoint", "to_original_face_llava_state_dict", "validate_decoder",
+    "FaceLlava", "VideoEncoder", "VisionEncoder", "build_preset_tokenizer", "build_random_model",
+    "convert_face_llava_state_dict", "export_decoder", "export_video", "export_vision",
+    "image_token_count", "load_face_llava_checkpoint", "to_original_face_llava_state_dict",
     "write_face_llava_tokenizer",
 ]

@@ -90,26 +90,6 @@ class VideoEncoder(nn.Module):
         return features.reshape(-1, features.shape[-1])
 
 
-class TokenEmbedding(nn.Module):
-    """input_ids -> embeddings, with image embeddings at the image-token positions in order.
-
-    The image token may lie outside the embedding table (a checkpoint tokenizer with <image> appended), so
-    it is looked up as id 0 and then replaced.
-    """
-
-    def __init__(self, embed_tokens: nn.Embedding, image_token_id: int):
-        super().__init__()
-        self.embed_tokens = embed_tokens
-        self.image_token_id = image_token_id
-
-    def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        is_image = input_ids == self.image_token_id
-        embeds = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
-        index = (is_image.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
-        placed = image_embeds.index_select(0, index).view(embeds.shape)
-        return torch.where(is_image.unsqueeze(-1), placed, embeds)
-
-
 def image_token_count(model: FaceLlava) -> int:
     v = model.config.vision_config
     return (v.image_size // v.patch_size) ** 2 + (0 if model.config.vision_feature_select_strategy == "default" else 1)
@@ -199,35 +179,11 @@ def export_video(model: FaceLlava, out: Path) -> dict[str, Any] | None:
     return {"validation_max_abs_diff": worst, **facts, "landmarks": _landmark_facts(model), **describe_io(path)}
 
 
-def export_embed(model: FaceLlava, out: Path) -> dict[str, Any]:
-    image_id = model.config.image_token_id
-    module = TokenEmbedding(model.llava.get_input_embeddings(), image_id).eval()
-    hidden = model.config.text_config.hidden_size
-    ids = torch.tensor([[1, 319, image_id, image_id, image_id, 13]])
-    image_embeds = torch.randn(3, hidden, generator=torch.Generator().manual_seed(2))
-    path = out / "embed.onnx"
-    export_module(module, (ids, image_embeds), path, ["input_ids", "image_embeds"], ["inputs_embeds"],
-                  {"input_ids": {0: "batch", 1: "sequence"}, "image_embeds": {0: "image_tokens"},
-                   "inputs_embeds": {0: "batch", 1: "sequence"}})
-    with torch.no_grad():
-        ref = model.embed(ids, image_embeds[None]).numpy()
-    got = cpu_session(path).run(None, {"input_ids": ids.numpy(), "image_embeds": image_embeds.numpy()})[0]
-    err = compare("token embedding", got, ref, atol=1e-6)
-    return {"validation_max_abs_diff": err, **describe_io(path)}
-
-
 def export_decoder(model: FaceLlava, out: Path, max_context: int) -> dict[str, Any]:
-    module = KVCachedDecoder(model.llava.model.language_model, model.llava.lm_head, max_context).eval()
+    lm = model.llava.model.language_model
+    module = KVCachedDecoder(lm, model.llava.lm_head, max_context, model.config.image_token_id).eval()
     path = out / "decoder.onnx"
     graph = export_kv_decoder(module, path)
-    hd = module.head_dim
-    err = validate_decoder(model, path, hd)
+    err = validate_kv_decoder(module, lm, model.llava.lm_head, path)
     log.info("decoder.onnx matches PyTorch over prefill + 3 cached steps (max abs diff %.2e)", err)
     return {"validation_max_abs_diff": err, **graph, **describe_io(path)}
-
-
-def validate_decoder(model: FaceLlava, path: Path, head_dim: int, prompt_len: int = 7, steps: int = 3,
-                     buf: int = 32) -> float:
-    """Prefill then cached single-token steps through ONNX, against transformers with a DynamicCache."""
-    return validate_kv_decoder(model.llava.model.language_model, model.llava.lm_head, path, head_dim, prompt_len,
-                               steps, buf)

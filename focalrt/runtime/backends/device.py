@@ -315,7 +315,8 @@ def report(bundle: str | os.PathLike | None = None, cameras: list[int] | None = 
                         onnxruntime=modules[0].version, ram_bytes=total, ram_available_bytes=available,
                         precisions=precisions(providers, gpu), cameras=cameras,
                         bundle=bundle_fit(bundle, gpu, available) if bundle else None,
-                        lanes=realtime_lanes(providers), modules=modules, warnings=module_warnings(modules))
+                        lanes=realtime_lanes(providers) if ort_ok else {}, modules=modules,
+                        warnings=module_warnings(modules))
 
 
 def realtime_lanes(providers: list[str]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ GroupQueryAttention is an ONNX Runtime contrib op (`com.microsoft`) that TensorR
 implement, so a decoder exported with it cannot become a native engine. The runtime therefore uses
 TensorRT through ONNX Runtime's TensorRT execution provider: TensorRT takes every subgraph it can parse
 and the CUDA execution provider runs the attention nodes, on the same device, with the KV cache still
-updated in place. Components with only standard ops (vision encoder, token embedding) get native engines
+updated in place. Components with only standard ops (the vision encoder) get native engines
 here; a contrib-op component is reported as served by the execution provider, which the runtime
 configures with the same shape bounds (`profile_shapes` and `trt_ep_provider_options` live in the torch-free
 `focalrt/runtime/backends/tensorrt_ep.py`, so the device can use them). docs/precision-and-tensorrt.md has the

@@ -1,11 +1,13 @@
 """The decode loop, top to bottom: the text model, the prompt cache, prefill, one step, k-token
 verification, sampling, and `generate`, the one loop every caller uses (gpt-fast / mlx-lm style).
 
-- `TextModel` holds the embedding and decoder sessions with their tensor names from the manifest, and
-  the observers that see every decoder call (calibration records through them).
-- `PromptCache` owns the preallocated KV: one buffer per layer and per key/value,
-  [slots, kv_heads, max_context, head_dim]. The same buffer is bound as the decoder's past input and
-  present output; the exported GroupQueryAttention writes the new positions in place. It also owns
+- `TextModel` holds the decoder session (token ids in: one call a step) with its tensor names from the
+  manifest, and the observers that see every decoder call (calibration records through them); bundles
+  exported before the decoder embedded its tokens also run their embedding session first.
+- `PromptCache` owns the KV: one buffer per layer and per key/value, [slots, kv_heads, capacity,
+  head_dim]; on the CPU the capacity starts at `KV_START_POSITIONS` and grows (doubling) to what the rows
+  need, up to max_context. The same buffer is bound as the decoder's past input and present output; the
+  exported GroupQueryAttention writes the new positions in place. It also owns
   prefix reuse (copying a shared prompt prefix between slots, and the prompt head that is the same on
   every frame) and `trim`, which rolls rows back.
 - `generate` prefills a batch of rows (sharing each image's prefix when asked), gives each row a
@@ -38,19 +40,21 @@ class TensorNames:
     """Tensor names by role, read from the manifest's component records (defaults: what every export writes).
 
     Roles follow the order the exporter declares (`export/gqa.py::decoder_io_names`): the vision output;
-    the embedding's token ids, image embeddings and output; the decoder's embeddings, attention mask,
-    position ids, then `logits_to_keep` (bundles exported since k-token verification) and the past KV
-    pairs; its outputs are logits, then the present KV pairs.
+    the decoder's token ids, image embeddings (vision families), attention mask, position ids,
+    `logits_to_keep` and the past KV pairs; its outputs are logits, then the present KV pairs. A bundle
+    exported before the decoder embedded its tokens has an embedding component (token ids, image
+    embeddings -> embeddings) and a decoder taking `inputs_embeds` first (and `logits_to_keep` only if
+    exported since k-token verification); `inputs_embeds` names that input, and is None otherwise.
     """
 
     vision_embeds: str = "image_embeds"  # the vision encoder's output
-    token_ids: str = "input_ids"
-    image_embeds: str | None = "image_embeds"  # None: a text-only bundle's embedding takes token ids alone
-    token_embeds: str = "inputs_embeds"  # the embedding's output
-    inputs_embeds: str = "inputs_embeds"
+    token_ids: str = "input_ids"  # the decoder's (or the old embedding component's) token ids
+    image_embeds: str | None = "image_embeds"  # None: a text-only bundle takes token ids alone
+    token_embeds: str = "inputs_embeds"  # the old embedding component's output
+    inputs_embeds: str | None = None  # the old decoder's embeddings input; None: the decoder embeds its tokens
     attention_mask: str = "attention_mask"
     position_ids: str = "position_ids"
-    logits_to_keep: str | None = None  # None: the decoder returns the last token's logits only
+    logits_to_keep: str | None = "logits_to_keep"  # None: the decoder returns the last token's logits only
     logits: str = "logits"
     past: tuple[str, ...] = ()
     present: tuple[str, ...] = ()
@@ -62,14 +66,33 @@ class TensorNames:
         default_present = tuple(f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
         vision, embed, decoder = (components.get(c, {}) for c in ("vision", "embed", "decoder"))
         v_out = [o["name"] for o in vision.get("outputs", [])]
-        e_in = [i["name"] for i in embed.get("inputs", [])]
-        e_out = [o["name"] for o in embed.get("outputs", [])]
         d_in = [i["name"] for i in decoder.get("inputs", [])]
         d_out = [o["name"] for o in decoder.get("outputs", [])]
         kv = 2 * num_layers
         names = cls(past=default_past, present=default_present)
         if v_out:
             names = replace(names, vision_embeds=v_out[0])
+        if "embed" in components:
+            return names.with_embedding_component(embed, d_in, d_out, num_layers)
+        if not d_in:
+            return names
+        if len(d_in) not in (kv + 4, kv + 5) or len(d_out) != kv + 1:
+            raise BundleError(f"the manifest's decoder record lists {len(d_in)} inputs and {len(d_out)} outputs; a "
+                              f"{num_layers}-layer decoder has {kv + 4} or {kv + 5} inputs and {kv + 1} outputs "
+                              f"(token ids[, image embeddings], mask, positions, logits_to_keep, KV; logits, KV): "
+                              f"re-export the bundle")
+        image = d_in[1] if len(d_in) == kv + 5 else None
+        return replace(names, token_ids=d_in[0], image_embeds=image, inputs_embeds=None,
+                       attention_mask=d_in[-kv - 3], position_ids=d_in[-kv - 2], logits_to_keep=d_in[-kv - 1],
+                       past=tuple(d_in[-kv:]), logits=d_out[0], present=tuple(d_out[1:]))
+
+    def with_embedding_component(self, embed: dict[str, Any], d_in: list[str], d_out: list[str],
+                                 num_layers: int) -> TensorNames:
+        """The names of a bundle exported before the decoder embedded its tokens (embed.onnx + decoder.onnx)."""
+        e_in = [i["name"] for i in embed.get("inputs", [])]
+        e_out = [o["name"] for o in embed.get("outputs", [])]
+        kv = 2 * num_layers
+        names = replace(self, inputs_embeds="inputs_embeds", logits_to_keep=None)
         if len(e_in) in (1, 2) and e_out:
             names = replace(names, token_ids=e_in[0], image_embeds=e_in[1] if len(e_in) == 2 else None,
                             token_embeds=e_out[0])
@@ -79,12 +102,16 @@ class TensorNames:
                               f"(embeddings, mask, positions[, logits_to_keep], KV; logits, KV): re-export the bundle")
         if d_in:
             names = replace(names, inputs_embeds=d_in[0], attention_mask=d_in[1], position_ids=d_in[2],
-                             logits_to_keep=d_in[3] if len(d_in) == kv + 4 else None,
-                             past=tuple(d_in[-kv:]), logits=d_out[0], present=tuple(d_out[1:]))
+                            logits_to_keep=d_in[3] if len(d_in) == kv + 4 else None,
+                            past=tuple(d_in[-kv:]), logits=d_out[0], present=tuple(d_out[1:]))
         return names
 
 
 # ---------------------------------------------------------------- the prompt cache (KV slots)
+
+# Positions a host KV cache starts with: a region prompt (image tokens + text) and its answer fit, and the
+# buffers double from there as rows need, up to max_context.
+KV_START_POSITIONS = 256
 
 
 @dataclass
@@ -97,9 +124,9 @@ class PromptCache:
     why `trim` only has to move the length back.
     """
 
-    buffers: list[ort.OrtValue]  # one per layer and key/value, [slots, kv_heads, max_context, head_dim]
+    buffers: list[ort.OrtValue]  # one per layer and key/value, [slots, kv_heads, capacity, head_dim]
     arrays: list[np.ndarray] | None  # the host memory behind `buffers` (CPU only)
-    max_context: int
+    max_context: int  # the most positions a row may hold; host buffers grow to it as rows need (`reserve`)
     lengths: np.ndarray  # valid tokens per row of this view (a view into the parent's lengths)
     device: str = "cpu"
     start: int = 0  # first slot of this view
@@ -107,8 +134,13 @@ class PromptCache:
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int,
-                 device: str = "cpu", dtype=np.float32) -> PromptCache:
-        shape = [batch, kv_heads, max_context, head_dim]
+                 device: str = "cpu", dtype=np.float32, capacity: int | None = None) -> PromptCache:
+        """Buffers for `batch` rows of up to `max_context` positions. On the CPU they start at `capacity`
+        positions (default `KV_START_POSITIONS`) and grow as rows need; a device cache is allocated whole
+        (its buffers are bound by pointer and TensorRT's shape profiles are built for `max_context`)."""
+        if device == "cpu":
+            capacity = min(max_context, capacity or KV_START_POSITIONS)
+        shape = [batch, kv_heads, capacity if device == "cpu" else max_context, head_dim]
         if device == "cpu":
             arrays = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
             buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
@@ -132,11 +164,41 @@ class PromptCache:
         return len(self.lengths)
 
     @property
+    def capacity(self) -> int:
+        """Positions the buffers hold now (up to `max_context`)."""
+        return int(self.buffers[0].shape()[2])
+
+    def reserve(self, positions: int) -> bool:
+        """Make every row able to hold `positions` positions, growing the host buffers (at least doubling,
+        up to `max_context`) and keeping their contents; True when the buffers were replaced.
+
+        Why: a request needs prompt + new tokens, usually far below the bundle's context, so the cache
+        holds what the work needs rather than the maximum for every slot. The buffer lists are updated in
+        place, so every view of this cache sees the new buffers; bindings made over the old ones are stale
+        (`TextModel.decoder_binding` notices).
+        """
+        have = self.capacity
+        if positions <= have:
+            return False
+        if positions > self.max_context:
+            raise ValueError(f"{positions} positions do not fit the context of {self.max_context}")
+        if self.arrays is None:
+            raise RuntimeError("device KV buffers are allocated at max_context and cannot grow")
+        size = min(self.max_context, max(positions, 2 * have))
+        for i, old in enumerate(self.arrays):
+            grown = np.zeros((*old.shape[:2], size, old.shape[3]), old.dtype)
+            grown[:, :, :have] = old
+            self.arrays[i] = grown
+            self.buffers[i] = ort.OrtValue.ortvalue_from_numpy(grown)
+        return True
+
+    @property
     def on_host(self) -> bool:
         return self.arrays is not None
 
     def view(self, start: int, stop: int) -> PromptCache:
-        """Slots [start, stop) as their own cache; writes through to this one."""
+        """Slots [start, stop) as their own cache; writes through to this one. ("view" here means a range of
+        slots, as a numpy view; images handed to the encoders are "encoder inputs", see planning.py.)"""
         return PromptCache(self.buffers, self.arrays, self.max_context, self.lengths[start:stop], self.device,
                            self.start + start, self.heads)
 
@@ -182,6 +244,7 @@ class PromptCache:
         saved = self.heads.get(ids.tobytes()) if self.on_host and ids.size else None
         if saved is None:
             return 0
+        self.reserve(int(ids.size))
         for arr, kv in zip(self.arrays, saved, strict=True):
             arr[self.start + row, :, :ids.size] = kv
         self.lengths[row] = ids.size
@@ -201,11 +264,16 @@ class PromptCache:
 class DecoderInputs:
     """What one decoder call receives, as its observers see it just before it runs.
 
-    `cache` is the bound view with its lengths before the call; `step` is 0 for prefill calls and n for
-    the n-th decode step of a generation. Observers must not modify anything.
+    `token_ids` are the tokens fed ([B, S]) and `image_embeds` the image rows placed at their image tokens
+    (one zero row when the call has no image; None for a text-only bundle); a bundle with an embedding
+    component feeds the decoder `inputs_embeds` (its output), None otherwise. `cache` is the bound view
+    with its lengths before the call; `step` is 0 for prefill calls and n for the n-th decode step of a
+    generation. Observers must not modify anything.
     """
 
-    inputs_embeds: ort.OrtValue
+    token_ids: np.ndarray
+    image_embeds: ort.OrtValue | None
+    inputs_embeds: ort.OrtValue | None
     attention_mask: np.ndarray
     position_ids: np.ndarray
     cache: PromptCache
@@ -220,9 +288,10 @@ DecoderObserver = Callable[[DecoderInputs], None]
 
 @dataclass
 class TextModel:
-    """The embedding and decoder sessions of one bundle; `observers` see every decoder call's inputs."""
+    """The decoder session of one bundle (and the embedding session of a bundle exported before the decoder
+    embedded its tokens); `observers` see every decoder call's inputs."""
 
-    embed: ort.InferenceSession
+    embed: ort.InferenceSession | None
     decoder: ort.InferenceSession
     names: TensorNames
     hidden_size: int
@@ -235,39 +304,53 @@ class TextModel:
     bindings: dict[tuple[int, int], ort.IOBinding] = field(default_factory=dict)
     bound_buffers: list | None = None
 
+    def no_image(self) -> ort.OrtValue:
+        """One zero row for the image input of a call without an image: the graph gathers from it anyway."""
+        if self.empty_image is None:
+            zeros = np.zeros((1, self.hidden_size), np.float32)
+            self.empty_image = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+        return self.empty_image
+
     def embed_tokens(self, input_ids: np.ndarray, image_embeds: ort.OrtValue | None = None) -> ort.OrtValue:
-        """Token embeddings [B, S, H] on the device, with image embeddings at the image-pad positions."""
+        """The embedding component's output [B, S, H] on the device (bundles that have one)."""
         n = self.names
+        if self.embed is None:
+            raise ValueError("this bundle's decoder embeds its own token ids; it has no embedding component")
         io = self.embed.io_binding()
         io.bind_cpu_input(n.token_ids, np.ascontiguousarray(input_ids, np.int64))
         if n.image_embeds is not None:  # a text-only bundle's embedding takes token ids alone
-            if image_embeds is None:
-                # The graph gathers from image_embeds even where no image token is present: feed one zero row.
-                if self.empty_image is None:
-                    zeros = np.zeros((1, self.hidden_size), np.float32)
-                    self.empty_image = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
-                image_embeds = self.empty_image
-            io.bind_ortvalue_input(n.image_embeds, image_embeds)
+            io.bind_ortvalue_input(n.image_embeds, image_embeds if image_embeds is not None else self.no_image())
         io.bind_output(n.token_embeds, self.device)
         self.embed.run_with_iobinding(io)
         return io.get_outputs()[0]
 
-    def forward(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, cache: PromptCache, new_tokens: int,
-                keep: int = 1, step: int = 0) -> np.ndarray:
-        """One decoder call over `new_tokens` per row; logits of each row's last `keep` tokens [B, keep, V]."""
+    def forward(self, token_ids: np.ndarray, position_ids: np.ndarray, cache: PromptCache, new_tokens: int,
+                keep: int = 1, step: int = 0, image_embeds: ort.OrtValue | None = None) -> np.ndarray:
+        """One decoder call over `new_tokens` token ids per row ([B, new_tokens]), with `image_embeds` placed
+        at the image tokens; logits of each row's last `keep` tokens [B, keep, V]."""
         n = self.names
         if keep != 1 and n.logits_to_keep is None:
             raise ValueError("this bundle's decoder returns the last token's logits only (it was exported before "
                              "k-token verification); re-export it with `focalrt export` to verify or score "
                              "several tokens in one call")
+        token_ids = np.ascontiguousarray(token_ids, np.int64)
+        cache.reserve(int(cache.lengths.max()) + new_tokens)
         mask = cache.attention_mask(new_tokens)
         position_ids = np.ascontiguousarray(position_ids, np.int64)
+        embeds = self.embed_tokens(token_ids, image_embeds) if n.inputs_embeds is not None else None
+        if embeds is None and n.image_embeds is not None and image_embeds is None:
+            image_embeds = self.no_image()
         if self.observers:
-            seen = DecoderInputs(inputs_embeds, mask, position_ids, cache, new_tokens, keep, step, n)
+            seen = DecoderInputs(token_ids, image_embeds, embeds, mask, position_ids, cache, new_tokens, keep, step, n)
             for observe in self.observers:
                 observe(seen)
         io = self.decoder_binding(cache)
-        io.bind_ortvalue_input(n.inputs_embeds, inputs_embeds)
+        if embeds is not None:
+            io.bind_ortvalue_input(n.inputs_embeds, embeds)
+        else:
+            io.bind_cpu_input(n.token_ids, token_ids)
+            if n.image_embeds is not None:
+                io.bind_ortvalue_input(n.image_embeds, image_embeds)
         io.bind_cpu_input(n.attention_mask, mask)
         io.bind_cpu_input(n.position_ids, position_ids)
         if n.logits_to_keep is not None:
@@ -279,9 +362,10 @@ class TextModel:
 
     def decoder_binding(self, cache: PromptCache) -> ort.IOBinding:
         """The decoder binding for this KV view, its buffers bound once (in place: past in, present out)."""
-        if cache.buffers is not self.bound_buffers:  # another cache (resized, or another pipeline's): start over
+        if self.bound_buffers is None or cache.buffers[0] is not self.bound_buffers[0]:
+            # another cache (resized, grown, or another pipeline's): start over
             self.bindings.clear()
-            self.bound_buffers = cache.buffers
+            self.bound_buffers = list(cache.buffers)
         key = (cache.start, cache.batch)
         io = self.bindings.get(key)
         if io is None:
@@ -310,8 +394,7 @@ def prefill(model: TextModel, cache: PromptCache, input_ids: np.ndarray, positio
     if int(cache.lengths.max()) + input_ids.shape[1] > cache.max_context:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit the remaining context "
                          f"({cache.max_context - int(cache.lengths.max())} tokens)")
-    embeds = model.embed_tokens(input_ids, image_embeds)
-    return model.forward(embeds, position_ids, cache, input_ids.shape[1])[:, -1, :]
+    return model.forward(input_ids, position_ids, cache, input_ids.shape[1], image_embeds=image_embeds)[:, -1, :]
 
 
 def step_positions(model: TextModel, cache: PromptCache, delta: np.ndarray, k: int = 1) -> np.ndarray:
@@ -323,8 +406,8 @@ def step_positions(model: TextModel, cache: PromptCache, delta: np.ndarray, k: i
 def decode_one_token(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: np.ndarray,
                      step: int = 1) -> np.ndarray:
     """Feed one token per row at that row's next position; logits for the token after it, [B, V]."""
-    embeds = model.embed_tokens(np.asarray(token_ids).reshape(-1, 1))
-    return model.forward(embeds, step_positions(model, cache, delta), cache, 1, step=step)[:, 0, :]
+    ids = np.asarray(token_ids).reshape(-1, 1)
+    return model.forward(ids, step_positions(model, cache, delta), cache, 1, step=step)[:, 0, :]
 
 
 def verify(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: np.ndarray,
@@ -343,9 +426,8 @@ def verify(model: TextModel, cache: PromptCache, token_ids: np.ndarray, delta: n
     out = []
     for row in range(cache.batch):
         view = cache.view(row, row + 1)
-        embeds = model.embed_tokens(token_ids[row:row + 1])
-        out.append(model.forward(embeds, step_positions(model, view, delta[row:row + 1], k), view, k, keep=k,
-                                 step=step)[0])
+        positions = step_positions(model, view, delta[row:row + 1], k)
+        out.append(model.forward(token_ids[row:row + 1], positions, view, k, keep=k, step=step)[0])
     return np.stack(out)
 
 

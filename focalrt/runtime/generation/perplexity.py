@@ -80,12 +80,11 @@ def measure(pipeline, token_ids: list[int] | np.ndarray, context: int = 512, str
         if stride is None and bos_id is not None:
             ids[0] = bos_id
         cache.lengths[:] = 0
-        embeds = model.embed_tokens(ids[None])
         keep = w.length - w.first_scored
         positions = np.arange(w.length, dtype=np.int64)[None]
         if model.rope_axes == 3:
             positions = np.broadcast_to(positions[None], (3, 1, w.length))
-        logits = model.forward(embeds, positions, cache, w.length, keep=keep)[0]
+        logits = model.forward(ids[None], positions, cache, w.length, keep=keep)[0]
         targets = ids[w.first_scored + 1:]  # the token after each scored position but the window's last
         logp = log_softmax(logits[:-1])
         nll -= float(logp[np.arange(targets.size), targets].sum())

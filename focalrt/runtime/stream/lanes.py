@@ -3,7 +3,7 @@
 The frame lane (capture, faces, tracking, states, the choice of due regions: `runner.RegionRunner`) hands each
 due region to `DescriptionLane.submit` and goes on with the next frame. The worker takes every pending request
 at once -- every due region of every face of every source -- and describes them in one
-`Pipeline.describe_views` call, so they share each decode step, as a lock-step frame's regions do.
+`Pipeline.describe_images` call, so they share each decode step, as a lock-step frame's regions do.
 
 Backpressure: there is one pending slot per key (source, face, region). A region that becomes due again
 while the worker is busy replaces its pending request with the newer crop (counted as `superseded`), so
@@ -214,7 +214,7 @@ class DescriptionLane:
             self._ready()
 
     def _describe(self, batch: list[DescribeRequest]) -> list[Description]:
-        """One describe_views call: requests sharing a view (a face's regions of one frame) share its encoder
+        """One describe_images call: requests sharing a view (a face's regions of one frame) share its encoder
         pass; descriptions come back in request order."""
         views: list[ImageRegions] = []
         keys: list[list[Hashable]] = []
@@ -228,7 +228,7 @@ class DescriptionLane:
             views[i].boxes.append(request.box)
             keys[i].append(request.key)
             where.append((i, len(keys[i]) - 1))
-        described = self.pipeline.describe_views(views, self.prompt, self.options, drafts=self.drafts,
+        described = self.pipeline.describe_images(views, self.prompt, self.options, drafts=self.drafts,
                                                   draft_keys=keys)
         return [described[i][j] for i, j in where]
 

@@ -76,7 +76,7 @@ class RegionJob:
 
 
 @dataclass
-class FaceView:
+class FaceJobs:
     """What the encoder sees for one face (or the whole frame for fixed boxes), and its regions."""
 
     face_id: int
@@ -117,7 +117,7 @@ class FramePlan:
     frame: Frame
     source: SourceState
     states: list[dict[str, Any]]
-    decisions: list[tuple[FaceView, list[Decision]]]
+    decisions: list[tuple[FaceJobs, list[Decision]]]
     stage: dict[str, float]
     retired: list[int]
 
@@ -233,14 +233,14 @@ class RegionRunner:
         stage: dict[str, float] = {"capture": frame.capture_ms}
         self._count(src, frames=1)
         src.last_frame = (frame.index, frame.timestamp)
-        views: list[FaceView] = []
+        views: list[FaceJobs] = []
         if self.boxes:
             h, w = image.shape[:2]
             jobs = []
             for i, box in enumerate(self.boxes):
                 box = fit_box(box, w, h)
                 jobs.append(RegionJob(f"box{i}" if len(self.boxes) > 1 else "box", box, box))
-            views.append(FaceView(FIXED_BOX_FACE_ID, image, jobs))
+            views.append(FaceJobs(FIXED_BOX_FACE_ID, image, jobs))
         states: list[dict[str, Any]] = []
         retired: list[int] = []
         if self.regions or self.state is not None or self.video_window:
@@ -249,7 +249,7 @@ class RegionRunner:
         return FramePlan(frame, src, states, self._decide(frame, src, views), stage, retired)
 
     def _face_views(self, frame: Frame, src: SourceState,
-                    stage: dict[str, float]) -> tuple[list[FaceView], list[dict[str, Any]], list[int]]:
+                    stage: dict[str, float]) -> tuple[list[FaceJobs], list[dict[str, Any]], list[int]]:
         """Detect, landmark and track faces; one square crop per face with its regions' boxes in it, the
         faces' state events when they are due, and the face ids retired on this frame."""
         image = frame.image
@@ -285,10 +285,10 @@ class RegionRunner:
                              to_68(points) if self.pipeline.adapter.uses_landmarks else None)
             jobs = [RegionJob(name, frame_box, crop_box)
                     for name, frame_box, crop_box in zip(self.regions, frame_boxes, face.boxes, strict=True)]
-            views.append(FaceView(face_id, face.image, jobs, face.landmarks68))
+            views.append(FaceJobs(face_id, face.image, jobs, face.landmarks68))
         return views, states, retired
 
-    def _window_views(self, frame: Frame, src: SourceState, found: list[tuple], ids: list[int]) -> list[FaceView]:
+    def _window_views(self, frame: Frame, src: SourceState, found: list[tuple], ids: list[int]) -> list[FaceJobs]:
         """Add each face's crop to its window (every window_stride-th time the face is seen); one view per
         face whose window is full. The crop is the one the image path sees: the run's square face crop, or
         Face-LLaVA's crop tool's (side (w + h) / 2 from the box corner, 256 px) in `face_crop` region mode."""
@@ -315,7 +315,7 @@ class RegionRunner:
                 lms = [lm for _, _, lm in window]
                 clip = VideoClip([crop for _, crop, _ in window], None if lms[0] is None else lms)
                 box = tuple(int(round(v)) for v in det.box)
-                views.append(FaceView(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
+                views.append(FaceJobs(face_id, clip, [RegionJob(WINDOW, box, None, tuple(i for i, _, _ in window))]))
         return views
 
     def _states(self, frame: Frame, src: SourceState, found: list[tuple], ids: list[int],
@@ -333,7 +333,7 @@ class RegionRunner:
                  "timings_ms": {k: stage[k] for k in ("capture", "detect", "landmarks") if k in stage} | {"state": ms}}
                 for face_id, (det, _), state in zip(ids, found, states, strict=True)]
 
-    def _decide(self, frame: Frame, src: SourceState, views: list[FaceView]) -> list[tuple[FaceView, list[Decision]]]:
+    def _decide(self, frame: Frame, src: SourceState, views: list[FaceJobs]) -> list[tuple[FaceJobs, list[Decision]]]:
         """The schedule's verdict on every region of every view (the frame lane's choice of due regions)."""
         plan = []
         for view in views:
@@ -358,7 +358,7 @@ class RegionRunner:
                  for view, decided in due_views]
         keys = [[(self.face_key(frame.source, view.face_id), d.job.name) for d in decided if d.due]
                 for view, decided in due_views]
-        described = iter(self.pipeline.describe_views(batch, self.prompt, self.options, drafts=self.drafts,
+        described = iter(self.pipeline.describe_images(batch, self.prompt, self.options, drafts=self.drafts,
                                                       draft_keys=keys) if batch else [])
         events = []
         for view, decided in plan.decisions:
