@@ -349,8 +349,7 @@ def quantize_lm_head(model: onnx.ModelProto, bits: int, block_size: int,
     quantize(packed, np.ascontiguousarray(table.T), scales, zero_points, block_size, vocab, hidden, True)
     base = f"lm_head.q{bits}"
     graph.initializer.extend([numpy_helper.from_array(packed, f"{base}.weight"),
-                              numpy_helper.from_array(scales.reshape(vocab, blocks), f"{base}.scales"),
-                              numpy_helper.from_array(np.array([vocab, blocks * blob], np.int64), f"{base}.rows")])
+                              numpy_helper.from_array(scales.reshape(vocab, blocks), f"{base}.scales")])
     nodes = list(graph.node)
     at = nodes.index(head)
     out = head.output[0]
@@ -361,24 +360,8 @@ def quantize_lm_head(model: onnx.ModelProto, bits: int, block_size: int,
     if len(head.input) >= 3:
         new.append(helper.make_node("Add", [matmul_out, head.input[2]], [out], name=f"{head.name}.bias"))
     nodes[at:at + 1] = new
-    gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table_name]
-    if gathers:
-        nodes.insert(0, helper.make_node("Reshape", [f"{base}.weight", f"{base}.rows"], [f"{base}.table"],
-                                         name=f"{base}.table"))
-    for gather in gathers:
-        i = nodes.index(gather)
-        out = gather.output[0]
-        padded = blocks * block_size != hidden
-        gathered = f"{out}.padded" if padded else out
-        repl = [helper.make_node("GatherBlockQuantized", [f"{base}.table", gather.input[1], f"{base}.scales"],
-                                 [gathered], name=f"{gather.name}.GatherBlockQuantized", domain="com.microsoft",
-                                 bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)]
-        if padded:  # the last block of each row is padded: cut the row back to the hidden size
-            graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), f"{base}.{k}")
-                                      for k, v in (("from", 0), ("to", hidden), ("axis", -1))])
-            repl.append(helper.make_node("Slice", [gathered, f"{base}.from", f"{base}.to", f"{base}.axis"], [out],
-                                         name=f"{gather.name}.unpad"))
-        nodes[i:i + 1] = repl
+    gathers = gathers_from_quantized_table(graph, nodes, table_name, f"{base}.weight", f"{base}.scales", bits,
+                                           block_size, hidden)
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(table_name in n.input for n in nodes):
@@ -387,6 +370,44 @@ def quantize_lm_head(model: onnx.ModelProto, bits: int, block_size: int,
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"node": head.name, "bits": bits, "block_size": block_size,
             "tied_embedding": "GatherBlockQuantized over the head's weight (stored once)" if gathers else None}
+
+
+def gathers_from_quantized_table(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], table: str, weight: str,
+                                 scales: str, bits: int, block_size: int, hidden: int) -> int:
+    """Replace, in `nodes`, every Gather of rows of the float `table` [V, H] by a GatherBlockQuantized over
+    the quantized LM head that was made from it: `weight` [V, blocks, block * bits / 8] (MatMulNBits' B,
+    zero point 2^(bits-1)) and `scales` [V, blocks]. Returns how many Gathers were replaced.
+
+    Why: with tied embeddings the head's quantized weight is the table, so the float table need not be
+    kept (onnxruntime-genai's builder does the same); the rows read back are the head's dequantized rows.
+    """
+    from onnx import helper, numpy_helper
+
+    gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table]
+    if not gathers:
+        return 0
+    packed = next(i for i in graph.initializer if i.name == weight)
+    vocab, blocks = int(packed.dims[0]), int(packed.dims[1])
+    rows = f"{weight}.rows"
+    graph.initializer.append(numpy_helper.from_array(np.array([vocab, blocks * block_size * bits // 8], np.int64),
+                                                     rows))
+    nodes.insert(0, helper.make_node("Reshape", [weight, rows], [f"{weight}.table"], name=f"{weight}.table"))
+    padded = blocks * block_size != hidden
+    if padded:  # the last block of each row is padded: each gathered row is cut back to the hidden size
+        graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), f"{weight}.{k}")
+                                  for k, v in (("from", 0), ("to", hidden), ("axis", -1))])
+    for gather in gathers:
+        i = nodes.index(gather)
+        out = gather.output[0]
+        gathered = f"{out}.padded" if padded else out
+        repl = [helper.make_node("GatherBlockQuantized", [f"{weight}.table", gather.input[1], scales], [gathered],
+                                 name=f"{gather.name}.GatherBlockQuantized", domain="com.microsoft", bits=bits,
+                                 block_size=block_size, gather_axis=0, quantize_axis=1)]
+        if padded:
+            repl.append(helper.make_node("Slice", [gathered, f"{weight}.from", f"{weight}.to", f"{weight}.axis"],
+                                         [out], name=f"{gather.name}.unpad"))
+        nodes[i:i + 1] = repl
+    return len(gathers)
 
 
 def convert_fp16(src: Path, dst: Path, keep_fp32_nodes: list[str] | None = None) -> dict[str, Any]:

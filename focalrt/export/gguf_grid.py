@@ -205,6 +205,15 @@ def dequantize_packed(p: Packed) -> np.ndarray:
     return w.reshape(n_out, nb * BLOCK).T
 
 
+def is_weight_product(node) -> bool:
+    """A MatMul, or the decoder's LM head: a plain Gemm(transB=1) over the [V, H] table (export/gqa.py::LMHead)."""
+    if node.op_type == "MatMul":
+        return True
+    attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in node.attribute}
+    return (node.op_type == "Gemm" and attrs.get("transB", 0) == 1 and attrs.get("transA", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
+
+
 def keep_quantization(src: Path, dst: Path, grid: dict[str, GridTensor], accuracy_level: int = ACCURACY_LEVEL
                       ) -> dict[str, Any]:
     """Rewrite every MatMul of `src` whose weight is GGUF rows as MatMulNBits on the GGUF grid; save to `dst`.
@@ -215,27 +224,27 @@ def keep_quantization(src: Path, dst: Path, grid: dict[str, GridTensor], accurac
     import onnx
     from onnx import helper, numpy_helper
 
+    from focalrt.calibration.quantize import gathers_from_quantized_table
     from focalrt.export.onnx_io import IR_VERSION, save_model
 
     model = onnx.load(str(src), load_external_data=True)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
     index = row_index(grid)
     new_nodes, new_inits, replaced = [], [], set()
     block_sums: dict[str, str] = {}  # MatMul input -> its block sums
     block_ones: set[str] = set()
     summary: dict[str, Any] = {"nodes_4bit": 0, "nodes_8bit": 0, "nodes_with_offsets": 0, "float_matmuls": 0,
                                "columns": {}}
+    tied: list[tuple[str, str, Packed, int]] = []  # (table, MatMulNBits name base, packed head, hidden)
     for node in graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        weight = inits.get(node.input[1]) if len(node.input) == 2 and is_weight_product(node) else None
         if weight is None or len(weight.dims) != 2:
             new_nodes.append(node)
             continue
         w = numpy_helper.to_array(weight)
+        if node.op_type == "Gemm":  # the LM head over the [V, H] table as stored (export/gqa.py::LMHead)
+            w = w.T
         try:
             packed = match_weight(w, grid, index)
         except ValueError as e:
@@ -272,17 +281,24 @@ def keep_quantization(src: Path, dst: Path, grid: dict[str, GridTensor], accurac
             new_nodes.append(helper.make_node("Add", [out, f"{base}.gguf_offset_term"], [node.output[0]],
                                               name=f"{base}.gguf_add"))
             summary["nodes_with_offsets"] += 1
+        if node.op_type == "Gemm" and packed.offsets is None:
+            tied.append((weight.name, base, packed, k))
         summary[f"nodes_{packed.bits}bit"] += 1
         for kind, count in packed.sources.items():
             summary["columns"][kind] = summary["columns"].get(kind, 0) + count
-        readers[weight.name] -= 1
         replaced.add(weight.name)
     if not summary["nodes_4bit"] + summary["nodes_8bit"]:
         raise ValueError("--keep-quantization: no MatMul weight of the exported decoder is a Q4_0/Q4_1/Q8_0 tensor "
                          "of the GGUF file")
-    kept = [i for i in graph.initializer if i.name not in replaced or readers.get(i.name, 0) > 0]
+    before = list(graph.initializer)
     del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(new_inits)
+    for table, base, packed, hidden in tied:  # a tied table's token Gather reads the head's blocks (stored once)
+        summary["tied_gathers"] = summary.get("tied_gathers", 0) + gathers_from_quantized_table(
+            graph, new_nodes, table, f"{base}.gguf_B", f"{base}.gguf_scales", packed.bits, BLOCK, hidden)
+    # A replaced weight stays only while another node still reads it (say, a Gather of an untied table).
+    still_read = {name for n in new_nodes for name in n.input}
+    graph.initializer.extend([i for i in before if i.name not in replaced or i.name in still_read])
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
