@@ -342,8 +342,10 @@ def test_run_realtime_replays_a_file_as_a_camera(tiny_bundle, clip, tmp_path, ca
 
     out, video = tmp_path / "rt.jsonl", tmp_path / "rt.avi"
     assert cli.main(["run", str(tiny_bundle), "--source", str(clip), "--realtime", "--regions", "mouth",
-                     "--max-new-tokens", "2", "--out", str(out), "--write-video", str(video), "--quiet"]) == 0
+                     "--max-new-tokens", "2", "--out", str(out), "--write-video", str(video), "--quiet",
+                     "--describe-nice", "3"]) == 0
     summary = _summary(capsys.readouterr().err)
+    assert summary["lanes"]["describe_nice"] == 3  # the worker ran 3 nice levels below the frame lane
     events = _lines(out)
     states = [e["frame"] for e in events if e["type"] == "state"]
     descriptions = [e for e in events if e["type"] == "description"]

@@ -351,6 +351,7 @@ def run(args) -> int:
     if realtime:
         summary["lanes"] = {"frame_lane_threads": face_threads, "description_lane_threads": threads,
                             "face_providers": face_providers, "describe_provider": pipeline.providers[0],
+                            "describe_nice": runner.lane.nice if runner.lane else None,
                             **(runner.lane.stats if runner.lane else {})}
     progress.end()
     print("summary " + json.dumps(summary), file=sys.stderr)
