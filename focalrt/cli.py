@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "export" else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
+    # Sockets that a library (tritonclient's pool, while a server is not up yet) drops without closing are
+    # reported at garbage collection, after the run's summary line; they are not the user's to act on.
+    warnings.simplefilter("ignore", ResourceWarning)
     notices.reset()
     try:
         return int(args.func(args) or 0)
