@@ -141,3 +141,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def serve_usable() -> None:
+    """Skip unless `focalrt serve` can start here (tritonclient, and a Python whose [serve] extra works); a
+    FOCALRT_SERVE_PYTHON that cannot serve is a failure, not a skip, since CI sets it on purpose."""
+    from focalrt.serve.process import serve_python_problem
+
+    pytest.importorskip("tritonclient.http")
+    problem = serve_python_problem()
+    if problem:
+        if os.environ.get("FOCALRT_SERVE_PYTHON"):
+            pytest.fail(f"FOCALRT_SERVE_PYTHON cannot serve: {problem}")
+        pytest.skip(f"serve extra not usable here ({problem}); see docs/serving.md")

@@ -774,15 +774,9 @@ def test_mcap_on_a_full_disk_exits_4_and_stays_readable(tiny_bundle, avi_clip, t
 # --- the server survives any request: a loopback fuzz against the real Triton server (issue 26) --------------
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_bundle, tmp_path_factory):
-    from focalrt.serve.process import serve_python_problem, start_server
+def fuzz_server(tiny_bundle, tmp_path_factory, serve_usable):
+    from focalrt.serve.process import start_server
 
-    pytest.importorskip("tritonclient.http")
-    problem = serve_python_problem()
-    if problem:
-        if os.environ.get("FOCALRT_SERVE_PYTHON"):
-            pytest.fail(f"FOCALRT_SERVE_PYTHON cannot serve: {problem}")
-        pytest.skip(f"serve extra not usable here ({problem}); see docs/serving.md")
     srv = start_server(tiny_bundle, tmp_path_factory.mktemp("fuzz") / "serve.log", ["--max-batch", "4"])
     yield srv
     srv.stop()

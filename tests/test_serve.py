@@ -194,20 +194,8 @@ def test_a_server_that_goes_away_is_retried_with_the_cameras_backoff_then_lost(t
 
 # ---- the server ----
 
-def _require_serve():
-    from focalrt.serve.process import serve_python_problem
-
-    pytest.importorskip("tritonclient.http")
-    problem = serve_python_problem()
-    if problem:
-        if os.environ.get("FOCALRT_SERVE_PYTHON"):
-            pytest.fail(f"FOCALRT_SERVE_PYTHON cannot serve: {problem}")
-        pytest.skip(f"serve extra not usable here ({problem}); see docs/serving.md")
-
-
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    _require_serve()
+def server(tiny_bundle, tmp_path_factory, serve_usable):
     from focalrt.serve.process import start_server
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -414,11 +402,11 @@ def test_schema_the_server_cannot_compile_is_refused_naming_the_problem(client, 
     assert client.describe(astronaut_bgr, boxes=[(10, 10, 90, 90)], max_new_tokens=2)[0].token_ids
 
 
-def test_a_camera_started_before_its_server_waits_and_a_server_lost_mid_run_exits_6(tiny_bundle, clip, tmp_path):
+def test_a_camera_started_before_its_server_waits_and_a_server_lost_mid_run_exits_6(tiny_bundle, clip, tmp_path,
+                                                                                    serve_usable):
     """The usual compose/systemd start: the camera first. It says once that it waits, then writes its events.
     A second camera loses its server mid-run: the documented exit status 6, outputs whole, the summary's
     `server` counts the outage and the regions left undescribed."""
-    _require_serve()
     from focalrt.serve.process import free_ports, start_server
 
     ports = tuple(free_ports(3))
@@ -463,10 +451,9 @@ def test_a_camera_started_before_its_server_waits_and_a_server_lost_mid_run_exit
 
 
 def test_run_video_window_through_the_server_writes_the_local_events(face_llava_video_bundle, astronaut_bgr,
-                                                                    tmp_path):
+                                                                    tmp_path, serve_usable):
     """Each tracked face's window of crops and landmarks goes to the server, which runs the bundle's video
     encoder: the events (window frames, texts, tokens) equal a local --video-window run's."""
-    _require_serve()
     from focalrt.demo import pan_zoom_frames, write_clip
     from focalrt.serve.process import start_server
 
